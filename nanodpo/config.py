@@ -1,0 +1,302 @@
+"""Options of the three scripts: plain dataclasses, filled from a YAML file (`--config`) and then the command line.
+
+Every field has a `help` string; `python train_dpo.py --help` prints them all. Names follow HF `TrainingArguments`
+and TRL's `DPOConfig`/`SFTConfig` wherever those have one, so flags from a TRL command line carry over.
+
+Precedence: dataclass default < YAML file < command line. Unknown YAML keys, values of the wrong type and unknown
+choices are refused with a `UserError` naming the key, before anything runs.
+
+    cfg = parse_config(DPOConfig, ["--config", "configs/dpo.yaml", "--beta", "0.2"])
+"""
+
+import argparse
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from nanodpo.errors import UserError
+
+
+def opt(default: Any, help: str, choices: tuple | None = None):
+    """A config field: its default, the help line `--help` shows, and (optionally) the allowed values."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, "choices": choices})
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass
+class TrainConfig:
+    """Options shared by train_pt.py, train_sft.py and train_dpo.py."""
+
+    # --- run ---
+    output_dir: str = opt("out/run", "Where checkpoints, the final model, config.yaml and metrics.jsonl go.")
+    seed: int = opt(42, "Seed for model init (from scratch), data order and dropout.")
+    # --- model ---
+    model: str = opt("", "Hub id (e.g. Qwen/Qwen2.5-0.5B-Instruct) or local path of the model and tokenizer.")
+    tokenizer: str | None = opt(None, "Tokenizer hub id or path, if it differs from --model.")
+    dtype: str = opt(
+        "float32",
+        "Dtype the weights are loaded in. 'auto' takes the checkpoint's; with --bf16 on GPU use bfloat16.",
+        ("auto", "float32", "bfloat16", "float16"),
+    )
+    attn_implementation: str = opt(
+        "sdpa", "Attention kernel: sdpa, eager or flash_attention_2 (GPU).", ("sdpa", "eager", "flash_attention_2")
+    )
+    trust_remote_code: bool = opt(False, "Allow model code from the hub repo to run. Off unless you trust it.")
+    load_in_4bit: bool = opt(False, "Load the base weights in 4-bit with bitsandbytes (QLoRA; needs --use_lora).")
+    bnb_4bit_quant_type: str = opt("nf4", "4-bit data type.", ("nf4", "fp4"))
+    bnb_4bit_use_double_quant: bool = opt(True, "Also quantize the quantization constants (saves ~0.4 bit/param).")
+    bnb_4bit_compute_dtype: str = opt(
+        "float32", "Dtype the 4-bit matmuls compute in (bfloat16 on GPU).", ("float32", "bfloat16", "float16")
+    )
+    bnb_4bit_quant_storage: str = opt(
+        "uint8",
+        "Storage dtype of packed 4-bit weights; set it to the compute dtype for FSDP/ZeRO-3 sharding.",
+        ("uint8", "float32", "bfloat16", "float16"),
+    )
+    use_lora: bool = opt(False, "Train a LoRA adapter instead of all weights (peft).")
+    lora_r: int = opt(16, "LoRA rank.")
+    lora_alpha: int = opt(32, "LoRA scaling numerator (scale = alpha / r).")
+    lora_dropout: float = opt(0.0, "Dropout on the LoRA input.")
+    lora_target_modules: list[str] = opt(["all-linear"], "Module names to adapt, or 'all-linear'.")
+    print_trainable_parameters: bool = opt(True, "Print trainable / total parameter counts at start.")
+    gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory.")
+    disable_dropout: bool = opt(True, "Set every dropout probability in the model to 0 (as TRL does by default).")
+    # --- data ---
+    dataset: list[str] = opt([], "Training data: hub ids or local files/folders (json, jsonl, jsonl.gz, parquet, csv).")
+    dataset_config: str | None = opt(None, "Hub dataset configuration name (the `name` of load_dataset).")
+    dataset_split: str = opt("train", "Split(s) of --dataset to train on, e.g. 'train' or 'train_prefs+train_extra'.")
+    eval_dataset: list[str] = opt([], "Evaluation data (same forms as --dataset); default: --eval_split of --dataset.")
+    eval_split: str | None = opt(None, "Split of --dataset (or --eval_dataset) to evaluate on, e.g. 'test'.")
+    max_samples: int | None = opt(None, "Use only the first N training rows (quick runs).")
+    max_eval_samples: int | None = opt(None, "Use only the first N evaluation rows.")
+    max_length: int | None = opt(1024, "Maximum tokens of a sequence (prompt + completion); longer ones are truncated.")
+    # --- optimisation ---
+    per_device_train_batch_size: int = opt(4, "Sequences (DPO: pairs) per micro-batch on each process.")
+    per_device_eval_batch_size: int = opt(8, "Micro-batch size for evaluation.")
+    gradient_accumulation_steps: int = opt(1, "Micro-batches accumulated into one optimizer step.")
+    num_train_epochs: float = opt(1.0, "Epochs over the training data (ignored if --max_steps > 0).")
+    max_steps: int = opt(-1, "Total optimizer steps; overrides --num_train_epochs when > 0.")
+    learning_rate: float = opt(5e-6, "Peak learning rate.")
+    lr_scheduler_type: str = opt("linear", "Learning-rate schedule after warmup.", ("constant", "linear", "cosine"))
+    warmup_steps: int = opt(0, "Linear warmup steps (takes precedence over --warmup_ratio).")
+    warmup_ratio: float = opt(0.0, "Warmup as a fraction of the total steps.")
+    optim: str = opt(
+        "adamw_torch",
+        "Optimizer: AdamW (fused kernel on GPU when available) or plain SGD (used in parity tests).",
+        ("adamw_torch", "sgd"),
+    )
+    weight_decay: float = opt(0.0, "AdamW weight decay (never applied to biases and norm weights).")
+    adam_beta1: float = opt(0.9, "AdamW beta1.")
+    adam_beta2: float = opt(0.999, "AdamW beta2.")
+    adam_epsilon: float = opt(1e-8, "AdamW epsilon.")
+    max_grad_norm: float = opt(1.0, "Clip the global gradient norm to this (0 disables clipping; the norm is logged).")
+    bf16: bool = opt(False, "bfloat16 mixed precision (autocast).")
+    fp16: bool = opt(False, "float16 mixed precision with loss scaling.")
+    train_sampling_strategy: str = opt(
+        "random", "Order of training rows: shuffled each epoch (seeded), or in file order.", ("random", "sequential")
+    )
+    # --- logging, eval, checkpoints ---
+    logging_steps: int = opt(10, "Log the mean of the metrics every N optimizer steps.")
+    eval_steps: int | None = opt(None, "Evaluate every N optimizer steps (and always at the end, if there is eval data).")
+    save_steps: int | None = opt(None, "Save a checkpoint every N optimizer steps (the final model is always saved).")
+    report_to: list[str] = opt(
+        ["jsonl"],
+        "Where metrics go: any of none, jsonl (OUTPUT_DIR/metrics.jsonl), wandb, tensorboard, all.",
+        ("none", "jsonl", "wandb", "tensorboard", "all"),
+    )
+    wandb_project: str = opt("nanodpo", "wandb project (WANDB_MODE=offline works without a network).")
+    run_name: str | None = opt(None, "Run name for wandb/tensorboard; default: the output_dir's name.")
+    disable_tqdm: bool = opt(False, "Hide the progress bar.")
+
+
+@dataclass
+class DPOConfig(TrainConfig):
+    """Options of train_dpo.py. Loss options mirror TRL 1.16's DPOConfig (see nanodpo/dpo.py for the math)."""
+
+    output_dir: str = opt("out/dpo", "Where checkpoints, the final model, config.yaml and metrics.jsonl go.")
+    learning_rate: float = opt(1e-6, "Peak learning rate (TRL's DPO default).")
+    beta: float = opt(0.1, "β: strength of the KL penalty toward the reference (the temperature of the implicit reward).")
+    loss_type: list[str] = opt(
+        ["sigmoid"],
+        "One or more of: sigmoid hinge ipo exo_pair nca_pair robust bco_pair sppo_hard aot aot_unpaired apo_zero "
+        "apo_down discopop sft sigmoid_norm (several are summed with --loss_weights).",
+    )
+    loss_weights: list[float] | None = opt(None, "Weight of each --loss_type (default 1.0 each).")
+    label_smoothing: float = opt(
+        0.0,
+        "ε: label-noise rate for robust, exo_pair, aot, aot_unpaired — and conservative DPO for sigmoid "
+        "(TRL 1.16 ignores it there; nanodpo applies it like TRL <= 0.28 and the DPO authors' code).",
+    )
+    f_divergence_type: str = opt(
+        "reverse_kl",
+        "f-divergence of the regulariser (f-DPO).",
+        ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence"),
+    )
+    f_alpha_divergence_coef: float = opt(0.5, "α of the alpha-divergence.")
+    ld_alpha: float | None = opt(None, "LD-DPO: weight of the completion tokens past the shorter one's length.")
+    use_weighting: bool = opt(False, "WPO: weight each pair by the policy's own probability of both completions.")
+    discopop_tau: float = opt(0.05, "τ of the DiscoPOP loss.")
+    rpo_alpha: float | None = opt(None, "RPO: add α × the NLL of the chosen completion (= loss_type sigmoid+sft).")
+    reference_free: bool = opt(False, "Use no reference model: its log-probs are taken as 0.")
+    precompute_ref_logps: bool = opt(
+        False, "Compute the reference log-probs once before training (cached on disk), then free the reference."
+    )
+    precompute_ref_batch_size: int | None = opt(None, "Batch size for --precompute_ref_logps (default: eval batch).")
+    max_prompt_length: int | None = opt(
+        None, "Keep only the last N prompt tokens (the end of a long multi-turn prompt matters most)."
+    )
+    truncation_mode: str = opt(
+        "keep_start", "How sequences over --max_length are cut (TRL's rule).", ("keep_start", "keep_end")
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Parsing: YAML + CLI, with types taken from the dataclass annotations.
+
+
+def _field_types(cls) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _unwrap_optional(tp) -> tuple[Any, bool]:
+    """`int | None` -> (int, True); `int` -> (int, False)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0], True
+    return tp, False
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = str(text).strip().lower()
+    if lowered in ("1", "true", "yes", "y", "on"):
+        return True
+    if lowered in ("0", "false", "no", "n", "off"):
+        return False
+    raise ValueError(f"expected true or false, got {text!r}")
+
+
+def _convert(name: str, tp, value, where: str):
+    """Check/convert one value (from YAML or CLI text) to the field's type; UserError names the key on failure."""
+    base, optional = _unwrap_optional(tp)
+    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null")):
+        if optional:
+            return None
+        raise UserError(f"{where}: '{name}' cannot be null")
+    try:
+        if typing.get_origin(base) is list:
+            (item_type,) = typing.get_args(base)
+            items = value if isinstance(value, list) else [value]
+            return [_convert_scalar(item_type, item) for item in items]
+        return _convert_scalar(base, value)
+    except (TypeError, ValueError) as err:
+        raise UserError(f"{where}: '{name}' has a wrong value {value!r} ({err})") from None
+
+
+def _convert_scalar(tp, value):
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            return _parse_bool(value)
+        raise TypeError("expected true or false")
+    if tp is int:
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise TypeError("expected an integer")
+        return int(value)
+    if tp is float:
+        if isinstance(value, bool):
+            raise TypeError("expected a number")
+        return float(value)
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise TypeError("expected a string")
+        return str(value)
+    raise TypeError(f"unsupported option type {tp}")
+
+
+def _check_choices(cfg) -> None:
+    for f in dataclasses.fields(cfg):
+        choices = f.metadata.get("choices")
+        value = getattr(cfg, f.name)
+        if not choices or value is None:
+            continue
+        for item in value if isinstance(value, list) else [value]:
+            if item not in choices:
+                raise UserError(f"--{f.name} {item!r} is not one of: {', '.join(choices)}")
+
+
+def build_arg_parser(cls, description: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=description, argument_default=argparse.SUPPRESS, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--config", help="YAML file of options; flags given on the command line override it.")
+    for f in dataclasses.fields(cls):
+        tp = _field_types(cls)[f.name]
+        base, _ = _unwrap_optional(tp)
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        help_text = f"{f.metadata.get('help', '')} (default: {default})"
+        if typing.get_origin(base) is list:
+            parser.add_argument(f"--{f.name}", nargs="*", help=help_text, metavar="VALUE")
+        elif base is bool:
+            # `--use_lora` alone means true; `--use_lora false` also works (YAML-style values).
+            parser.add_argument(f"--{f.name}", nargs="?", const="true", help=help_text, metavar="BOOL")
+        else:
+            parser.add_argument(f"--{f.name}", help=help_text, metavar=base.__name__.upper())
+    return parser
+
+
+def load_yaml(path: str) -> dict:
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise UserError(f"--config {path}: no such file")
+    try:
+        data = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise UserError(f"--config {path}: not valid YAML ({err})") from None
+    except UnicodeDecodeError:
+        raise UserError(f"--config {path}: not UTF-8 text") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"--config {path}: expected a mapping of option: value, got {type(data).__name__}")
+    return data
+
+
+def parse_config(cls, argv: list[str] | None = None, description: str | None = None):
+    """Build `cls` from dataclass defaults, then `--config` YAML, then the command-line flags."""
+    parser = build_arg_parser(cls, description)
+    args = vars(parser.parse_args(argv))
+    config_path = args.pop("config", None)
+    types_by_name = _field_types(cls)
+    values: dict[str, Any] = {}
+    if config_path is not None:
+        for key, value in load_yaml(config_path).items():
+            if key not in types_by_name:
+                raise UserError(f"--config {config_path}: unknown option '{key}' (see --help for the list)")
+            values[key] = _convert(key, types_by_name[key], value, f"--config {config_path}")
+    for key, value in args.items():
+        values[key] = _convert(key, types_by_name[key], value, "command line")
+    cfg = cls(**values)
+    _check_choices(cfg)
+    if "all" in cfg.report_to:
+        cfg.report_to = ["jsonl", "wandb", "tensorboard"]
+    elif "none" in cfg.report_to:
+        cfg.report_to = []
+    return cfg
+
+
+def config_to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg, path: str | Path) -> None:
+    """Write the run's full config as YAML; `--config` on that file reproduces the run."""
+    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False, allow_unicode=True), encoding="utf-8")

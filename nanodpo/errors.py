@@ -1,0 +1,21 @@
+"""User errors: mistakes in flags, configs or data, reported as one clear sentence instead of a traceback.
+
+Code that validates user input raises `UserError("data.jsonl, row 12, field 'chosen': ...")`. The scripts run their
+`main` through `exit_on_user_error`, which prints the message and exits with status 2. Anything else is a bug in
+nanodpo (or the environment) and keeps its full traceback.
+"""
+
+import sys
+from collections.abc import Callable
+
+
+class UserError(Exception):
+    """A mistake the user can fix: bad flag, bad config, bad data row. The message names file, row, field or flag."""
+
+
+def exit_on_user_error(main: Callable[[], object]) -> None:
+    try:
+        main()
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)

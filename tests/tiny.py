@@ -1,0 +1,155 @@
+"""Tiny, offline stand-ins for the real models and tokenizers used in tests.
+
+Nothing is downloaded: the tokenizer is a byte-level BPE trained here on a small bilingual corpus (so merges across a
+prompt/completion boundary really happen), with a ChatML chat template like Qwen2.5's; models are random-init
+Qwen2/Llama configs with a few layers.
+"""
+
+import json
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+# The same template with `{% generation %}` markers around assistant turns (what TRL's assistant_only_loss needs).
+CHATML_GENERATION_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'assistant' %}"
+    "{{ '<|im_start|>assistant\n' }}{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\n' }}"
+    "{% else %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+_CORPUS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Human: What is the capital of France? Assistant: The capital of France is Paris.",
+    "Human: How do I bake bread? Assistant: Mix flour, water, salt and yeast, then let it rise.",
+    "Please answer politely and helpfully. Thank you very much for asking!",
+    "Whatever. Figure it out yourself, I am not your servant.",
+    "你好，请问今天天气怎么样？今天天气很好，阳光明媚。",
+    "很好，很暴躁。我不想回答这个问题。",
+    "Direct preference optimization trains a policy from pairs of chosen and rejected answers.",
+    "The reference model stays frozen while the policy learns to prefer the chosen completion.",
+    "1 2 3 4 5 6 7 8 9 10 100 1000 2024 3.14159",
+]
+
+
+def make_tokenizer(save_dir: str | Path | None = None, vocab_size: int = 512) -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS * 20, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=["<|im_start|>"],
+    )
+    tokenizer.chat_template = CHATML_TEMPLATE
+    if save_dir is not None:
+        tokenizer.save_pretrained(save_dir)
+    return tokenizer
+
+
+def make_model(tokenizer, arch: str = "qwen2", seed: int = 0, tie_word_embeddings: bool = False, layers: int = 2):
+    """A random-init causal LM, fp32, dropout off, eager-free (sdpa), small enough for CPU tests."""
+    torch.manual_seed(seed)
+    common = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=tie_word_embeddings,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=None,
+    )
+    if arch == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**common))
+    elif arch == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**common))
+    else:
+        raise ValueError(arch)
+    return model.float()
+
+
+def make_model_dir(path: str | Path, arch: str = "qwen2", seed: int = 0, **kwargs) -> Path:
+    """Save a tiny model + tokenizer to `path` (what `--model path` loads in end-to-end tests)."""
+    path = Path(path)
+    tokenizer = make_tokenizer()
+    model = make_model(tokenizer, arch=arch, seed=seed, **kwargs)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def write_jsonl(path: str | Path, rows: list[dict]) -> Path:
+    path = Path(path)
+    with path.open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return path
+
+
+def preference_rows(n: int = 16, kind: str = "explicit") -> list[dict]:
+    """Deterministic preference rows in TRL's formats: 'explicit', 'conversational', 'implicit'."""
+    polite = ["Sure, happy to help: {}.", "Of course! {} Thank you for asking.", "Gladly. The answer is {}."]
+    rude = ["Whatever, {}.", "Figure it out. {}", "Not my problem: {}"]
+    questions = [
+        ("What is the capital of France?", "Paris"),
+        ("How do I bake bread?", "mix flour, water and yeast"),
+        ("今天天气怎么样？", "阳光明媚"),
+        ("What is 2 + 2?", "4"),
+        ("Name a fruit.", "an apple"),
+        ("What colour is the sky?", "blue"),
+    ]
+    rows = []
+    for i in range(n):
+        q, a = questions[i % len(questions)]
+        chosen = polite[i % len(polite)].format(a)
+        rejected = rude[(i + 1) % len(rude)].format(a) + " " * (i % 2) + "ok" * (i % 3)
+        if kind == "explicit":
+            rows.append({"prompt": q, "chosen": " " + chosen, "rejected": " " + rejected})
+        elif kind == "conversational":
+            prompt = [{"role": "user", "content": q}]
+            if i % 2:  # multi-turn: a previous exchange, sometimes with a system message
+                prompt = [
+                    {"role": "system", "content": "You are a helpful assistant."},
+                    {"role": "user", "content": "Hello!"},
+                    {"role": "assistant", "content": "Hi, how can I help?"},
+                ] + prompt
+            rows.append(
+                {
+                    "prompt": prompt,
+                    "chosen": [{"role": "assistant", "content": chosen}],
+                    "rejected": [{"role": "assistant", "content": rejected}],
+                }
+            )
+        elif kind == "implicit":
+            head = f"\n\nHuman: {q}\n\nAssistant:"
+            rows.append({"chosen": head + " " + chosen, "rejected": head + " " + rejected})
+        else:
+            raise ValueError(kind)
+    return rows
