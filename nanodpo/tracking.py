@@ -1,0 +1,116 @@
+"""Where the metrics go: `OUTPUT_DIR/metrics.jsonl`, wandb, tensorboard — and a mean over each logging interval.
+
+Only the main process creates a `Tracker`; the others get a no-op (see `make_tracker`).
+
+metrics.jsonl holds one JSON object per line: training records `{"step", "epoch", "loss", "grad_norm",
+"learning_rate", "rewards/margins", ...}` and evaluation records with `eval_`-prefixed names
+(`{"step", "epoch", "eval_loss", "eval_rewards/accuracies", ...}`) — the names TRL/HF Trainer log.
+"""
+
+import json
+import math
+import os
+from collections import defaultdict
+from pathlib import Path
+
+
+class MetricMeans:
+    """Collects per-micro-batch metric values and returns their unweighted means (TRL's reduction over an interval)."""
+
+    def __init__(self):
+        self.values: dict[str, list[float]] = defaultdict(list)
+
+    def add(self, metrics: dict[str, float]) -> None:
+        for name, value in metrics.items():
+            self.values[name].append(float(value))
+
+    def pop_means(self) -> dict[str, float]:
+        means = {name: sum(vals) / len(vals) for name, vals in self.values.items() if vals}
+        self.values.clear()
+        return means
+
+
+class Tracker:
+    def __init__(self, cfg, output_dir: str | Path, config_dict: dict):
+        self.output_dir = Path(output_dir)
+        self.report_to = list(cfg.report_to)
+        self.jsonl = None
+        self.wandb_run = None
+        self.tb_writer = None
+        run_name = cfg.run_name or self.output_dir.name
+        if "jsonl" in self.report_to:
+            self.jsonl = (self.output_dir / "metrics.jsonl").open("a", encoding="utf-8")
+        if "wandb" in self.report_to:
+            import wandb
+
+            # The API key comes from `wandb login` / WANDB_API_KEY and is never written into the config or logs.
+            self.wandb_run = wandb.init(
+                project=cfg.wandb_project, name=run_name, config=config_dict, dir=str(self.output_dir)
+            )
+        if "tensorboard" in self.report_to:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb_writer = SummaryWriter(log_dir=str(self.output_dir / "runs" / run_name))
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        record = {"step": step, **{k: _clean(v) for k, v in metrics.items()}}
+        if self.jsonl is not None:
+            self.jsonl.write(json.dumps(record) + "\n")
+            self.jsonl.flush()
+        if self.wandb_run is not None:
+            # wandb groups panels by the prefix before '/': train/..., eval/... as HF Trainer reports them.
+            self.wandb_run.log({_wandb_name(k): v for k, v in metrics.items()}, step=step)
+        if self.tb_writer is not None:
+            for name, value in metrics.items():
+                if isinstance(value, (int, float)):
+                    self.tb_writer.add_scalar(_wandb_name(name), value, step)
+            self.tb_writer.flush()
+
+    def close(self) -> None:
+        if self.jsonl is not None:
+            self.jsonl.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+        if self.tb_writer is not None:
+            self.tb_writer.close()
+
+
+class NullTracker:
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def make_tracker(cfg, is_main_process: bool, config_dict: dict):
+    if not is_main_process or not cfg.report_to:
+        return NullTracker()
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    return Tracker(cfg, cfg.output_dir, config_dict)
+
+
+def _wandb_name(name: str) -> str:
+    if name.startswith("eval_"):
+        return "eval/" + name[len("eval_") :]
+    if name in ("epoch",):
+        return "train/epoch"
+    return "train/" + name
+
+
+def _clean(value):
+    """JSON has no NaN/inf: write them as strings so a diverged run still leaves a readable file."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    """Read a metrics.jsonl back (used by tests and nanodpo.plot)."""
+    records = []
+    with Path(path).open(encoding="utf-8") as f:
+        for line in f:
+            line = line.strip()
+            if line:
+                records.append(json.loads(line))
+    return records

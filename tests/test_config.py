@@ -1,0 +1,82 @@
+"""The option system: defaults < YAML < command line, with unknown keys and wrong types refused by name."""
+
+import pytest
+
+from nanodpo.config import DPOConfig, build_arg_parser, parse_config, save_config
+from nanodpo.errors import UserError
+
+
+def test_defaults_match_trl_names_and_values():
+    cfg = parse_config(DPOConfig, [])
+    assert cfg.beta == 0.1
+    assert cfg.loss_type == ["sigmoid"]
+    assert cfg.learning_rate == 1e-6
+    assert cfg.truncation_mode == "keep_start"
+    assert cfg.report_to == ["jsonl"]
+
+
+def test_yaml_then_cli_override(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("beta: 0.3\nloss_type: [sigmoid, sft]\nloss_weights: [1.0, 0.2]\nuse_lora: true\nlora_r: 4\n")
+    cfg = parse_config(DPOConfig, ["--config", str(path), "--lora_r", "8", "--max_samples", "10"])
+    assert cfg.beta == 0.3
+    assert cfg.loss_type == ["sigmoid", "sft"]
+    assert cfg.loss_weights == [1.0, 0.2]
+    assert cfg.use_lora is True
+    assert cfg.lora_r == 8  # the command line wins
+    assert cfg.max_samples == 10
+
+
+def test_boolean_flag_forms():
+    assert parse_config(DPOConfig, ["--use_lora"]).use_lora is True
+    assert parse_config(DPOConfig, ["--use_lora", "false"]).use_lora is False
+    assert parse_config(DPOConfig, ["--disable_dropout", "no"]).disable_dropout is False
+
+
+def test_report_to_all_and_none():
+    assert parse_config(DPOConfig, ["--report_to", "all"]).report_to == ["jsonl", "wandb", "tensorboard"]
+    assert parse_config(DPOConfig, ["--report_to", "none"]).report_to == []
+
+
+@pytest.mark.parametrize(
+    "yaml_text, needle",
+    [
+        ("betta: 0.1\n", "unknown option 'betta'"),
+        ("beta: fast\n", "'beta'"),
+        ("lora_r: 2.5\n", "'lora_r'"),
+        ("use_lora: maybe\n", "'use_lora'"),
+        ("- a\n- b\n", "expected a mapping"),
+        ("beta: [0.1\n", "not valid YAML"),
+        ("output_dir: null\n", "'output_dir' cannot be null"),
+    ],
+)
+def test_bad_yaml_is_refused_by_name(tmp_path, yaml_text, needle):
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml_text)
+    with pytest.raises(UserError) as err:
+        parse_config(DPOConfig, ["--config", str(path)])
+    assert needle in str(err.value)
+    assert "bad.yaml" in str(err.value)
+
+
+def test_bad_cli_values_are_refused_by_name():
+    with pytest.raises(UserError, match="lr_scheduler_type"):
+        parse_config(DPOConfig, ["--lr_scheduler_type", "exponential"])
+    with pytest.raises(UserError, match="per_device_train_batch_size"):
+        parse_config(DPOConfig, ["--per_device_train_batch_size", "four"])
+    with pytest.raises(UserError, match="no such file"):
+        parse_config(DPOConfig, ["--config", "/nonexistent/x.yaml"])
+
+
+def test_saved_config_reproduces_the_run(tmp_path):
+    cfg = parse_config(DPOConfig, ["--beta", "0.25", "--loss_type", "ipo", "--use_lora"])
+    save_config(cfg, tmp_path / "config.yaml")
+    again = parse_config(DPOConfig, ["--config", str(tmp_path / "config.yaml")])
+    assert again == cfg
+
+
+def test_every_option_has_help():
+    parser = build_arg_parser(DPOConfig)
+    for action in parser._actions:
+        if action.dest not in ("help", "config"):
+            assert action.help and not action.help.startswith(" (default"), action.dest
