@@ -80,3 +80,13 @@ def test_every_option_has_help():
     for action in parser._actions:
         if action.dest not in ("help", "config"):
             assert action.help and not action.help.startswith(" (default"), action.dest
+
+
+def test_shipped_dpo_configs_parse():
+    from pathlib import Path
+
+    configs = sorted((Path(__file__).resolve().parents[1] / "configs").glob("dpo_*.yaml"))
+    assert configs
+    for path in configs:
+        cfg = parse_config(DPOConfig, ["--config", str(path)])
+        assert cfg.model and cfg.dataset, path
