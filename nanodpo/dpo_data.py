@@ -1,0 +1,376 @@
+"""Preference data: formats, prompt extraction, tokenization and the collator — the same token ids as TRL 1.16.
+
+    examples = load_preference_data(cfg, tokenizer)            # [{"prompt_ids", "chosen_ids", "rejected_ids"}, ...]
+    batch = PreferenceCollator(tokenizer.pad_token_id, cfg.max_length, cfg.truncation_mode)(examples[:4])
+
+Row formats (TRL's; every row needs `chosen` and `rejected`):
+
+    explicit prompt    {"prompt": "What is 2+2?", "chosen": " 4.", "rejected": " 5."}
+    conversational     {"prompt": [{"role": "user", "content": "What is 2+2?"}],
+                        "chosen": [{"role": "assistant", "content": "4."}], "rejected": [...]}
+    implicit prompt    {"chosen": "\\n\\nHuman: What is 2+2?\\n\\nAssistant: 4.", "rejected": "...Assistant: 5."}
+                       (or full conversations as lists of messages): the prompt is the shared beginning.
+
+Per row, in order (TRL's `DPOTrainer._prepare_dataset`, checked token for token in tests/test_dpo_data.py):
+
+1. Validate (before any training): chosen/rejected present, strings or non-empty lists of messages of the same
+   kind; messages are dicts with a known role and string content. Errors name file, row and field.
+2. Prompt: the `prompt` column, unless it is missing — or (TRL's `maybe_extract_prompt` rule) it is a string while
+   chosen is a conversation, or the reverse, as in datasets whose `chosen` repeats the prompt as a full transcript.
+   Then the prompt is extracted from chosen/rejected by `extract_prompt` (TRL's function, quirks included).
+3. String rows: the eos token is appended as text to chosen and rejected, unless already there.
+4. Tokenize prompt, prompt+chosen and prompt+rejected whole: `tokenizer(text)` for strings, the chat template for
+   conversations (the prompt alone with `add_generation_prompt=True`).
+5. The completion starts where the prompt's ids and the full sequence's ids first differ (see `split_completion`).
+6. nanodpo extension (not in TRL 1.16): `--max_prompt_length N` keeps the LAST N prompt tokens.
+7. With `--max_length` and `truncation_mode=keep_start`, a row whose prompt alone has >= max_length tokens is
+   dropped (truncation would leave no completion token). Sequences are truncated later, in `PreferenceCollator`.
+
+Roles allowed in messages: system, developer, user, assistant, tool. Anything else (a typo like "assitant", or a
+model-specific role) is refused up front rather than rendered wrongly or failing mid-run inside a chat template.
+"""
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from nanodpo.data import Row, load_rows
+from nanodpo.errors import UserError
+
+ALLOWED_ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading: rows -> validated, tokenized examples.
+
+
+def load_preference_data(cfg, tokenizer, split: str = "train") -> list[dict] | None:
+    """Tokenized preference examples for `split` "train" or "eval"; None when no evaluation data is configured.
+
+    train: `--dataset` at `--dataset_split`, first `--max_samples` rows.
+    eval:  `--eval_dataset` at `--eval_split` (default "test"; any name works for plain files), or else
+           `--eval_split` of `--dataset`; first `--max_eval_samples` rows. `--dataset_config` applies to both.
+    Each example: {"prompt_ids", "chosen_ids", "rejected_ids": list[int], "origin": "file, line N"}.
+    """
+    if split == "train":
+        sources, split_name, max_samples, flag = cfg.dataset, cfg.dataset_split, cfg.max_samples, "--dataset"
+    elif split == "eval":
+        if cfg.eval_dataset:
+            sources, split_name, flag = cfg.eval_dataset, cfg.eval_split or "test", "--eval_dataset"
+        elif cfg.eval_split:
+            sources, split_name, flag = cfg.dataset, cfg.eval_split, "--dataset"
+        else:
+            return None
+        max_samples = cfg.max_eval_samples
+    else:
+        raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+
+    rows = load_rows(sources, split_name, config_name=cfg.dataset_config, max_samples=max_samples, flag=flag)
+    if split == "eval" and not cfg.eval_dataset and all(row.split is None for row in rows):
+        print(
+            f"warning: {' '.join(sources)} has a single split, so --eval_split {split_name!r} evaluates on the "
+            "training rows; give held-out data with --eval_dataset"
+        )
+    examples, stats = build_examples(
+        rows,
+        tokenizer,
+        max_length=cfg.max_length,
+        truncation_mode=getattr(cfg, "truncation_mode", "keep_start"),
+        max_prompt_length=getattr(cfg, "max_prompt_length", None),
+    )
+    print(f"preference data ({split}): {stats.summary()}")
+    return examples
+
+
+@dataclass
+class Stats:
+    read: int = 0
+    extracted: int = 0  # rows whose prompt came from the shared beginning of chosen/rejected
+    prompt_cut: int = 0  # rows whose prompt was cut to --max_prompt_length
+    dropped: int = 0  # rows whose prompt alone fills --max_length (keep_start)
+    max_length: int | None = None
+
+    def summary(self) -> str:
+        text = f"{self.read} rows read"
+        if self.extracted:
+            text += f", prompt extracted from chosen/rejected in {self.extracted}"
+        if self.prompt_cut:
+            text += f", prompt cut to --max_prompt_length in {self.prompt_cut}"
+        text += f", {self.dropped} dropped"
+        if self.dropped:
+            text += f" (prompt alone has >= --max_length {self.max_length} tokens)"
+        return text + f", {self.read - self.dropped} kept"
+
+
+def build_examples(
+    rows: list[Row],
+    tokenizer,
+    max_length: int | None = None,
+    truncation_mode: str = "keep_start",
+    max_prompt_length: int | None = None,
+) -> tuple[list[dict], Stats]:
+    """Validate and tokenize every row (all rows are checked before any is used); returns (examples, stats)."""
+    if not rows:
+        raise UserError("the preference dataset has no rows")
+    if truncation_mode not in ("keep_start", "keep_end"):
+        raise UserError(f"--truncation_mode {truncation_mode!r} is not one of: keep_start, keep_end")
+    if max_prompt_length is not None and max_prompt_length < 0:
+        raise UserError(f"--max_prompt_length must be >= 0, got {max_prompt_length}")
+    stats = Stats(read=len(rows), max_length=max_length)
+    prepared = [prepare_row(row) for row in rows]  # validation of the whole dataset first
+
+    examples = []
+    first_dropped = None
+    for row, (prompt, chosen, rejected, extracted) in zip(rows, prepared):
+        stats.extracted += extracted
+        prompt_ids, chosen_ids, rejected_ids = tokenize_row(row, tokenizer, prompt, chosen, rejected)
+        if max_prompt_length is not None and len(prompt_ids) > max_prompt_length:
+            prompt_ids = prompt_ids[len(prompt_ids) - max_prompt_length :]  # keep the end: the latest turns
+            stats.prompt_cut += 1
+        if max_length is not None and truncation_mode == "keep_start" and len(prompt_ids) >= max_length:
+            # TRL's filter: keep_start truncation would cut every completion token, leaving no learning signal.
+            # (keep_end keeps the end of each sequence, so the completion survives and nothing is dropped.)
+            stats.dropped += 1
+            first_dropped = first_dropped or f"{row.where('prompt')} has {len(prompt_ids)} tokens"
+            continue
+        examples.append(
+            {"prompt_ids": prompt_ids, "chosen_ids": chosen_ids, "rejected_ids": rejected_ids, "origin": row.where()}
+        )
+    if not examples:
+        raise UserError(
+            f"all {stats.read} rows were dropped: each prompt alone has >= --max_length {max_length} tokens "
+            f"(e.g. {first_dropped}); raise --max_length, set --max_prompt_length, or use --truncation_mode keep_end"
+        )
+    return examples, stats
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Validation and prompt extraction (text level).
+
+
+def prepare_row(row: Row) -> tuple[Any, Any, Any, bool]:
+    """Check one row; return (prompt, chosen, rejected, prompt_was_extracted) as text or messages."""
+    data = row.data
+    for name in ("chosen", "rejected"):
+        if name not in data:
+            columns = ", ".join(map(repr, data)) or "none"
+            raise UserError(
+                f"{row.where(name)}: missing; preference rows need 'chosen' and 'rejected' (this row has: {columns})"
+            )
+    for name in ("image", "images"):
+        if data.get(name) is not None:
+            raise UserError(f"{row.where(name)}: images are not supported (nanodpo trains text-only models)")
+    fields = ("prompt", "chosen", "rejected") if "prompt" in data else ("chosen", "rejected")
+    for name in fields:
+        check_value(row, name, data[name])
+    chosen, rejected = data["chosen"], data["rejected"]
+    if isinstance(chosen, str) != isinstance(rejected, str):
+        kinds = {True: "a string", False: "a list of messages"}
+        raise UserError(
+            f"{row.where('rejected')}: is {kinds[isinstance(rejected, str)]} but 'chosen' is "
+            f"{kinds[isinstance(chosen, str)]}; both must be the same kind"
+        )
+
+    # TRL's `maybe_extract_prompt`: a prompt column counts only if it is of the same kind as chosen.
+    prompt = data.get("prompt")
+    extracted = prompt is None or isinstance(prompt, str) != isinstance(chosen, str)
+    if extracted:
+        prompt, chosen, rejected = extract_prompt(chosen, rejected)
+    return prompt, chosen, rejected, extracted
+
+
+def check_value(row: Row, name: str, value: Any) -> None:
+    """A prompt/chosen/rejected value: a string, or a list of {role, content} messages (non-empty)."""
+    where = row.where(name)
+    if value is None:
+        raise UserError(f"{where}: is null (expected a string or a list of messages)")
+    if isinstance(value, str):
+        if value == "" and name != "prompt":
+            raise UserError(f"{where}: is an empty string (a completion needs at least one character)")
+        return
+    if not isinstance(value, list):
+        raise UserError(f"{where}: expected a string or a list of messages, got {type(value).__name__}")
+    if not value:
+        raise UserError(f"{where}: is an empty list of messages")
+    for i, message in enumerate(value):
+        at = f"{where}, message {i}"
+        if not isinstance(message, dict):
+            raise UserError(f"{at}: expected a dict {{'role': ..., 'content': ...}}, got {type(message).__name__}")
+        for key in ("role", "content"):
+            if key not in message and not (key == "content" and message.get("tool_calls")):
+                raise UserError(f"{at}: missing '{key}' (this message has: {', '.join(map(repr, message)) or 'none'})")
+        role, content = message["role"], message.get("content")
+        if role not in ALLOWED_ROLES:
+            raise UserError(f"{at}: unknown role {role!r} (allowed: {', '.join(ALLOWED_ROLES)})")
+        if not isinstance(content, str) and not (content is None and message.get("tool_calls")):
+            raise UserError(f"{at}: 'content' must be a string, got {type(content).__name__}")
+
+
+def extract_prompt(chosen, rejected):
+    """TRL's `extract_prompt`: the shared beginning of chosen and rejected is the prompt; (prompt, chosen, rejected).
+
+    Strings are compared character by character, conversations message by message. Reproduced exactly, quirks
+    included (nanodpo's token ids must equal TRL's):
+    - "remove space before": at the first differing position, if the previous character is a space, the space goes
+      to the completions ("...Assistant: Sure" -> prompt "...Assistant:", chosen " Sure").
+    - When the first characters already differ, `idx - 1` is -1, so the LAST character of chosen is tested: if chosen
+      ends with a space, idx becomes -1 and the "prompt" is all of chosen but its last character.
+    - When one is a prefix of the other (or they are equal), the loop ends without `break` and Python leaves idx at
+      its last value, min_len - 1: the last shared character (or message) goes to the completions.
+    """
+    idx = 0  # TRL's loop has no start value (an empty input would fail there); inputs are checked non-empty
+    for idx in range(min(len(chosen), len(rejected))):
+        if chosen[idx] != rejected[idx]:
+            if chosen[idx - 1] == " ":  # remove space before the prompt
+                idx -= 1
+            break
+    return chosen[:idx], chosen[idx:], rejected[idx:]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tokenization (token level).
+
+
+def tokenize_row(row: Row, tokenizer, prompt, chosen, rejected) -> tuple[list[int], list[int], list[int]]:
+    """Token ids of (prompt, chosen completion, rejected completion), exactly as TRL 1.16 computes them."""
+    if isinstance(chosen, list):  # conversational: the chat template renders the messages
+        if not getattr(tokenizer, "chat_template", None):
+            raise UserError(
+                f"{row.where('chosen')}: conversational data (lists of messages) needs a chat template, and this "
+                "tokenizer has none; pass one with --chat_template (a Jinja file or string), or use string data"
+            )
+        kwargs = chat_template_kwargs(row)
+        prompt_ids = apply_template(row, tokenizer, prompt, add_generation_prompt=True, **kwargs)
+        prompt_chosen_ids = apply_template(row, tokenizer, prompt + chosen, **kwargs)
+        prompt_rejected_ids = apply_template(row, tokenizer, prompt + rejected, **kwargs)
+    else:  # plain text: TRL appends the eos token as text, unless the completion already ends with it
+        eos = tokenizer.eos_token
+        if eos is not None:  # (TRL would fail on a tokenizer without an eos token; nanodpo appends nothing)
+            chosen = chosen if chosen.endswith(eos) else chosen + eos
+            rejected = rejected if rejected.endswith(eos) else rejected + eos
+        prompt_ids = tokenizer(text=prompt)["input_ids"]
+        prompt_chosen_ids = tokenizer(text=prompt + chosen)["input_ids"]
+        prompt_rejected_ids = tokenizer(text=prompt + rejected)["input_ids"]
+    return split_completion(prompt_ids, prompt_chosen_ids, prompt_rejected_ids)
+
+
+def split_completion(prompt_ids, prompt_chosen_ids, prompt_rejected_ids):
+    """Cut prompt+chosen and prompt+rejected where the completion starts; returns (prompt, chosen, rejected) ids.
+
+    The tokenized prompt is not always a prefix of the tokenized prompt+completion:
+    - BPE merges across the boundary: "... capital of Fr" + "ance" tokenizes as [.., " Fr"] alone but [.., " France"]
+      whole, and a prompt ending in a space ("2 + 2? " + "4": [.., "?", " "] vs [.., "?", " 4"]) likewise.
+    - Chat templates may render the prompt alone (with the generation prompt) differently from the prompt followed
+      by an answer (e.g. an empty thinking block that only the generation prompt has).
+    So the completion starts at the first token where the prompt's ids and the full sequence's ids differ — the
+    shorter of the two common prefixes, so chosen and rejected share one prompt. The prompt's diverging tail is left
+    out: the model is trained on the sequences as they are really tokenized whole.
+    """
+    prompt_len = min(
+        common_prefix_length(prompt_ids, prompt_chosen_ids), common_prefix_length(prompt_ids, prompt_rejected_ids)
+    )
+    return prompt_ids[:prompt_len], prompt_chosen_ids[prompt_len:], prompt_rejected_ids[prompt_len:]
+
+
+def common_prefix_length(ids: list[int], other_ids: list[int]) -> int:
+    """Number of leading tokens the two lists share."""
+    length = 0
+    for token, other in zip(ids, other_ids):
+        if token != other:
+            break
+        length += 1
+    return length
+
+
+def chat_template_kwargs(row: Row) -> dict:
+    """TRL passes the row's `tools` (a list, or a JSON string) and `chat_template_kwargs` to the chat template."""
+    tools = row.data.get("tools")
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError as err:
+            raise UserError(f"{row.where('tools')}: not valid JSON ({err.msg})") from None
+    extra = row.data.get("chat_template_kwargs") or {}
+    if not isinstance(extra, dict):
+        raise UserError(f"{row.where('chat_template_kwargs')}: expected a mapping, got {type(extra).__name__}")
+    return {"tools": tools, **extra}
+
+
+def apply_template(row: Row, tokenizer, messages: list[dict], **kwargs) -> list[int]:
+    import jinja2
+
+    try:
+        encoded = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, **kwargs)
+    except jinja2.TemplateError as err:  # e.g. a template that refuses system messages or a role order
+        raise UserError(f"{row.where('chosen')}: the chat template failed on this row's messages ({err})") from None
+    return list(encoded["input_ids"])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Batching.
+
+
+@dataclass
+class PreferenceCollator:
+    """Pads a list of examples into one batch of 2B sequences: the B prompt+chosen rows, then the B prompt+rejected.
+
+    Same tensors as TRL 1.16's `DataCollatorForPreference`. Each sequence is truncated to `max_length` first —
+    `keep_start` keeps its first tokens, `keep_end` its last — then right-padded to the longest (rounded up to
+    `pad_to_multiple_of`). `completion_mask` is 1 on completion tokens. `ref_chosen_logps`/`ref_rejected_logps` [B]
+    are passed through when the examples carry them (precomputed reference log-probs).
+
+    Worked example, pad_token_id=0, max_length=4, keep_start:
+
+        examples = [{"prompt_ids": [1, 2, 3], "chosen_ids": [4, 5], "rejected_ids": [6]},
+                    {"prompt_ids": [7, 8],    "chosen_ids": [9],    "rejected_ids": [10, 11]}]
+
+        input_ids        attention_mask   completion_mask
+        [[ 1,  2,  3,  4],  [[1, 1, 1, 1],   [[0, 0, 0, 1],     prompt 0 + chosen 0 (token 5 cut by max_length)
+         [ 7,  8,  9,  0],   [1, 1, 1, 0],    [0, 0, 1, 0],     prompt 1 + chosen 1, padded
+         [ 1,  2,  3,  6],   [1, 1, 1, 1],    [0, 0, 0, 1],     prompt 0 + rejected 0
+         [ 7,  8, 10, 11]]   [1, 1, 1, 1]]    [0, 0, 1, 1]]     prompt 1 + rejected 1
+
+    With keep_end instead, row 0 would be [2, 3, 4, 5] (the prompt's start is cut) with completion_mask [0, 0, 1, 1].
+    """
+
+    pad_token_id: int
+    max_length: int | None = None
+    truncation_mode: str = "keep_start"
+    pad_to_multiple_of: int | None = None
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        sequences, masks = [], []
+        for completion in ("chosen_ids", "rejected_ids"):
+            for ex in examples:
+                sequences.append(ex["prompt_ids"] + ex[completion])
+                masks.append([0] * len(ex["prompt_ids"]) + [1] * len(ex[completion]))
+
+        if self.max_length is not None:
+            if self.truncation_mode == "keep_start":
+                cut = slice(None, self.max_length)
+            elif self.truncation_mode == "keep_end":
+                cut = slice(-self.max_length, None)
+            else:
+                raise ValueError(f"truncation_mode must be 'keep_start' or 'keep_end', got {self.truncation_mode!r}")
+            sequences = [seq[cut] for seq in sequences]
+            masks = [mask[cut] for mask in masks]
+
+        length = max(len(seq) for seq in sequences)
+        if self.pad_to_multiple_of:
+            length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of  # round up
+        batch = {
+            "input_ids": _pad(sequences, length, self.pad_token_id),
+            "attention_mask": _pad([[1] * len(seq) for seq in sequences], length, 0),
+            "completion_mask": _pad(masks, length, 0),
+        }
+        for key in ("ref_chosen_logps", "ref_rejected_logps"):
+            if key in examples[0]:
+                batch[key] = torch.tensor([ex[key] for ex in examples])
+        return batch
+
+
+def _pad(rows: list[list[int]], length: int, value: int) -> torch.Tensor:
+    """Right-pad each row to `length` with `value`; int64 [len(rows), length]."""
+    return torch.tensor([row + [value] * (length - len(row)) for row in rows], dtype=torch.long)
