@@ -70,7 +70,7 @@ class Row:
 
 
 def load_rows(
-    sources: list[str],
+    sources: list[str] | str,
     split: str = "train",
     *,
     config_name: str | None = None,
@@ -81,8 +81,9 @@ def load_rows(
 
     `flag` only names the option in error messages ("--dataset", "--eval_dataset").
     """
-    if isinstance(sources, str):
+    if isinstance(sources, (str, Path)):
         sources = [sources]
+    sources = [str(source) for source in sources]  # Path objects welcome
     if not sources:
         raise UserError(f"{flag}: no data given (a file, folder, glob or hub id)")
     if max_samples is not None and max_samples < 1:

@@ -75,7 +75,7 @@ def test_csv_and_txt(tmp_path):
     assert data_of(load_rows([str(path)], "train")) == EXPLICIT
     txt = tmp_path / "corpus.txt"
     txt.write_text("first line\n\nsecond line\r\nthird\n", encoding="utf-8")
-    rows = load_rows([str(txt)], "train")
+    rows = load_rows(txt)  # a single source, as a Path, works too
     assert data_of(rows) == [{"text": "first line"}, {"text": "second line"}, {"text": "third"}]
     assert [row.number for row in rows] == [1, 3, 4]  # the line numbers (the blank line is skipped)
 
