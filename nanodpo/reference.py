@@ -1,0 +1,144 @@
+"""The reference policy π_ref of DPO: where its log-probs come from, and the on-disk cache of precomputed ones.
+
+Three sources, chosen in train_dpo.py:
+  * LoRA / QLoRA: the policy itself with its adapter disabled — the base weights *are* the starting point, so no
+    second copy of the model is needed (`peft`'s `disable_adapter()` context).
+  * Full fine-tuning: a frozen copy of the starting weights (`nanodpo.model.load_reference`).
+  * `--precompute_ref_logps`: one pass over the data before training with the untrained policy (whose weights are
+    the reference), cached on disk; no reference model is ever loaded. `--reference_free`: none — log π_ref is taken as 0.
+
+The cache key hashes the tokenized data, a fingerprint of the reference weights and every setting that changes a
+log-prob (max_length, truncation, LD-DPO's α, dtype, attention kernel), so a rerun with the same inputs reuses it
+and any change recomputes it.
+"""
+
+import contextlib
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from nanodpo.dpo import reference_logps
+from nanodpo.logps import token_stats
+from nanodpo.model import is_peft_model
+
+
+def forward_token_stats(model, batch: dict, with_metrics: bool = True, with_sum_sq: bool = False):
+    """Run the model on a concatenated [chosen; rejected] batch and score the completion tokens."""
+    # use_cache=False: a training forward needs no KV cache (and with packed rows the cache breaks isolation).
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    return token_stats(logits, batch["input_ids"], batch["completion_mask"], with_metrics, with_sum_sq)
+
+
+@torch.no_grad()
+def compute_reference_logps(policy, ref_model, batch: dict, ld_alpha, accelerator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ref_chosen_logps [B], ref_rejected_logps [B]) for one batch, under no_grad.
+
+    ref_model given: a frozen copy. Otherwise a LoRA policy with its adapter disabled — or, for the one pass of
+    --precompute_ref_logps before the first update, the untrained policy itself (its weights *are* the reference).
+    """
+    if ref_model is not None:
+        stats = forward_token_stats(ref_model, batch, with_metrics=False)
+    else:
+        unwrapped = accelerator.unwrap_model(policy)
+        # Dropout is off (DPO disables it) and no_grad is on, so this is exactly the starting model's forward.
+        adapter_off = unwrapped.disable_adapter() if is_peft_model(unwrapped) else contextlib.nullcontext()
+        with adapter_off:
+            stats = forward_token_stats(unwrapped, batch, with_metrics=False)
+    return reference_logps(stats.logps, stats.mask, ld_alpha)
+
+
+def data_fingerprint(examples: list[dict]) -> str:
+    h = hashlib.sha256()
+    for ex in examples:
+        for key in ("prompt_ids", "chosen_ids", "rejected_ids"):
+            h.update(json.dumps(ex[key]).encode())
+        h.update(b"|")
+    return h.hexdigest()
+
+
+def model_fingerprint(model) -> str:
+    """A cheap fingerprint of the weights: names, shapes, dtypes and a strided sample of every tensor's values."""
+    h = hashlib.sha256()
+    h.update(str(getattr(model.config, "_name_or_path", "")).encode())
+    for name, tensor in model.state_dict().items():
+        h.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        flat = tensor.detach().reshape(-1)
+        step = max(1, flat.numel() // 4096)
+        h.update(flat[::step].float().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def cache_key(examples: list[dict], model, cfg) -> str:
+    settings = {
+        "max_length": cfg.max_length,
+        "truncation_mode": cfg.truncation_mode,
+        "ld_alpha": cfg.ld_alpha,
+        "dtype": cfg.dtype,
+        "bf16": cfg.bf16,
+        "fp16": cfg.fp16,
+        "attn": cfg.attn_implementation,
+        "load_in_4bit": cfg.load_in_4bit,
+    }
+    h = hashlib.sha256()
+    h.update(data_fingerprint(examples).encode())
+    h.update(model_fingerprint(model).encode())
+    h.update(json.dumps(settings, sort_keys=True).encode())
+    return h.hexdigest()[:32]
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("NANODPO_CACHE", "~/.cache/nanodpo")).expanduser() / "ref_logps"
+
+
+def precompute_reference_logps(
+    examples: list[dict], policy, ref_model, loader, cfg, accelerator, name: str
+) -> tuple[list[dict], str]:
+    """Attach `ref_chosen_logps`/`ref_rejected_logps` to every example, from the disk cache or one no_grad pass.
+
+    `loader` iterates `examples` in order (no shuffling), already prepared by the accelerator; results are gathered
+    from all processes. Returns (examples with the two fields, cache key).
+    """
+    key_model = ref_model if ref_model is not None else accelerator.unwrap_model(policy)
+    key = cache_key(examples, key_model, cfg)
+    path = cache_dir() / f"{key}.safetensors"
+    if path.exists():
+        tensors = load_file(path)
+        accelerator.print(f"[{name}] reference log-probs loaded from cache {path}")
+    else:
+        chosen, rejected = [], []
+        was_training = policy.training
+        policy.eval()
+        for batch in loader:
+            ref_chosen, ref_rejected = compute_reference_logps(policy, ref_model, batch, cfg.ld_alpha, accelerator)
+            ref_chosen, ref_rejected = accelerator.gather_for_metrics((ref_chosen, ref_rejected))
+            chosen.append(ref_chosen.float().cpu())
+            rejected.append(ref_rejected.float().cpu())
+        policy.train(was_training)
+        tensors = {"ref_chosen_logps": torch.cat(chosen), "ref_rejected_logps": torch.cat(rejected)}
+        if accelerator.is_main_process:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            save_file(tensors, tmp)
+            os.replace(tmp, path)  # atomic: a rerun never sees a half-written cache
+        accelerator.wait_for_everyone()
+        accelerator.print(f"[{name}] reference log-probs computed for {len(examples)} pairs, cached at {path}")
+    assert tensors["ref_chosen_logps"].numel() == len(examples), "reference cache does not match the data"
+    with_ref = [
+        {**ex, "ref_chosen_logps": float(c), "ref_rejected_logps": float(r)}
+        for ex, c, r in zip(examples, tensors["ref_chosen_logps"].tolist(), tensors["ref_rejected_logps"].tolist())
+    ]
+    return with_ref, key
+
+
+@contextlib.contextmanager
+def eval_mode(model):
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)

@@ -1,0 +1,223 @@
+"""Direct Preference Optimization (DPO), top to bottom.
+
+Train a policy π_θ on preference pairs (prompt x, chosen y_w, rejected y_l) so that it raises the chosen answer's
+log-probability relative to a frozen reference π_ref more than the rejected one's:
+
+    loss = -log σ( β·[log π_θ(y_w|x) − log π_ref(y_w|x)] − β·[log π_θ(y_l|x) − log π_ref(y_l|x)] )
+
+The math of this loss and its variants is in nanodpo/dpo.py; this file is the loop around it.
+
+Usage
+-----
+One process (CPU, or one GPU):
+    python train_dpo.py --config configs/dpo_qwen2.5_0.5b_qlora.yaml
+    accelerate launch train_dpo.py --config configs/dpo_qwen2.5_0.5b_qlora.yaml --learning_rate 5e-6
+
+Several GPUs (DDP; the global batch is per_device_train_batch_size × gradient_accumulation_steps × processes):
+    accelerate launch --multi_gpu --num_processes 4 train_dpo.py --config configs/dpo_qwen2.5_0.5b_qlora.yaml
+
+FSDP / DeepSpeed: pass an accelerate config file:
+    accelerate launch --config_file configs/accelerate/<name>.yaml train_dpo.py --config ...
+
+Two CPU processes (gloo), e.g. to try DDP without a GPU:
+    ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 train_dpo.py --config ...
+
+Every option can be given in the YAML file or on the command line (which wins); `python train_dpo.py --help`
+lists them. Outputs: OUTPUT_DIR/ holds the final model (or LoRA adapter) with its tokenizer and config.yaml,
+metrics.jsonl (with --report_to jsonl) and checkpoint-<step>/ folders (with --save_steps).
+
+Sections: 1. options  2. tokenizer and data  3. policy and reference  4. reference log-probs (precomputed)
+          5. optimizer and schedule  6. the loop: train, log, evaluate, save
+"""
+
+import time
+
+import torch
+from tqdm.auto import tqdm
+
+from nanodpo.checkpoint import save_model
+from nanodpo.config import DPOConfig, config_to_dict, parse_config
+from nanodpo.dpo import check_dpo_options, dpo_loss, dpo_metrics
+from nanodpo.dpo_data import PreferenceCollator, load_preference_data
+from nanodpo.errors import exit_on_user_error
+from nanodpo.model import check_model_options, is_peft_model, load_policy, load_reference, load_tokenizer
+from nanodpo.reference import compute_reference_logps, eval_mode, forward_token_stats, precompute_reference_logps
+from nanodpo.tracking import MetricMeans, make_tracker
+from nanodpo.training import (
+    count_training_steps,
+    make_accelerator,
+    make_eval_loader,
+    make_optimizer,
+    make_scheduler,
+    make_train_loader,
+    seed_everything,
+)
+
+
+def dpo_step(policy, ref_model, batch: dict, cfg, accelerator) -> tuple[torch.Tensor, dict[str, float]]:
+    """One micro-batch: policy forward on [chosen; rejected], reference log-probs, loss and metrics."""
+    policy_stats = forward_token_stats(policy, batch, with_metrics=True, with_sum_sq=cfg.use_weighting)
+    if cfg.reference_free:
+        ref_chosen_logps = ref_rejected_logps = None
+    elif "ref_chosen_logps" in batch:  # --precompute_ref_logps
+        ref_chosen_logps, ref_rejected_logps = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
+    else:
+        ref_chosen_logps, ref_rejected_logps = compute_reference_logps(
+            policy, ref_model, batch, cfg.ld_alpha, accelerator
+        )
+    out = dpo_loss(policy_stats, policy_stats.mask, ref_chosen_logps, ref_rejected_logps, cfg)
+    return out.loss, dpo_metrics(out, policy_stats)
+
+
+@torch.no_grad()
+def evaluate(policy, ref_model, eval_loader, cfg, accelerator) -> dict[str, float]:
+    """Mean loss and metrics over the eval set (one value per batch, averaged), named eval_* as TRL does."""
+    means = MetricMeans()
+    with eval_mode(policy):
+        for batch in eval_loader:
+            loss, metrics = dpo_step(policy, ref_model, batch, cfg, accelerator)
+            means.add({"loss": loss.item(), **metrics})
+    return {f"eval_{name}": value for name, value in means.pop_means().items()}
+
+
+def main(argv: list[str] | None = None) -> None:
+    # ------------------------------------------------------------------------------------------------------------
+    # 1. Options. Everything that can be checked without loading anything is checked here.
+    cfg = parse_config(DPOConfig, argv, description=__doc__)
+    check_model_options(cfg)
+    check_dpo_options(cfg)
+    accelerator = make_accelerator(cfg)
+    seed_everything(cfg.seed)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # 2. Tokenizer and data: read, validate and tokenize every row before any model is loaded, so bad data fails
+    #    in seconds, with the file, row and field named.
+    tokenizer = load_tokenizer(cfg)
+    train_examples = load_preference_data(cfg, tokenizer, split="train")
+    eval_examples = load_preference_data(cfg, tokenizer, split="eval")
+    collator = PreferenceCollator(
+        pad_token_id=tokenizer.pad_token_id, max_length=cfg.max_length, truncation_mode=cfg.truncation_mode
+    )
+
+    # ------------------------------------------------------------------------------------------------------------
+    # 3. The policy and the reference policy.
+    #    LoRA: the reference is the policy with its adapter disabled (no second copy). Full fine-tuning: a frozen
+    #    copy — unless --precompute_ref_logps (step 4 scores the data with the untrained policy, whose weights are
+    #    the reference) or --reference_free.
+    policy = load_policy(cfg, accelerator.device)
+    needs_ref_model = not (cfg.reference_free or cfg.precompute_ref_logps or is_peft_model(policy))
+    ref_model = load_reference(cfg, accelerator.device) if needs_ref_model else None
+    if ref_model is not None:
+        # evaluation_mode: placed on the device, never wrapped for gradient sync.
+        ref_model = accelerator.prepare_model(ref_model, evaluation_mode=True)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # 4. Precomputed reference log-probs: one no_grad pass before the first update (or the disk cache); training then
+    #    reads them from the batch and no reference model is ever held in memory.
+    ref_cache_key = None
+    eval_batch_size = cfg.per_device_eval_batch_size
+    if cfg.precompute_ref_logps:
+        policy = policy.to(accelerator.device) if not cfg.load_in_4bit else policy
+        batch_size = cfg.precompute_ref_batch_size or eval_batch_size
+        for name in ("train", "eval"):
+            examples = train_examples if name == "train" else eval_examples
+            if examples is None:
+                continue
+            loader = accelerator.prepare_data_loader(make_eval_loader(examples, collator, batch_size))
+            examples, ref_cache_key = precompute_reference_logps(
+                examples, policy, ref_model, loader, cfg, accelerator, name
+            )
+            if name == "train":
+                train_examples = examples
+            else:
+                eval_examples = examples
+
+    # ------------------------------------------------------------------------------------------------------------
+    # 5. Optimizer, data order and learning-rate schedule.
+    train_loader, sampler = make_train_loader(train_examples, collator, cfg)
+    eval_loader = make_eval_loader(eval_examples, collator, eval_batch_size) if eval_examples else None
+    optimizer = make_optimizer(policy, cfg)
+    policy, optimizer, train_loader = accelerator.prepare(policy, optimizer, train_loader)
+    if eval_loader is not None:
+        eval_loader = accelerator.prepare_data_loader(eval_loader)
+    total_steps, steps_per_epoch = count_training_steps(cfg, len(train_loader))
+    # Stepped by hand once per optimizer step (not prepared: accelerate would step it once per process).
+    scheduler = make_scheduler(optimizer, cfg, total_steps)
+    global_batch = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes
+    accelerator.print(
+        f"train pairs: {len(train_examples)} | eval pairs: {len(eval_examples) if eval_examples else 0} | "
+        f"global batch: {global_batch} pairs ({cfg.per_device_train_batch_size} per device x "
+        f"{cfg.gradient_accumulation_steps} accumulation x {accelerator.num_processes} processes) | "
+        f"optimizer steps: {total_steps}"
+    )
+
+    # Nothing is written to output_dir before this point: a refused run leaves no trace.
+    run_config = {**config_to_dict(cfg), "ref_cache_key": ref_cache_key}
+    tracker = make_tracker(cfg, accelerator.is_main_process, run_config)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # 6. The loop. One optimizer step = gradient_accumulation_steps micro-batches; `accelerator.sync_gradients`
+    #    is True on the last one. Logging, evaluation and saving happen inside the loop, the final ones on the
+    #    last step, so nothing is duplicated after it.
+    policy.train()
+    step = 0
+    epoch = 0
+    num_tokens = 0
+    train_means = MetricMeans()
+    progress = tqdm(total=total_steps, disable=not accelerator.is_main_process or cfg.disable_tqdm, desc="dpo")
+    start_time = time.perf_counter()
+    while step < total_steps:
+        sampler.set_epoch(epoch)
+        for batch in train_loader:
+            with accelerator.accumulate(policy):
+                loss, metrics = dpo_step(policy, ref_model, batch, cfg, accelerator)
+                # Divides by gradient_accumulation_steps: the step's objective is the mean of its micro-batch losses.
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
+                    grad_norm = accelerator.clip_grad_norm_(policy.parameters(), max_norm)
+                optimizer.step()  # a no-op on micro-batches that do not end the accumulation
+                optimizer.zero_grad(set_to_none=True)
+            num_tokens += int(accelerator.gather(batch["attention_mask"].sum()).sum().item())
+            train_means.add({"loss": loss.item(), **metrics})
+            if not accelerator.sync_gradients:
+                continue
+
+            # ---- one optimizer step is done ----
+            scheduler.step()
+            step += 1
+            last_step = step == total_steps
+            progress.update(1)
+            if step % cfg.logging_steps == 0 or last_step:
+                record = train_means.pop_means()
+                record.update(
+                    grad_norm=float(grad_norm),
+                    learning_rate=scheduler.get_last_lr()[0],
+                    num_tokens=num_tokens,
+                    epoch=step / steps_per_epoch,
+                    elapsed_s=time.perf_counter() - start_time,
+                )
+                tracker.log(record, step)
+                progress.set_postfix(loss=f"{record['loss']:.4f}", margin=f"{record['rewards/margins']:.3f}")
+            if eval_loader is not None and ((cfg.eval_steps and step % cfg.eval_steps == 0) or last_step):
+                eval_record = evaluate(policy, ref_model, eval_loader, cfg, accelerator)
+                tracker.log({**eval_record, "epoch": step / steps_per_epoch}, step)
+                accelerator.print(
+                    f"step {step}: eval_loss {eval_record['eval_loss']:.4f} "
+                    f"eval_rewards/accuracies {eval_record['eval_rewards/accuracies']:.3f} "
+                    f"eval_rewards/margins {eval_record['eval_rewards/margins']:.4f}"
+                )
+            if cfg.save_steps and step % cfg.save_steps == 0 and not last_step:
+                save_model(accelerator, policy, tokenizer, cfg, f"{cfg.output_dir}/checkpoint-{step}")
+            if last_step:
+                save_model(accelerator, policy, tokenizer, cfg, cfg.output_dir)
+                break
+        epoch += 1
+    progress.close()
+    tracker.close()
+    accelerator.print(f"done: {step} steps in {time.perf_counter() - start_time:.1f}s, model saved to {cfg.output_dir}")
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    exit_on_user_error(main)
