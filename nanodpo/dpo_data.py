@@ -52,7 +52,7 @@ def load_preference_data(cfg, tokenizer, split: str = "train") -> list[dict] | N
     train: `--dataset` at `--dataset_split`, first `--max_samples` rows.
     eval:  `--eval_dataset` at `--eval_split` (default "test"; any name works for plain files), or else
            `--eval_split` of `--dataset`; first `--max_eval_samples` rows. `--dataset_config` applies to both.
-    Each example: {"prompt_ids", "chosen_ids", "rejected_ids": list[int], "origin": "file, line N"}.
+    Each example: {"prompt_ids", "chosen_ids", "rejected_ids": list[int], "origin": "file, row N"}.
     """
     if split == "train":
         sources, split_name, max_samples, flag = cfg.dataset, cfg.dataset_split, cfg.max_samples, "--dataset"
