@@ -1,0 +1,118 @@
+"""The loop's machinery: learning-rate schedules equal HF's formulas; epochs, warmup, bf16 autocast, gradient
+checkpointing, periodic checkpoints and every tracker work together in one short run."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import (
+    get_constant_schedule_with_warmup,
+    get_cosine_schedule_with_warmup,
+    get_linear_schedule_with_warmup,
+)
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import tiny  # noqa: E402
+import train_dpo  # noqa: E402
+from nanodpo.config import DPOConfig, parse_config  # noqa: E402
+from nanodpo.model import decay_parameter_groups  # noqa: E402
+from nanodpo.tracking import read_metrics  # noqa: E402
+from nanodpo.training import count_training_steps, make_scheduler  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize(
+    "schedule, hf_factory",
+    [
+        ("constant", lambda opt, w, t: get_constant_schedule_with_warmup(opt, w)),
+        ("linear", get_linear_schedule_with_warmup),
+        ("cosine", get_cosine_schedule_with_warmup),
+    ],
+)
+@pytest.mark.parametrize("warmup", [0, 3])
+def test_schedules_equal_hf(schedule, hf_factory, warmup):
+    total = 20
+    cfg = parse_config(DPOConfig, ["--lr_scheduler_type", schedule, "--warmup_steps", str(warmup)])
+    ours_opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    hf_opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    ours, hf = make_scheduler(ours_opt, cfg, total), hf_factory(hf_opt, warmup, total)
+    for _ in range(total):
+        assert ours.get_last_lr()[0] == pytest.approx(hf.get_last_lr()[0], abs=1e-12)
+        ours_opt.step(), hf_opt.step(), ours.step(), hf.step()
+
+
+def test_warmup_ratio_and_step_counts():
+    cfg = parse_config(DPOConfig, ["--warmup_ratio", "0.1", "--gradient_accumulation_steps", "4"])
+    assert count_training_steps(cfg, micro_batches_per_epoch=10) == (3, 3)  # a partial last group is a step
+    cfg = parse_config(DPOConfig, ["--num_train_epochs", "2.5", "--gradient_accumulation_steps", "2"])
+    assert count_training_steps(cfg, micro_batches_per_epoch=8) == (10, 4)
+    cfg = parse_config(DPOConfig, ["--max_steps", "7"])
+    assert count_training_steps(cfg, micro_batches_per_epoch=8)[0] == 7
+
+
+def test_no_weight_decay_on_biases_and_norms():
+    model = tiny.make_model(tiny.make_tokenizer())
+    decay, no_decay = decay_parameter_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert all("norm" in names[id(p)] or names[id(p)].endswith("bias") for p in no_decay["params"])
+    assert all(p.ndim == 2 for p in decay["params"])
+    assert no_decay["weight_decay"] == 0.0 and decay["weight_decay"] == 0.1
+
+
+@pytest.mark.slow
+def test_full_featured_run(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    tiny.make_model_dir(tmp_path / "model")
+    tiny.write_jsonl(tmp_path / "train.jsonl", tiny.preference_rows(12, "implicit"))
+    tiny.write_jsonl(tmp_path / "eval.jsonl", tiny.preference_rows(4, "explicit"))
+    out = tmp_path / "out"
+    argv = [
+        "--model", str(tmp_path / "model"), "--dataset", str(tmp_path / "train.jsonl"),
+        "--eval_dataset", str(tmp_path / "eval.jsonl"), "--output_dir", str(out),
+        "--num_train_epochs", "2", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2",
+        "--learning_rate", "1e-3", "--lr_scheduler_type", "cosine", "--warmup_ratio", "0.2",
+        "--bf16", "--gradient_checkpointing", "--save_steps", "2", "--eval_steps", "3", "--logging_steps", "1",
+        "--report_to", "all", "--max_length", "64", "--disable_tqdm",
+    ]  # fmt: skip
+    train_dpo.main(argv)
+    records = read_metrics(out / "metrics.jsonl")
+    train = [r for r in records if "loss" in r]
+    # 12 pairs / 2 per micro-batch = 6 micro-batches = 3 optimizer steps per epoch, 2 epochs.
+    assert [r["step"] for r in train] == [1, 2, 3, 4, 5, 6]
+    assert train[-1]["epoch"] == pytest.approx(2.0)
+    # cosine with 2 warmup steps (ceil(0.2 * 6)): the logged rate is the one after each step, as HF logs it.
+    cfg = parse_config(DPOConfig, argv)
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    expected = get_cosine_schedule_with_warmup(opt, 2, 6)
+    for record in train:
+        opt.step(), expected.step()
+        assert record["learning_rate"] == pytest.approx(expected.get_last_lr()[0], rel=1e-9)
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in train)
+    assert [r["step"] for r in records if "eval_loss" in r] == [3, 6]
+    # Checkpoints at steps 2 and 4 (6 is the final model in OUTPUT_DIR), each loadable, with config and tokenizer.
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    for ckpt in [out / "checkpoint-2", out / "checkpoint-4", out]:
+        assert (ckpt / "model.safetensors").exists() and (ckpt / "tokenizer.json").exists()
+        assert parse_config(DPOConfig, ["--config", str(ckpt / "config.yaml")]) == cfg
+    assert not list(out.glob(".tmp-*")), "no temporary save directories left behind"
+    assert list((out / "runs").rglob("events.out.tfevents.*")), "tensorboard events written"
+    assert list((out / "wandb").glob("offline-run-*")), "wandb offline run written"
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(out / "checkpoint-2")
+
+
+def test_help_documents_every_option():
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "train_dpo.py"), "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0
+    for flag in ["--beta", "--loss_type", "--use_lora", "--load_in_4bit", "--precompute_ref_logps", "--report_to"]:
+        assert flag in result.stdout
+    assert "accelerate launch" in result.stdout  # the usage guide is the script's docstring
