@@ -1,0 +1,381 @@
+"""SFT data: recognise a row's format, check it, tokenize it, and mark which tokens the loss trains on.
+
+Formats, detected from the row's keys (first match wins; other keys such as `id` or `source` are ignored):
+
+    messages            {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}
+    sharegpt            {"conversations": [{"from": "system"|"human"|"gpt", "value": "..."}, ...]}   (Infinity-Instruct)
+    prompt_completion   {"prompt": "...", "completion": "..."}, or both as message lists
+    alpaca              {"instruction": "...", "input": "..." (optional), "output": "...", "system": ... (optional)}
+    text                {"text": "..."}
+
+`normalize_sft_row` turns every row into one of three shapes (`SFTExample`), checking it on the way; any problem is a
+`UserError` naming the row and the field ("data.jsonl, row 12, field 'messages[3].role': unknown role 'tool' ..."):
+
+    conversation   messages, sharegpt, alpaca  -> messages with roles system/user/assistant (human -> user,
+                   gpt -> assistant; alpaca: user = instruction, plus "\\n\\n" + input when there is one)
+    prompt/completion                          -> kept as is (two strings, or two message lists)
+    text                                       -> kept as is
+
+What the loss trains on (`tokenize_sft_example` returns a `Document`: input_ids and a 0/1 loss_mask):
+
+    conversation       every assistant turn, in every round of a multi-turn chat: its content AND its end-of-turn
+                       token (`<|im_end|>`), but not the turn header (`<|im_start|>assistant\\n`) nor the whitespace
+                       the template writes after the end-of-turn token. Equal to TRL's `assistant_only_loss=True`
+                       with a `{% generation %}...{% endgeneration %}` template around `content + '<|im_end|>'`.
+    prompt/completion  the completion only (TRL's `completion_only_loss`): everything after the tokens of the prompt
+                       (string data: the completion gets EOS appended, as TRL does).
+    text               every token (EOS appended, as TRL does).
+    train_on_prompt=True turns the mask off: every token is trained on.
+
+How assistant turns are found, WHILE RENDERING (no `{% generation %}` markers needed, no token patterns searched):
+for the assistant message i, render (\\n written as ⏎)
+
+    before  = messages[:i] + generation prompt   "...user⏎Hi<|im_end|>⏎<|im_start|>assistant⏎"
+    through = messages[:i+1]                     "...user⏎Hi<|im_end|>⏎<|im_start|>assistant⏎Hello!<|im_end|>⏎"
+                                                                                             ^^^^^^^^^^^^^^^^ trained
+
+The turn's text starts where `before` and `through` part (just after the header) and ends at the end of `through`
+with trailing whitespace removed (just after `<|im_end|>`). These character spans of the whole rendered conversation
+become token spans through the fast tokenizer's offsets (`char_to_token`, as transformers does for generation
+markers). It needs a template that renders a conversation's beginning the same way as the whole conversation
+(`through` must be a prefix of the full render); templates that rewrite earlier turns (e.g. ones that drop past
+reasoning) are refused with a clear error.
+
+Chat templates: the tokenizer's own, or `--chat_template chatml` (built-in ChatML, for base models whose tokenizer
+has `<|im_start|>`/`<|im_end|>` but no template, like Qwen base models), or a path to a Jinja file.
+
+max_length (`prepare_sft_documents`): a longer example is truncated keeping its start (TRL's default
+`truncation_mode="keep_start"`); if no trained token is left it is dropped (as TRL does). Both are counted in
+`SFTDataStats`.
+"""
+
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from jinja2.exceptions import TemplateError
+
+from nanodpo.errors import UserError
+from nanodpo.packing import Document
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+# format name -> the keys that identify it, tried in this order
+FORMATS = {
+    "messages": ("messages",),
+    "sharegpt": ("conversations",),
+    "prompt_completion": ("prompt", "completion"),
+    "alpaca": ("instruction", "output"),
+    "text": ("text",),
+}
+FORMAT_HELP = (
+    "'messages' (role/content), 'conversations' (ShareGPT from/value), 'prompt' + 'completion', "
+    "'instruction' + 'output' (alpaca, optional 'input'), or 'text'"
+)
+ROLES = {"system": "system", "user": "user", "assistant": "assistant", "human": "user", "gpt": "assistant"}
+
+
+@dataclass
+class SFTExample:
+    """A checked SFT row in one of three shapes: `messages`, or `prompt` + `completion`, or `text`."""
+
+    format: str  # the source format detected: a key of FORMATS
+    messages: list[dict[str, str]] | None = None  # role in system/user/assistant, content a non-empty string
+    prompt: str | list[dict[str, str]] | None = None
+    completion: str | list[dict[str, str]] | None = None
+    text: str | None = None
+
+
+# ---------------------------------------------------------------- normalising rows
+
+
+def _kind(value: Any) -> str:
+    names = {dict: "an object", list: "a list", str: "a string", type(None): "null"}
+    return names.get(type(value), type(value).__name__)
+
+
+def detect_format(row: Any, where: str) -> str:
+    if not isinstance(row, dict):
+        raise UserError(f"{where}: expected an object with the fields of an SFT example, got {_kind(row)}")
+    for name, keys in FORMATS.items():
+        if all(key in row for key in keys):
+            return name
+    hint = ""
+    if "chosen" in row or "rejected" in row:
+        hint = " (this looks like preference data: train it with train_dpo.py)"
+    elif "prompt" in row:
+        hint = " ('prompt' needs a 'completion')"
+    elif "instruction" in row:
+        hint = " ('instruction' needs an 'output')"
+    raise UserError(f"{where}: unknown SFT format, found fields {sorted(row)}{hint}; expected {FORMAT_HELP}")
+
+
+def _text(value: Any, where: str, name: str, allow_empty: bool = False) -> str:
+    if not isinstance(value, str):
+        raise UserError(f"{where}, field '{name}': expected a string, got {_kind(value)}")
+    if not allow_empty and not value.strip():
+        raise UserError(f"{where}, field '{name}': empty text")
+    return value
+
+
+def _messages(value: Any, where: str, name: str) -> list[dict[str, str]]:
+    """Check a message list; accept role/content or ShareGPT from/value keys; map role names onto ROLES."""
+    if not isinstance(value, list) or not value:
+        what = "an empty list" if value == [] else _kind(value)
+        raise UserError(f"{where}, field '{name}': expected a non-empty list of messages, got {what}")
+    messages = []
+    for i, message in enumerate(value):
+        at = f"{name}[{i}]"
+        if not isinstance(message, dict):
+            raise UserError(f"{where}, field '{at}': expected a message object, got {_kind(message)}")
+        role_key, content_key = ("from", "value") if "from" in message or "value" in message else ("role", "content")
+        for key in (role_key, content_key):
+            if key not in message:
+                raise UserError(f"{where}, field '{at}': no '{key}' (found fields {sorted(message)})")
+        role = message[role_key]
+        if not isinstance(role, str) or role not in ROLES:
+            raise UserError(
+                f"{where}, field '{at}.{role_key}': unknown role {role!r} (expected one of {', '.join(ROLES)})"
+            )
+        content = _text(message[content_key], where, f"{at}.{content_key}")
+        messages.append({"role": ROLES[role], "content": content})
+    return messages
+
+
+def _check_conversation(messages: list[dict[str, str]], where: str, name: str) -> list[dict[str, str]]:
+    roles = [m["role"] for m in messages]
+    if "assistant" not in roles:
+        raise UserError(f"{where}, field '{name}': no assistant turn to train on (roles: {', '.join(roles)})")
+    if roles[0] == "assistant":
+        raise UserError(f"{where}, field '{name}[0]': the conversation starts with an assistant turn (no prompt)")
+    return messages
+
+
+def normalize_sft_row(row: dict, where: str) -> SFTExample:
+    """Detect the row's format and check it; `where` ("data.jsonl, row 12") starts every error message."""
+    fmt = detect_format(row, where)
+    if fmt in ("messages", "sharegpt"):
+        key = FORMATS[fmt][0]
+        return SFTExample(fmt, messages=_check_conversation(_messages(row[key], where, key), where, key))
+    if fmt == "alpaca":
+        user = _text(row["instruction"], where, "instruction")
+        extra = row.get("input")
+        if extra is not None and _text(extra, where, "input", allow_empty=True).strip():
+            user = f"{user}\n\n{extra}"
+        output = _text(row["output"], where, "output")
+        messages = [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
+        if row.get("system") is not None:
+            messages.insert(0, {"role": "system", "content": _text(row["system"], where, "system")})
+        return SFTExample(fmt, messages=messages)
+    if fmt == "prompt_completion":
+        prompt, completion = row["prompt"], row["completion"]
+        if isinstance(prompt, list) and isinstance(completion, list):
+            prompt = _messages(prompt, where, "prompt")
+            completion = _messages(completion, where, "completion")
+            if "assistant" not in [m["role"] for m in completion]:
+                raise UserError(f"{where}, field 'completion': no assistant turn to train on")
+            return SFTExample(fmt, prompt=prompt, completion=completion)
+        if isinstance(prompt, str) and isinstance(completion, str):
+            prompt, completion = _text(prompt, where, "prompt"), _text(completion, where, "completion")
+            return SFTExample(fmt, prompt=prompt, completion=completion)
+        raise UserError(
+            f"{where}, fields 'prompt' and 'completion': expected two strings or two message lists, "
+            f"got {_kind(prompt)} and {_kind(completion)}"
+        )
+    return SFTExample(fmt, text=_text(row["text"], where, "text"))
+
+
+# ---------------------------------------------------------------- chat templates and tokenizing
+
+
+def resolve_chat_template(tokenizer, chat_template: str | None) -> str | None:
+    """The template text for --chat_template: None (the tokenizer's own), "chatml", a Jinja file, or template text.
+
+    Returns None to mean "the tokenizer's own". A missing template is reported when a conversation needs one.
+    """
+    if chat_template is None:
+        return None
+    if chat_template == "chatml":
+        vocab = tokenizer.get_vocab()
+        missing = [tok for tok in ("<|im_start|>", "<|im_end|>") if tok not in vocab]
+        if missing:
+            raise UserError(
+                f"--chat_template chatml: the tokenizer has no {' or '.join(missing)} token; use a tokenizer that has "
+                "them (Qwen's do) or pass a Jinja template file written for this tokenizer"
+            )
+        return CHATML_TEMPLATE
+    if "{%" in chat_template or "{{" in chat_template:
+        return chat_template
+    path = Path(chat_template)
+    if not path.is_file():
+        raise UserError(f"--chat_template {chat_template}: not 'chatml' and no such file")
+    return path.read_text(encoding="utf-8")
+
+
+def _renderer(tokenizer, chat_template: str | None, where: str) -> Callable[[list, bool], str]:
+    if chat_template is None and not tokenizer.chat_template:
+        raise UserError(
+            f"{where}: conversational data needs a chat template and the tokenizer has none; "
+            "pass --chat_template chatml (or a Jinja template file)"
+        )
+
+    def render(messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+        try:
+            return tokenizer.apply_chat_template(
+                messages, chat_template=chat_template, tokenize=False, add_generation_prompt=add_generation_prompt
+            )
+        except TemplateError as err:
+            raise UserError(f"{where}: the chat template refused this conversation: {err}") from None
+
+    return render
+
+
+def _common_prefix_length(a, b) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def assistant_char_spans(messages: list[dict[str, str]], render, where: str) -> list[tuple[int, int]]:
+    """[start, end) character spans, in the render of the whole conversation, of each assistant turn's trained text
+    (content + end-of-turn token), found by rendering the conversation prefix by prefix (see the module docstring)."""
+    full = render(messages, False)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = render(messages[:i], True)  # ... ends with the assistant header
+        through = render(messages[: i + 1], False)  # ... ends with this assistant turn
+        if not full.startswith(through):
+            raise UserError(
+                f"{where}: the chat template renders the first {i + 1} messages differently from the start of the "
+                "whole conversation, so the assistant turns cannot be located; use a template that renders earlier "
+                "turns unchanged, or --train_on_prompt"
+            )
+        start = _common_prefix_length(before, through)  # the turn starts where the header ends
+        end = len(through.rstrip())  # ... and ends at its end-of-turn token, before the template's trailing newline
+        if end > start:
+            spans.append((start, end))
+    return spans
+
+
+def _char_spans_to_mask(encoding, spans: list[tuple[int, int]], length: int) -> list[int]:
+    """Tokens from the one holding a span's first character to the one holding its last (as transformers does)."""
+    mask = [0] * length
+    for start, end in spans:
+        first = next((t for c in range(start, end) if (t := encoding.char_to_token(c)) is not None), None)
+        last = next((t for c in range(end - 1, start - 1, -1) if (t := encoding.char_to_token(c)) is not None), None)
+        if first is not None:  # (a span of characters no token holds, if a normalizer removed them all)
+            mask[first : last + 1] = [1] * (last + 1 - first)
+    return mask
+
+
+def tokenize_sft_example(
+    example: SFTExample,
+    tokenizer,
+    where: str,
+    chat_template: str | None = None,
+    train_on_prompt: bool = False,
+) -> Document:
+    """Token ids and loss mask of one example (see the module docstring). `chat_template` is template text (from
+    `resolve_chat_template`) or None for the tokenizer's own."""
+    if example.messages is not None:
+        render = _renderer(tokenizer, chat_template, where)
+        text = render(example.messages, False)
+        encoding = tokenizer(text, add_special_tokens=False)  # what apply_chat_template(tokenize=True) does
+        ids = encoding["input_ids"]
+        if train_on_prompt:
+            return Document(ids, [1] * len(ids))
+        if not tokenizer.is_fast:
+            raise UserError("assistant-only loss needs a fast tokenizer (character offsets); or use --train_on_prompt")
+        spans = assistant_char_spans(example.messages, render, where)
+        return Document(ids, _char_spans_to_mask(encoding, spans, len(ids)))
+
+    if example.prompt is not None:
+        if isinstance(example.prompt, list):  # conversational: the prompt ends with the assistant header
+            render = _renderer(tokenizer, chat_template, where)
+            prompt_ids = tokenizer(render(example.prompt, True), add_special_tokens=False)["input_ids"]
+            ids = tokenizer(render(example.prompt + example.completion, False), add_special_tokens=False)["input_ids"]
+        else:  # strings, tokenized as TRL does (special tokens such as BOS added), EOS appended to the completion
+            completion, eos = example.completion, tokenizer.eos_token or ""
+            if not completion.endswith(eos):
+                completion += eos
+            prompt_ids = tokenizer(example.prompt)["input_ids"]
+            ids = tokenizer(example.prompt + completion)["input_ids"]
+        # The completion starts where the two tokenizations part: a token merged across the boundary counts as
+        # completion (TRL's `common_prefix_length`).
+        n_prompt = 0 if train_on_prompt else _common_prefix_length(prompt_ids, ids)
+        return Document(ids, [0] * n_prompt + [1] * (len(ids) - n_prompt))
+
+    text, eos = example.text, tokenizer.eos_token or ""
+    if not text.endswith(eos):
+        text += eos
+    ids = tokenizer(text)["input_ids"]
+    return Document(ids, [1] * len(ids))
+
+
+# ---------------------------------------------------------------- a whole data set
+
+
+@dataclass
+class SFTDataStats:
+    rows: int = 0  # rows read
+    truncated: int = 0  # longer than max_length: cut, keeping the start
+    dropped: int = 0  # no trained token left after truncation: skipped
+    documents: int = 0  # examples kept
+    tokens: int = 0  # tokens in the kept examples
+    loss_tokens: int = 0  # ... of which the loss trains on
+    formats: Counter = field(default_factory=Counter)  # rows per detected format
+
+    def summary(self) -> str:
+        formats = ", ".join(f"{n} {name}" for name, n in sorted(self.formats.items()))
+        return (
+            f"{self.rows} rows ({formats}): {self.documents} examples, {self.tokens} tokens, "
+            f"{self.loss_tokens} trained; {self.truncated} truncated to max_length, {self.dropped} dropped "
+            "(no trained token left)"
+        )
+
+
+def prepare_sft_documents(
+    rows: Iterable[dict],
+    tokenizer,
+    source: str = "data",
+    max_length: int | None = None,
+    chat_template: str | None = None,
+    train_on_prompt: bool = False,
+) -> tuple[list[Document], SFTDataStats]:
+    """Normalise, tokenize and truncate every row. Errors name "{source}, row {n}" with n counted from 1.
+
+    chat_template: the --chat_template value (None, "chatml", a file path), resolved here.
+    max_length: longer examples are truncated keeping the start, and dropped if no trained token is left.
+    """
+    template = resolve_chat_template(tokenizer, chat_template)
+    stats = SFTDataStats()
+    documents = []
+    for n, row in enumerate(rows, start=1):
+        where = f"{source}, row {n}"
+        example = normalize_sft_row(row, where)
+        doc = tokenize_sft_example(example, tokenizer, where, template, train_on_prompt)
+        stats.rows += 1
+        stats.formats[example.format] += 1
+        if max_length is not None and len(doc.input_ids) > max_length:
+            doc = Document(doc.input_ids[:max_length], doc.loss_mask[:max_length])
+            stats.truncated += 1
+        if not any(doc.loss_mask):
+            stats.dropped += 1
+            continue
+        documents.append(doc)
+        stats.documents += 1
+        stats.tokens += len(doc.input_ids)
+        stats.loss_tokens += sum(doc.loss_mask)
+    return documents, stats
