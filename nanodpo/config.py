@@ -39,6 +39,9 @@ class TrainConfig:
     # --- model ---
     model: str = opt("", "Hub id (e.g. Qwen/Qwen2.5-0.5B-Instruct) or local path of the model and tokenizer.")
     tokenizer: str | None = opt(None, "Tokenizer hub id or path, if it differs from --model.")
+    chat_template: str | None = opt(
+        None, "Chat template when the tokenizer has none (or to replace it): 'chatml', or a Jinja file path."
+    )
     dtype: str = opt(
         "float32",
         "Dtype the weights are loaded in. 'auto' takes the checkpoint's; with --bf16 on GPU use bfloat16.",
@@ -154,6 +157,43 @@ class DPOConfig(TrainConfig):
     truncation_mode: str = opt(
         "keep_start", "How sequences over --max_length are cut (TRL's rule).", ("keep_start", "keep_end")
     )
+
+
+@dataclass
+class SFTConfig(TrainConfig):
+    """Options of train_sft.py (names as TRL's SFTConfig where it has one)."""
+
+    output_dir: str = opt("out/sft", "Where checkpoints, the final model, config.yaml and metrics.jsonl go.")
+    learning_rate: float = opt(2e-5, "Peak learning rate (TRL's SFT default).")
+    train_on_prompt: bool = opt(False, "Train on every token, not only the assistant turns / completion.")
+    packing: bool = opt(False, "Pack several examples into each row of --max_length tokens (documents stay isolated).")
+    packing_strategy: str = opt("bfd", "bfd: best-fit decreasing, isolated documents; wrapped: concatenate-and-chunk "
+                                "(attention crosses documents; for teaching).", ("bfd", "wrapped"))
+
+
+@dataclass
+class PTConfig(TrainConfig):
+    """Options of train_pt.py: pretraining from scratch or continued, always packed."""
+
+    output_dir: str = opt("out/pt", "Where checkpoints, the final model, config.yaml and metrics.jsonl go.")
+    learning_rate: float = opt(3e-4, "Peak learning rate.")
+    lr_scheduler_type: str = opt("cosine", "Learning-rate schedule after warmup.", ("constant", "linear", "cosine"))
+    from_scratch: bool = opt(False, "Random init from --model's config (with the overrides below) instead of its weights.")
+    hidden_size: int | None = opt(None, "From scratch: override the hidden size.")
+    num_hidden_layers: int | None = opt(None, "From scratch: override the number of layers.")
+    num_attention_heads: int | None = opt(None, "From scratch: override the number of attention heads.")
+    num_key_value_heads: int | None = opt(None, "From scratch: override the number of key/value heads (GQA).")
+    intermediate_size: int | None = opt(None, "From scratch: override the MLP width.")
+    max_position_embeddings: int | None = opt(None, "From scratch: override the maximum position.")
+    text_column: str = opt("text", "Column holding the document text.")
+    add_eos: bool = opt(True, "Append the EOS token to every document (marks document ends for the model).")
+    packing_strategy: str = opt("bfd", "bfd: best-fit decreasing, isolated documents; wrapped: concatenate-and-chunk "
+                                "(attention crosses documents; the classic recipe).", ("bfd", "wrapped"))
+    packing_overflow: str = opt("split", "bfd: a document longer than --max_length is split into pieces (no token "
+                                "lost) or truncated.", ("split", "truncate"))
+    streaming: bool = opt(False, "Read the corpus lazily (bigger than RAM), packing on the fly in file order.")
+    stream_buffer_docs: int = opt(1000, "Streaming: documents packed together at a time.")
+    peak_tflops: float | None = opt(None, "Peak TFLOPS of one device (e.g. 989 for H100 bf16) to log MFU.")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -92,9 +92,44 @@ def load_rows(
     if not all(parts):
         raise UserError(f"{flag}: bad split {split!r} (expected e.g. 'train' or 'train+test')")
 
-    rows = (row for source in sources for row in _load_source(source, split, parts, config_name, flag))
     # A generator all the way down: with max_samples, large line-based files are read only as far as needed.
-    return list(islice(rows, max_samples))
+    return list(islice(iter_rows(sources, split, config_name=config_name, flag=flag), max_samples))
+
+
+def iter_rows(sources: list[str], split: str = "train", *, config_name: str | None = None, flag: str = "--dataset"):
+    """Rows of every source in order, read lazily (jsonl, txt and csv line by line): streaming for big corpora."""
+    parts = [part.strip() for part in split.split("+")]
+    for source in sources:
+        yield from _load_source(str(source), split, parts, config_name, flag)
+
+
+def load_split_rows(cfg, split: str = "train") -> list[Row] | None:
+    """The rows a script trains ("train") or evaluates ("eval") on; None when no evaluation data is configured.
+
+    train: `--dataset` at `--dataset_split`, first `--max_samples` rows.
+    eval:  `--eval_dataset` at `--eval_split` (default "test"; any name works for plain files), or else
+           `--eval_split` of `--dataset`; first `--max_eval_samples` rows. `--dataset_config` applies to both.
+    """
+    if split == "train":
+        sources, split_name, max_samples, flag = cfg.dataset, cfg.dataset_split, cfg.max_samples, "--dataset"
+    elif split == "eval":
+        if cfg.eval_dataset:
+            sources, split_name, flag = cfg.eval_dataset, cfg.eval_split or "test", "--eval_dataset"
+        elif cfg.eval_split:
+            sources, split_name, flag = cfg.dataset, cfg.eval_split, "--dataset"
+        else:
+            return None
+        max_samples = cfg.max_eval_samples
+    else:
+        raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+
+    rows = load_rows(sources, split_name, config_name=cfg.dataset_config, max_samples=max_samples, flag=flag)
+    if split == "eval" and not cfg.eval_dataset and all(row.split is None for row in rows):
+        print(
+            f"warning: {' '.join(sources)} has a single split, so --eval_split {split_name!r} evaluates on the "
+            "training rows; give held-out data with --eval_dataset"
+        )
+    return rows
 
 
 # ----------------------------------------------------------------------------------------------------------------

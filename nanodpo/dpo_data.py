@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from nanodpo.data import Row, load_rows
+from nanodpo.data import Row, load_split_rows
 from nanodpo.errors import UserError
 
 ALLOWED_ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -49,30 +49,12 @@ ALLOWED_ROLES = ("system", "developer", "user", "assistant", "tool")
 def load_preference_data(cfg, tokenizer, split: str = "train") -> list[dict] | None:
     """Tokenized preference examples for `split` "train" or "eval"; None when no evaluation data is configured.
 
-    train: `--dataset` at `--dataset_split`, first `--max_samples` rows.
-    eval:  `--eval_dataset` at `--eval_split` (default "test"; any name works for plain files), or else
-           `--eval_split` of `--dataset`; first `--max_eval_samples` rows. `--dataset_config` applies to both.
+    Which rows: see `nanodpo.data.load_split_rows`.
     Each example: {"prompt_ids", "chosen_ids", "rejected_ids": list[int], "origin": "file, row N"}.
     """
-    if split == "train":
-        sources, split_name, max_samples, flag = cfg.dataset, cfg.dataset_split, cfg.max_samples, "--dataset"
-    elif split == "eval":
-        if cfg.eval_dataset:
-            sources, split_name, flag = cfg.eval_dataset, cfg.eval_split or "test", "--eval_dataset"
-        elif cfg.eval_split:
-            sources, split_name, flag = cfg.dataset, cfg.eval_split, "--dataset"
-        else:
-            return None
-        max_samples = cfg.max_eval_samples
-    else:
-        raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
-
-    rows = load_rows(sources, split_name, config_name=cfg.dataset_config, max_samples=max_samples, flag=flag)
-    if split == "eval" and not cfg.eval_dataset and all(row.split is None for row in rows):
-        print(
-            f"warning: {' '.join(sources)} has a single split, so --eval_split {split_name!r} evaluates on the "
-            "training rows; give held-out data with --eval_dataset"
-        )
+    rows = load_split_rows(cfg, split)
+    if rows is None:
+        return None
     examples, stats = build_examples(
         rows,
         tokenizer,

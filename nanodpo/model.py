@@ -41,12 +41,18 @@ def check_model_options(cfg) -> None:
 
 
 def load_tokenizer(cfg):
-    """The tokenizer of --tokenizer (or --model). A missing pad token falls back to EOS, as TRL does."""
+    """The tokenizer of --tokenizer (or --model), with --chat_template applied. A missing pad token falls back to EOS,
+    as TRL does."""
     name = cfg.tokenizer or cfg.model
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as err:
         raise UserError(f"cannot load a tokenizer from '{name}': {err}") from None
+    if cfg.chat_template:
+        from nanodpo.sft_data import resolve_chat_template
+
+        # Set on the tokenizer itself, so every stage renders with it and it is saved with the model.
+        tokenizer.chat_template = resolve_chat_template(tokenizer, cfg.chat_template)
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise UserError(f"the tokenizer of '{name}' has neither a pad token nor an EOS token")

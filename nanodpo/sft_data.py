@@ -360,10 +360,15 @@ def prepare_sft_documents(
     max_length: longer examples are truncated keeping the start, and dropped if no trained token is left.
     """
     template = resolve_chat_template(tokenizer, chat_template)
+    located = ((f"{source}, row {n}", row) for n, row in enumerate(rows, start=1))
+    return _tokenize_rows(located, tokenizer, max_length, template, train_on_prompt)
+
+
+def _tokenize_rows(located_rows, tokenizer, max_length, template, train_on_prompt) -> tuple[list[Document], SFTDataStats]:
+    """(where, row) pairs -> documents truncated to max_length (keeping the start), dropped when nothing is trained."""
     stats = SFTDataStats()
     documents = []
-    for n, row in enumerate(rows, start=1):
-        where = f"{source}, row {n}"
+    for where, row in located_rows:
         example = normalize_sft_row(row, where)
         doc = tokenize_sft_example(example, tokenizer, where, template, train_on_prompt)
         stats.rows += 1
@@ -379,3 +384,19 @@ def prepare_sft_documents(
         stats.tokens += len(doc.input_ids)
         stats.loss_tokens += sum(doc.loss_mask)
     return documents, stats
+
+
+def load_sft_data(cfg, tokenizer, split: str = "train") -> list[Document] | None:
+    """Tokenized SFT documents for `split` "train" or "eval" (rows chosen by `nanodpo.data.load_split_rows`);
+    None when no evaluation data is configured. Prints a one-line summary; bad rows raise `UserError`."""
+    from nanodpo.data import load_split_rows
+
+    rows = load_split_rows(cfg, split)
+    if rows is None:
+        return None
+    located = ((row.where(), row.data) for row in rows)
+    documents, stats = _tokenize_rows(located, tokenizer, cfg.max_length, None, cfg.train_on_prompt)
+    print(f"sft data ({split}): {stats.summary()}")
+    if not documents:
+        raise UserError(f"sft data ({split}): no example left to train on ({stats.summary()})")
+    return documents

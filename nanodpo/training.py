@@ -4,6 +4,7 @@ The loops themselves live in train_pt.py, train_sft.py and train_dpo.py, top to 
 otherwise be pasted three times.
 """
 
+import contextlib
 import math
 import random
 
@@ -13,6 +14,7 @@ from accelerate import Accelerator
 from torch.utils.data import DataLoader, Sampler
 
 from nanodpo.model import decay_parameter_groups
+from nanodpo.tracking import MetricMeans
 
 
 def make_accelerator(cfg) -> Accelerator:
@@ -116,3 +118,133 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg, total_steps: int) -> t
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_multiplier(step, total_steps, warmup, cfg.lr_scheduler_type)
     )
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Token-mean language-model loss (PT and SFT).
+
+
+def step_loader(examples: list, cfg) -> tuple[DataLoader, EpochSampler]:
+    """Batches of one optimizer step per process: per_device_train_batch_size × gradient_accumulation_steps examples,
+    as a plain list. The loop splits it into micro-batches itself, because the loss of a step is normalised by the
+    token count of the whole step, which must be known before the first micro-batch's backward."""
+    sampler = EpochSampler(len(examples), shuffle=cfg.train_sampling_strategy == "random", seed=cfg.seed)
+    batch_size = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
+    return DataLoader(examples, batch_size=batch_size, sampler=sampler, collate_fn=list), sampler
+
+
+def micro_batches(step_examples: list, micro_batch_size: int) -> list[list]:
+    return [step_examples[i : i + micro_batch_size] for i in range(0, len(step_examples), micro_batch_size)]
+
+
+def count_targets(batch: dict) -> int:
+    """Tokens the loss scores in a collated batch: labels other than -100, after the one-token shift."""
+    return int((batch["labels"][:, 1:] != -100).sum())
+
+
+def lm_token_stats(model, batch: dict, with_metrics: bool = True):
+    """Forward a collated LM batch (input_ids, labels in HF convention, attention mask or packing keys) and return
+    per-token statistics of its target tokens (see nanodpo/logps.py)."""
+    from nanodpo.logps import token_stats
+
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    inputs["use_cache"] = False  # never build a KV cache in training (with packed rows it breaks isolation)
+    logits = model(**inputs).logits
+    labels = batch["labels"]
+    targets = labels != -100
+    return token_stats(logits, labels.clamp(min=0), targets.long(), with_metrics=with_metrics)
+
+
+def lm_metrics(stats) -> dict[str, float]:
+    """entropy and mean_token_accuracy over the target tokens of one micro-batch (TRL's SFT metric names)."""
+    n = stats.mask.sum().clamp(min=1)
+    return {
+        "entropy": float(stats.entropy.sum() / n),
+        "mean_token_accuracy": float(stats.is_top1.sum() / n),
+    }
+
+
+@contextlib.contextmanager
+def micro_batch_sync(accelerator, model, is_last: bool):
+    """What `accelerator.accumulate` does, for a loop that groups micro-batches itself: all-reduce gradients (DDP)
+    and let DeepSpeed step only on the last micro-batch of an optimizer step."""
+    accelerator.gradient_state._set_sync_gradients(is_last)
+    with contextlib.nullcontext() if is_last else accelerator.no_sync(model):
+        yield
+
+
+def sum_over_processes(accelerator, value: int) -> int:
+    return int(accelerator.reduce(torch.tensor(value, device=accelerator.device), reduction="sum").item())
+
+
+def collate_rows(examples: list, cfg, pad_token_id: int) -> dict:
+    """Model inputs for LM training: packed rows (nanodpo.packing) or single documents padded on the right."""
+    from nanodpo.packing import PackedRow, collate_packed
+
+    if isinstance(examples[0], PackedRow):
+        return collate_packed(examples, cfg.attn_implementation, pad_token_id)
+    length = max(len(doc.input_ids) for doc in examples)
+    pads = [length - len(doc.input_ids) for doc in examples]
+    return {
+        "input_ids": torch.tensor([doc.input_ids + [pad_token_id] * n for doc, n in zip(examples, pads)]),
+        "attention_mask": torch.tensor([[1] * len(doc.input_ids) + [0] * n for doc, n in zip(examples, pads)]),
+        "labels": torch.tensor([doc.labels() + [-100] * n for doc, n in zip(examples, pads)]),
+    }
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+@torch.no_grad()
+def evaluate_lm(model, eval_examples: list, collate_fn, cfg, accelerator) -> dict[str, float]:
+    """Token-mean NLL over the whole eval set (each process scores its shard; sums are added over processes),
+    its perplexity, and the token metrics, named eval_*."""
+    shard = eval_examples[accelerator.process_index :: accelerator.num_processes]
+    nll_sum, targets, means = 0.0, 0, MetricMeans()
+    was_training = model.training
+    model.eval()
+    for start in range(0, len(shard), cfg.per_device_eval_batch_size):
+        batch = to_device(collate_fn(shard[start : start + cfg.per_device_eval_batch_size]), accelerator.device)
+        stats = lm_token_stats(model, batch)
+        nll_sum += float(-stats.logps.sum())
+        targets += int(stats.mask.sum())
+        means.add(lm_metrics(stats))
+    model.train(was_training)
+    total = accelerator.reduce(torch.tensor([nll_sum, float(targets)], device=accelerator.device), reduction="sum")
+    loss = float(total[0] / total[1].clamp(min=1))
+    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)), **{f"eval_{k}": v for k, v in means.pop_means().items()}}
+
+
+def lm_optimizer_step(model, optimizer, step_examples: list, collate_fn, cfg, accelerator, means) -> tuple[float, float, int]:
+    """One optimizer step of token-mean language-model loss (PT and SFT). Returns (loss, grad_norm, real tokens).
+
+    The step's examples are split into micro-batches; the number of target tokens of the WHOLE step (summed over
+    processes) is counted first, so every micro-batch's backward already carries the step's token-mean scaling:
+
+        loss = Σ_{micro-batches, processes} Σ_{targets} −log p  /  N_targets(step)
+
+    Batch 2 × accumulation 4 then gives the same loss and gradient as batch 8 × accumulation 1.
+    """
+    batches = [
+        to_device(collate_fn(examples), accelerator.device)
+        for examples in micro_batches(step_examples, cfg.per_device_train_batch_size)
+    ]
+    step_targets = max(1, sum_over_processes(accelerator, sum(count_targets(b) for b in batches)))
+    real_tokens = sum_over_processes(accelerator, sum(len(ex.input_ids) for ex in step_examples))
+    step_nll = torch.zeros((), device=accelerator.device)
+    for i, batch in enumerate(batches):
+        with micro_batch_sync(accelerator, model, is_last=i == len(batches) - 1):
+            stats = lm_token_stats(model, batch)
+            nll_sum = -stats.logps.sum()
+            # DDP averages gradients over processes and accelerator.backward divides by gradient_accumulation_steps:
+            # both are multiplied back so the step's gradient is d/dθ [Σ nll / N_targets].
+            accelerator.backward(nll_sum * accelerator.num_processes * cfg.gradient_accumulation_steps / step_targets)
+        step_nll += nll_sum.detach()
+        means.add(lm_metrics(stats))
+    max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
+    grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    loss = float(accelerator.reduce(step_nll, "sum")) / step_targets
+    return loss, float(grad_norm), real_tokens
