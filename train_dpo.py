@@ -35,7 +35,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from nanodpo.checkpoint import save_model
+from nanodpo.checkpoint import save_if_due
 from nanodpo.config import DPOConfig, config_to_dict, parse_config
 from nanodpo.dpo import check_dpo_options, dpo_loss, dpo_metrics
 from nanodpo.dpo_data import PreferenceCollator, load_preference_data
@@ -207,10 +207,8 @@ def main(argv: list[str] | None = None) -> None:
                     f"eval_rewards/accuracies {eval_record['eval_rewards/accuracies']:.3f} "
                     f"eval_rewards/margins {eval_record['eval_rewards/margins']:.4f}"
                 )
-            if cfg.save_steps and step % cfg.save_steps == 0 and not last_step:
-                save_model(accelerator, policy, tokenizer, cfg, f"{cfg.output_dir}/checkpoint-{step}")
+            save_if_due(accelerator, policy, tokenizer, cfg, step, last_step)
             if last_step:
-                save_model(accelerator, policy, tokenizer, cfg, cfg.output_dir)
                 break
         epoch += 1
     progress.close()

@@ -29,7 +29,7 @@ import time
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from nanodpo.checkpoint import save_model
+from nanodpo.checkpoint import save_if_due
 from nanodpo.config import PTConfig, config_to_dict, parse_config
 from nanodpo.data import iter_rows, load_split_rows
 from nanodpo.errors import UserError, exit_on_user_error
@@ -245,10 +245,8 @@ def main(argv: list[str] | None = None) -> None:
             accelerator.print(
                 f"step {step}: eval_loss {eval_record['eval_loss']:.4f} perplexity {eval_record['eval_perplexity']:.2f}"
             )
-        if cfg.save_steps and step % cfg.save_steps == 0 and not last_step:
-            save_model(accelerator, model, tokenizer, cfg, f"{cfg.output_dir}/checkpoint-{step}")
+        save_if_due(accelerator, model, tokenizer, cfg, step, last_step)
         if last_step:
-            save_model(accelerator, model, tokenizer, cfg, cfg.output_dir)
             break
     progress.close()
     tracker.close()

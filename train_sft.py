@@ -27,7 +27,7 @@ import time
 
 from tqdm.auto import tqdm
 
-from nanodpo.checkpoint import save_model
+from nanodpo.checkpoint import save_if_due
 from nanodpo.config import SFTConfig, config_to_dict, parse_config
 from nanodpo.errors import exit_on_user_error
 from nanodpo.model import check_model_options, load_policy, load_tokenizer
@@ -129,10 +129,8 @@ def main(argv: list[str] | None = None) -> None:
                 eval_record = evaluate_lm(model, eval_examples, collate, cfg, accelerator)
                 tracker.log({**eval_record, "epoch": step / steps_per_epoch}, step)
                 accelerator.print(f"step {step}: eval_loss {eval_record['eval_loss']:.4f}")
-            if cfg.save_steps and step % cfg.save_steps == 0 and not last_step:
-                save_model(accelerator, model, tokenizer, cfg, f"{cfg.output_dir}/checkpoint-{step}")
+            save_if_due(accelerator, model, tokenizer, cfg, step, last_step)
             if last_step:
-                save_model(accelerator, model, tokenizer, cfg, cfg.output_dir)
                 break
         epoch += 1
     progress.close()

@@ -63,3 +63,11 @@ def save_model(accelerator, model, tokenizer, cfg, directory: str | Path) -> Pat
         accelerator.get_state_dict(model)
     accelerator.wait_for_everyone()
     return directory
+
+
+def save_if_due(accelerator, model, tokenizer, cfg, step: int, last_step: bool) -> None:
+    """checkpoint-<step>/ every --save_steps; the final model into OUTPUT_DIR on the last step."""
+    if last_step:
+        save_model(accelerator, model, tokenizer, cfg, cfg.output_dir)
+    elif cfg.save_steps and step % cfg.save_steps == 0:
+        save_model(accelerator, model, tokenizer, cfg, f"{cfg.output_dir}/checkpoint-{step}")

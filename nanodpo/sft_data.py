@@ -57,6 +57,7 @@ from typing import Any
 
 from jinja2.exceptions import TemplateError
 
+from nanodpo.dpo_data import common_prefix_length
 from nanodpo.errors import UserError
 from nanodpo.packing import Document
 
@@ -237,15 +238,6 @@ def _renderer(tokenizer, chat_template: str | None, where: str) -> Callable[[lis
     return render
 
 
-def _common_prefix_length(a, b) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 def assistant_char_spans(messages: list[dict[str, str]], render, where: str) -> list[tuple[int, int]]:
     """[start, end) character spans, in the render of the whole conversation, of each assistant turn's trained text
     (content + end-of-turn token), found by rendering the conversation prefix by prefix (see the module docstring)."""
@@ -262,7 +254,7 @@ def assistant_char_spans(messages: list[dict[str, str]], render, where: str) -> 
                 "whole conversation, so the assistant turns cannot be located; use a template that renders earlier "
                 "turns unchanged, or --train_on_prompt"
             )
-        start = _common_prefix_length(before, through)  # the turn starts where the header ends
+        start = common_prefix_length(before, through)  # the turn starts where the header ends
         end = len(through.rstrip())  # ... and ends at its end-of-turn token, before the template's trailing newline
         if end > start:
             spans.append((start, end))
@@ -314,7 +306,7 @@ def tokenize_sft_example(
             ids = tokenizer(example.prompt + completion)["input_ids"]
         # The completion starts where the two tokenizations part: a token merged across the boundary counts as
         # completion (TRL's `common_prefix_length`).
-        n_prompt = 0 if train_on_prompt else _common_prefix_length(prompt_ids, ids)
+        n_prompt = 0 if train_on_prompt else common_prefix_length(prompt_ids, ids)
         return Document(ids, [0] * n_prompt + [1] * (len(ids) - n_prompt))
 
     text, eos = example.text, tokenizer.eos_token or ""
