@@ -21,7 +21,7 @@ import tiny  # noqa: E402
 import train_dpo  # noqa: E402
 from nanodpo.tracking import read_metrics  # noqa: E402
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("fresh_accelerate_state")]
 
 STEPS = 10
 COMPARED = ["loss", "rewards/margins", "rewards/accuracies", "logps/chosen"]

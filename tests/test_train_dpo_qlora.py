@@ -18,7 +18,7 @@ from nanodpo.model import load_pretrained, load_tokenizer  # noqa: E402
 from nanodpo.tracking import read_metrics  # noqa: E402
 from nanodpo.training import make_accelerator, make_eval_loader  # noqa: E402
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("fresh_accelerate_state")]
 
 
 def test_qlora_trains_and_adapter_reloads(tmp_path):

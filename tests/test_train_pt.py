@@ -18,7 +18,7 @@ import tiny  # noqa: E402
 import train_pt  # noqa: E402
 from nanodpo.tracking import read_metrics  # noqa: E402
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("fresh_accelerate_state")]
 ROOT = Path(__file__).resolve().parents[1]
 TEXTS = [
     "The quick brown fox jumps over the lazy dog. " * (1 + i % 3) + f"Story number {i}." for i in range(12)

@@ -24,6 +24,7 @@ from nanodpo.tracking import read_metrics  # noqa: E402
 from nanodpo.training import count_training_steps, make_scheduler  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
 
 @pytest.mark.parametrize(
