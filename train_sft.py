@@ -65,14 +65,16 @@ def main(argv: list[str] | None = None) -> None:
         overflow = "truncate"  # an SFT example cut in two would train its second half without its prompt
         train_examples = pack_documents(train_docs, cfg.max_length, cfg.packing_strategy, overflow)
         eval_examples = pack_documents(eval_docs, cfg.max_length, cfg.packing_strategy, overflow) if eval_docs else None
+        layout_stats = {"packing_efficiency": packing_efficiency(train_examples, cfg.max_length)}
         accelerator.print(
             f"packed {len(train_docs)} examples into {len(train_examples)} rows of {cfg.max_length} tokens "
-            f"({cfg.packing_strategy}), packing efficiency {packing_efficiency(train_examples, cfg.max_length):.1%}"
+            f"({cfg.packing_strategy}), packing efficiency {layout_stats['packing_efficiency']:.1%}"
         )
     else:
         train_examples, eval_examples = train_docs, eval_docs
         lengths = [len(doc.input_ids) for doc in train_docs]
-        accelerator.print(f"padding fraction {padding_fraction(lengths, cfg.per_device_train_batch_size):.1%}")
+        layout_stats = {"padding_fraction": padding_fraction(lengths, cfg.per_device_train_batch_size)}
+        accelerator.print(f"padding fraction {layout_stats['padding_fraction']:.1%}")
 
     def collate(examples):
         return collate_rows(examples, cfg, tokenizer.pad_token_id)
@@ -122,6 +124,7 @@ def main(argv: list[str] | None = None) -> None:
                     learning_rate=scheduler.get_last_lr()[0],
                     num_tokens=num_tokens,
                     epoch=step / steps_per_epoch,
+                    **layout_stats,  # how much of each batch is real tokens (packing) or padding (no packing)
                 )
                 tracker.log(record, step)
                 progress.set_postfix(loss=f"{record['loss']:.4f}")

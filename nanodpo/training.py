@@ -239,7 +239,9 @@ def lm_optimizer_step(model, optimizer, step_examples: list, collate_fn, cfg, ac
             nll_sum = -stats.logps.sum()
             # DDP averages gradients over processes and accelerator.backward divides by gradient_accumulation_steps:
             # both are multiplied back so the step's gradient is d/dθ [Σ nll / N_targets].
-            accelerator.backward(nll_sum * accelerator.num_processes * cfg.gradient_accumulation_steps / step_targets)
+            # (the accelerator's own count, which is what backward divides by)
+            scale = accelerator.num_processes * accelerator.gradient_accumulation_steps / step_targets
+            accelerator.backward(nll_sum * scale)
         step_nll += nll_sum.detach()
         means.add(lm_metrics(stats))
     max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")

@@ -90,3 +90,16 @@ def test_shipped_dpo_configs_parse():
     for path in configs:
         cfg = parse_config(DPOConfig, ["--config", str(path)])
         assert cfg.model and cfg.dataset, path
+
+
+def test_shipped_pt_and_sft_configs_parse():
+    from pathlib import Path
+
+    from nanodpo.config import PTConfig, SFTConfig
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    for cls, pattern in [(SFTConfig, "sft_*.yaml"), (PTConfig, "pt_*.yaml")]:
+        paths = sorted(root.glob(pattern))
+        assert paths, pattern
+        for path in paths:
+            assert parse_config(cls, ["--config", str(path)]).model, path
