@@ -35,11 +35,20 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from nanodpo.checkpoint import save_if_due
+from nanodpo.checkpoint import (
+    RunState,
+    check_output_dir,
+    load_checkpoint,
+    resolve_resume,
+    save_or_stop,
+    truncate_metrics,
+    update_best,
+)
 from nanodpo.config import DPOConfig, config_to_dict, parse_config
 from nanodpo.dpo import check_dpo_options, dpo_loss, dpo_metrics
 from nanodpo.dpo_data import PreferenceCollator, load_preference_data
-from nanodpo.errors import exit_on_user_error
+from nanodpo.errors import UserError, exit_on_user_error
+from nanodpo.faults import GracefulStop, is_finite
 from nanodpo.model import check_model_options, is_peft_model, load_policy, load_reference, load_tokenizer
 from nanodpo.reference import compute_reference_logps, eval_mode, forward_token_stats, precompute_reference_logps
 from nanodpo.tracking import MetricMeans, make_tracker
@@ -86,6 +95,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(DPOConfig, argv, description=__doc__)
     check_model_options(cfg)
     check_dpo_options(cfg)
+    check_output_dir(cfg)
     accelerator = make_accelerator(cfg)
     seed_everything(cfg.seed)
 
@@ -151,6 +161,15 @@ def main(argv: list[str] | None = None) -> None:
         f"optimizer steps: {total_steps}"
     )
 
+    # Resume: weights, optimizer, schedule, random states and the data position of a checkpoint.
+    state = RunState(ref_cache_key=ref_cache_key, world_size=accelerator.num_processes, global_batch=global_batch)
+    resume_path = resolve_resume(cfg)
+    if resume_path is not None:
+        state = load_checkpoint(accelerator, policy, optimizer, scheduler, cfg, resume_path, global_batch)
+        if ref_cache_key is not None and state.ref_cache_key not in (None, ref_cache_key):
+            raise UserError(f"{resume_path} was trained against other reference log-probs (data or model changed)")
+        truncate_metrics(cfg.output_dir, state.step, accelerator.is_main_process)
+
     # Nothing is written to output_dir before this point: a refused run leaves no trace.
     run_config = {**config_to_dict(cfg), "ref_cache_key": ref_cache_key}
     tracker = make_tracker(cfg, accelerator.is_main_process, run_config)
@@ -160,60 +179,83 @@ def main(argv: list[str] | None = None) -> None:
     #    is True on the last one. Logging, evaluation and saving happen inside the loop, the final ones on the
     #    last step, so nothing is duplicated after it.
     policy.train()
-    step = 0
-    epoch = 0
-    num_tokens = 0
     train_means = MetricMeans()
-    progress = tqdm(total=total_steps, disable=not accelerator.is_main_process or cfg.disable_tqdm, desc="dpo")
+    train_means.values.update(state.pending_metrics)
+    stop = GracefulStop()
+    progress = tqdm(
+        total=total_steps, initial=state.step, disable=not accelerator.is_main_process or cfg.disable_tqdm, desc="dpo"
+    )
     start_time = time.perf_counter()
-    while step < total_steps:
-        sampler.set_epoch(epoch)
-        for batch in train_loader:
+    step_losses = []
+    while state.step < total_steps:
+        sampler.set_epoch(state.epoch)
+        # On resume, skip the micro-batches of this epoch that the checkpoint had already trained on.
+        skipped = state.batches_in_epoch
+        for batch in accelerator.skip_first_batches(train_loader, skipped) if skipped else train_loader:
+            state.batches_in_epoch += 1
             with accelerator.accumulate(policy):
                 loss, metrics = dpo_step(policy, ref_model, batch, cfg, accelerator)
                 # Divides by gradient_accumulation_steps: the step's objective is the mean of its micro-batch losses.
                 accelerator.backward(loss)
+                step_losses.append(loss.item())
                 if accelerator.sync_gradients:
                     max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
-                    grad_norm = accelerator.clip_grad_norm_(policy.parameters(), max_norm)
-                optimizer.step()  # a no-op on micro-batches that do not end the accumulation
-                optimizer.zero_grad(set_to_none=True)
-            num_tokens += int(accelerator.gather(batch["attention_mask"].sum()).sum().item())
+                    grad_norm = float(accelerator.clip_grad_norm_(policy.parameters(), max_norm))
+                    # A NaN/inf anywhere poisons the weights for good: skip this update rather than apply it.
+                    update_ok = accelerator.reduce(
+                        torch.tensor(float(is_finite(grad_norm, *step_losses)), device=accelerator.device), "min"
+                    ).item() == 1.0
+                    if update_ok:
+                        optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+            state.num_tokens += int(accelerator.gather(batch["attention_mask"].sum()).sum().item())
             train_means.add({"loss": loss.item(), **metrics})
             if not accelerator.sync_gradients:
                 continue
 
             # ---- one optimizer step is done ----
-            scheduler.step()
-            step += 1
+            step_losses = []
+            state.finish_step(update_ok, scheduler)
+            step = state.step
             last_step = step == total_steps
             progress.update(1)
-            if step % cfg.logging_steps == 0 or last_step:
+            if step % cfg.logging_steps == 0 or last_step or not update_ok:
                 record = train_means.pop_means()
                 record.update(
-                    grad_norm=float(grad_norm),
+                    grad_norm=grad_norm,
                     learning_rate=scheduler.get_last_lr()[0],
-                    num_tokens=num_tokens,
+                    num_tokens=state.num_tokens,
                     epoch=step / steps_per_epoch,
-                    elapsed_s=time.perf_counter() - start_time,
                 )
+                if state.nonfinite_total:
+                    record["nonfinite_steps_skipped"] = state.nonfinite_total
                 tracker.log(record, step)
                 progress.set_postfix(loss=f"{record['loss']:.4f}", margin=f"{record['rewards/margins']:.3f}")
             if eval_loader is not None and ((cfg.eval_steps and step % cfg.eval_steps == 0) or last_step):
                 eval_record = evaluate(policy, ref_model, eval_loader, cfg, accelerator)
                 tracker.log({**eval_record, "epoch": step / steps_per_epoch}, step)
+                update_best(cfg, state, eval_record)
                 accelerator.print(
                     f"step {step}: eval_loss {eval_record['eval_loss']:.4f} "
                     f"eval_rewards/accuracies {eval_record['eval_rewards/accuracies']:.3f} "
                     f"eval_rewards/margins {eval_record['eval_rewards/margins']:.4f}"
                 )
-            save_if_due(accelerator, policy, tokenizer, cfg, step, last_step)
+            state.pending_metrics = {name: list(values) for name, values in train_means.values.items()}
+            save_or_stop(
+                accelerator, policy, optimizer, scheduler, tokenizer, cfg, state, stop, tracker, last_step,
+                loss.item(), grad_norm,
+            )
             if last_step:
                 break
-        epoch += 1
+        else:
+            state.epoch += 1
+            state.batches_in_epoch = 0
+    stop.restore()
     progress.close()
     tracker.close()
-    accelerator.print(f"done: {step} steps in {time.perf_counter() - start_time:.1f}s, model saved to {cfg.output_dir}")
+    accelerator.print(
+        f"done: {state.step} steps in {time.perf_counter() - start_time:.1f}s, model saved to {cfg.output_dir}"
+    )
     accelerator.end_training()
 
 

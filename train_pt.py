@@ -29,10 +29,19 @@ import time
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from nanodpo.checkpoint import save_if_due
+from nanodpo.checkpoint import (
+    RunState,
+    check_output_dir,
+    load_checkpoint,
+    resolve_resume,
+    save_or_stop,
+    truncate_metrics,
+    update_best,
+)
 from nanodpo.config import PTConfig, config_to_dict, parse_config
 from nanodpo.data import iter_rows, load_split_rows
 from nanodpo.errors import UserError, exit_on_user_error
+from nanodpo.faults import GracefulStop
 from nanodpo.model import check_model_options, is_main_process, load_policy, load_tokenizer
 from nanodpo.packing import Document, pack_documents, packing_efficiency
 from nanodpo.tracking import MetricMeans, make_tracker
@@ -82,11 +91,15 @@ def load_documents(cfg, tokenizer, split: str) -> list[Document] | None:
     return docs
 
 
-def stream_step_batches(cfg, tokenizer, accelerator):
+def stream_step_batches(cfg, tokenizer, accelerator, start_epoch: int = 0, skip_steps: int = 0):
     """--streaming: read rows lazily in file order, pack every --stream_buffer_docs documents, deal the packed rows
-    round-robin to the processes, and yield one optimizer step's rows at a time; restarts at the end (next epoch)."""
+    round-robin to the processes, and yield one optimizer step's rows at a time; restarts at the end (next epoch).
+
+    Resuming replays the stream: the first `skip_steps` steps of `start_epoch` are re-read and dropped, which is
+    deterministic (same files, same order, same packing) and needs no index into the files."""
     per_step = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
-    for epoch in itertools.count():
+    for epoch in itertools.count(start_epoch):
+        to_skip = skip_steps if epoch == start_epoch else 0
         rows = iter_rows(cfg.dataset, cfg.dataset_split, config_name=cfg.dataset_config)
         mine, index = [], 0
         while True:
@@ -98,9 +111,12 @@ def stream_step_batches(cfg, tokenizer, accelerator):
                     mine.append(packed)
                 index += 1
                 if len(mine) == per_step:
-                    yield epoch, mine
+                    if to_skip:
+                        to_skip -= 1
+                    else:
+                        yield epoch, mine
                     mine = []
-        if mine:
+        if mine and not to_skip:
             yield epoch, mine
 
 
@@ -151,6 +167,7 @@ def main(argv: list[str] | None = None) -> None:
     if cfg.max_length is None:
         raise UserError("--max_length is required for pretraining (the packed row length)")
     check_model_options(cfg)
+    check_output_dir(cfg)
     accelerator = make_accelerator(cfg)
     seed_everything(cfg.seed)
 
@@ -165,7 +182,7 @@ def main(argv: list[str] | None = None) -> None:
     eval_docs = load_documents(cfg, tokenizer, "eval")
     eval_rows = pack_documents(eval_docs, cfg.max_length, cfg.packing_strategy, cfg.packing_overflow) if eval_docs else None
     if cfg.streaming:
-        batches, steps_per_epoch, sampler = stream_step_batches(cfg, tokenizer, accelerator), None, None
+        steps_per_epoch = None  # unknown until the stream has been read once
     else:
         docs = load_documents(cfg, tokenizer, "train")
         train_rows = pack_documents(docs, cfg.max_length, cfg.packing_strategy, cfg.packing_overflow)
@@ -183,7 +200,7 @@ def main(argv: list[str] | None = None) -> None:
     model = build_model(cfg, tokenizer, accelerator.device)
 
     # ------------------------------------------------------------------------------------------------------------
-    # 4. Optimizer and schedule.
+    # 4. Optimizer and schedule; resume.
     optimizer = make_optimizer(model, cfg)
     if cfg.streaming:
         model, optimizer = accelerator.prepare(model, optimizer)
@@ -192,43 +209,62 @@ def main(argv: list[str] | None = None) -> None:
         loader, sampler = step_loader(train_rows, cfg)
         model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
         total_steps, steps_per_epoch = count_training_steps(cfg, len(loader) * cfg.gradient_accumulation_steps)
-
-        def epochs():
-            for epoch in itertools.count():
-                sampler.set_epoch(epoch)
-                for step_rows in loader:
-                    yield epoch, step_rows
-
-        batches = epochs()
     scheduler = make_scheduler(optimizer, cfg, total_steps)
+    global_batch = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes
+    accelerator.print(f"global batch: {global_batch} rows | optimizer steps: {total_steps}")
+    state = RunState(world_size=accelerator.num_processes, global_batch=global_batch)
+    resume_path = resolve_resume(cfg)
+    if resume_path is not None:
+        state = load_checkpoint(accelerator, model, optimizer, scheduler, cfg, resume_path, global_batch)
+        truncate_metrics(cfg.output_dir, state.step, accelerator.is_main_process)
+
+    def step_batches():
+        """(epoch, one optimizer step's rows) from the data position in `state` on, epoch after epoch."""
+        if cfg.streaming:
+            yield from stream_step_batches(cfg, tokenizer, accelerator, state.epoch, state.batches_in_epoch)
+            return
+        for epoch in itertools.count(state.epoch):
+            sampler.set_epoch(epoch)
+            skipped = state.batches_in_epoch if epoch == state.epoch else 0
+            for step_rows in accelerator.skip_first_batches(loader, skipped) if skipped else loader:
+                yield epoch, step_rows
+
     tokens_flops = flops_per_token(accelerator.unwrap_model(model), cfg.max_length)
     tracker = make_tracker(cfg, accelerator.is_main_process, config_to_dict(cfg))
 
     # ------------------------------------------------------------------------------------------------------------
     # 5. The loop.
     model.train()
-    step, num_tokens = 0, 0
     train_means = MetricMeans()
-    progress = tqdm(total=total_steps, disable=not accelerator.is_main_process or cfg.disable_tqdm, desc="pt")
+    train_means.values.update(state.pending_metrics)
+    stop = GracefulStop()
+    progress = tqdm(
+        total=total_steps, initial=state.step, disable=not accelerator.is_main_process or cfg.disable_tqdm, desc="pt"
+    )
     interval_start, interval_tokens = time.perf_counter(), 0
-    for epoch, step_rows in batches:
-        loss, grad_norm, real_tokens = lm_optimizer_step(model, optimizer, step_rows, collate, cfg, accelerator, train_means)
-        scheduler.step()
-        step += 1
+    for epoch, step_rows in step_batches():
+        if epoch != state.epoch:
+            state.epoch, state.batches_in_epoch = epoch, 0
+        state.batches_in_epoch += 1
+        loss, grad_norm, real_tokens, update_ok = lm_optimizer_step(
+            model, optimizer, step_rows, collate, cfg, accelerator, train_means
+        )
+        state.finish_step(update_ok, scheduler)
+        step = state.step
         last_step = step == total_steps
-        num_tokens += real_tokens
+        state.num_tokens += real_tokens
         interval_tokens += real_tokens
         train_means.add({"loss": loss})
         progress.update(1)
 
-        if step % cfg.logging_steps == 0 or last_step:
+        if step % cfg.logging_steps == 0 or last_step or not update_ok:
             elapsed = time.perf_counter() - interval_start
             tokens_per_s = interval_tokens / max(elapsed, 1e-9)
             record = train_means.pop_means()
             record.update(
                 grad_norm=grad_norm,
                 learning_rate=scheduler.get_last_lr()[0],
-                num_tokens=num_tokens,
+                num_tokens=state.num_tokens,
                 tokens_per_s=tokens_per_s,
                 epoch=step / steps_per_epoch if steps_per_epoch else epoch,
                 packing_efficiency=sum(len(r.input_ids) for r in step_rows) / (len(step_rows) * cfg.max_length),
@@ -236,21 +272,28 @@ def main(argv: list[str] | None = None) -> None:
             if cfg.peak_tflops:
                 # Model FLOPs utilisation: achieved training FLOPs / the hardware's peak, over all processes.
                 record["mfu"] = tokens_flops * tokens_per_s / (cfg.peak_tflops * 1e12 * accelerator.num_processes)
+            if state.nonfinite_total:
+                record["nonfinite_steps_skipped"] = state.nonfinite_total
             tracker.log(record, step)
             progress.set_postfix(loss=f"{record['loss']:.4f}")
             interval_start, interval_tokens = time.perf_counter(), 0
         if eval_rows and ((cfg.eval_steps and step % cfg.eval_steps == 0) or last_step):
             eval_record = evaluate_lm(model, eval_rows, collate, cfg, accelerator)
             tracker.log(eval_record, step)
+            update_best(cfg, state, eval_record)
             accelerator.print(
                 f"step {step}: eval_loss {eval_record['eval_loss']:.4f} perplexity {eval_record['eval_perplexity']:.2f}"
             )
-        save_if_due(accelerator, model, tokenizer, cfg, step, last_step)
+        state.pending_metrics = {name: list(values) for name, values in train_means.values.items()}
+        save_or_stop(
+            accelerator, model, optimizer, scheduler, tokenizer, cfg, state, stop, tracker, last_step, loss, grad_norm
+        )
         if last_step:
             break
+    stop.restore()
     progress.close()
     tracker.close()
-    accelerator.print(f"done: {step} steps, {num_tokens:,} tokens, model saved to {cfg.output_dir}")
+    accelerator.print(f"done: {state.step} steps, {state.num_tokens:,} tokens, model saved to {cfg.output_dir}")
     accelerator.end_training()
 
 

@@ -27,9 +27,18 @@ import time
 
 from tqdm.auto import tqdm
 
-from nanodpo.checkpoint import save_if_due
+from nanodpo.checkpoint import (
+    RunState,
+    check_output_dir,
+    load_checkpoint,
+    resolve_resume,
+    save_or_stop,
+    truncate_metrics,
+    update_best,
+)
 from nanodpo.config import SFTConfig, config_to_dict, parse_config
 from nanodpo.errors import exit_on_user_error
+from nanodpo.faults import GracefulStop
 from nanodpo.model import check_model_options, load_policy, load_tokenizer
 from nanodpo.packing import collate_packed, pack_documents, packing_efficiency, padding_fraction
 from nanodpo.sft_data import load_sft_data
@@ -52,6 +61,7 @@ def main(argv: list[str] | None = None) -> None:
     # 1. Options.
     cfg = parse_config(SFTConfig, argv, description=__doc__)
     check_model_options(cfg)
+    check_output_dir(cfg)
     accelerator = make_accelerator(cfg)
     seed_everything(cfg.seed)
 
@@ -94,51 +104,71 @@ def main(argv: list[str] | None = None) -> None:
     accelerator.print(
         f"train rows: {len(train_examples)} | global batch: {global_batch} rows | optimizer steps: {total_steps}"
     )
+    state = RunState(world_size=accelerator.num_processes, global_batch=global_batch)
+    resume_path = resolve_resume(cfg)
+    if resume_path is not None:
+        state = load_checkpoint(accelerator, model, optimizer, scheduler, cfg, resume_path, global_batch)
+        truncate_metrics(cfg.output_dir, state.step, accelerator.is_main_process)
     tracker = make_tracker(cfg, accelerator.is_main_process, config_to_dict(cfg))
 
     # ------------------------------------------------------------------------------------------------------------
     # 5. The loop: one step = one batch from the loader, split into micro-batches by `lm_optimizer_step`, which
     #    scales every micro-batch's gradient to the token mean of the whole step.
     model.train()
-    step, epoch, num_tokens = 0, 0, 0
     train_means = MetricMeans()
-    progress = tqdm(total=total_steps, disable=not accelerator.is_main_process or cfg.disable_tqdm, desc="sft")
+    train_means.values.update(state.pending_metrics)
+    stop = GracefulStop()
+    progress = tqdm(
+        total=total_steps, initial=state.step, disable=not accelerator.is_main_process or cfg.disable_tqdm, desc="sft"
+    )
     start_time = time.perf_counter()
-    while step < total_steps:
-        sampler.set_epoch(epoch)
-        for step_examples in train_loader:
-            loss, grad_norm, real_tokens = lm_optimizer_step(
+    while state.step < total_steps:
+        sampler.set_epoch(state.epoch)
+        # On resume, skip the steps of this epoch that the checkpoint had already trained on.
+        skipped = state.batches_in_epoch
+        for step_examples in accelerator.skip_first_batches(train_loader, skipped) if skipped else train_loader:
+            state.batches_in_epoch += 1
+            loss, grad_norm, real_tokens, update_ok = lm_optimizer_step(
                 model, optimizer, step_examples, collate, cfg, accelerator, train_means
             )
-            num_tokens += real_tokens
-            scheduler.step()
-            step += 1
+            state.num_tokens += real_tokens
+            state.finish_step(update_ok, scheduler)
+            step = state.step
             last_step = step == total_steps
             train_means.add({"loss": loss})
             progress.update(1)
 
-            if step % cfg.logging_steps == 0 or last_step:
+            if step % cfg.logging_steps == 0 or last_step or not update_ok:
                 record = train_means.pop_means()
                 record.update(
-                    grad_norm=float(grad_norm),
+                    grad_norm=grad_norm,
                     learning_rate=scheduler.get_last_lr()[0],
-                    num_tokens=num_tokens,
+                    num_tokens=state.num_tokens,
                     epoch=step / steps_per_epoch,
                     **layout_stats,  # how much of each batch is real tokens (packing) or padding (no packing)
                 )
+                if state.nonfinite_total:
+                    record["nonfinite_steps_skipped"] = state.nonfinite_total
                 tracker.log(record, step)
                 progress.set_postfix(loss=f"{record['loss']:.4f}")
             if eval_examples and ((cfg.eval_steps and step % cfg.eval_steps == 0) or last_step):
                 eval_record = evaluate_lm(model, eval_examples, collate, cfg, accelerator)
                 tracker.log({**eval_record, "epoch": step / steps_per_epoch}, step)
+                update_best(cfg, state, eval_record)
                 accelerator.print(f"step {step}: eval_loss {eval_record['eval_loss']:.4f}")
-            save_if_due(accelerator, model, tokenizer, cfg, step, last_step)
+            state.pending_metrics = {name: list(values) for name, values in train_means.values.items()}
+            save_or_stop(
+                accelerator, model, optimizer, scheduler, tokenizer, cfg, state, stop, tracker, last_step, loss, grad_norm
+            )
             if last_step:
                 break
-        epoch += 1
+        else:
+            state.epoch += 1
+            state.batches_in_epoch = 0
+    stop.restore()
     progress.close()
     tracker.close()
-    accelerator.print(f"done: {step} steps in {time.perf_counter() - start_time:.1f}s, model saved to {cfg.output_dir}")
+    accelerator.print(f"done: {state.step} steps in {time.perf_counter() - start_time:.1f}s, model saved to {cfg.output_dir}")
     accelerator.end_training()
 
 

@@ -1,22 +1,81 @@
-"""Saving models in HF format: `save_pretrained` (safetensors) + tokenizer + the run's full config.
+"""Checkpoints: saving models in HF format, and saving/restoring everything a run needs to continue exactly.
 
 Layout of a run:
-    OUTPUT_DIR/checkpoint-<step>/   every --save_steps (model or LoRA adapter, tokenizer, config.yaml)
+    OUTPUT_DIR/checkpoint-<step>/   every --save_steps: model (or LoRA adapter), tokenizer, config.yaml, plus
+                                    optimizer.pt, scheduler.pt, rng_state_<rank>.pth, trainer_state.json
     OUTPUT_DIR/                     the final model, metrics.jsonl, config.yaml
 
 A LoRA run saves a peft adapter (`adapter_config.json`, `adapter_model.safetensors`) that
-`PeftModel.from_pretrained(base, OUTPUT_DIR)` loads; a full run saves a model `AutoModelForCausalLM` loads.
+`PeftModel.from_pretrained(base, DIR)` loads; a full run saves a model `AutoModelForCausalLM` loads.
 
-Writes are atomic: everything goes to a temporary sibling directory first, is flushed to disk, and only then
-renamed into place, so a kill during a save never leaves a half-written checkpoint under the final name.
+What a checkpoint holds, so `--resume_from_checkpoint latest` continues bit for bit (CPU, fp32):
+    weights                 safetensors (the model, or only the adapter)
+    optimizer.pt            optimizer state (AdamW moments, step counts)
+    scheduler.pt            learning-rate schedule position
+    rng_state_<rank>.pth    python / numpy / torch (/ cuda) random states of every process
+    trainer_state.json      step, epoch, batches consumed in the epoch (the data position; for streamed data the
+                            same count is replayed), token count, the unfinished logging interval's metric values,
+                            the reference-log-prob cache key, world size and global batch
+Loading uses safetensors for weights and `torch.load(weights_only=True)` for the rest: nothing is unpickled.
+
+Writes are atomic: everything goes to `OUTPUT_DIR/.tmp-checkpoint-<step>` first, is fsynced, and only then renamed;
+a kill or a full disk during a save leaves the previous checkpoints untouched and loadable.
 """
 
+import dataclasses
+import json
 import os
+import random
+import re
 import shutil
-import tempfile
 from pathlib import Path
 
-from nanodpo.config import save_config
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from nanodpo.config import config_to_dict, save_config
+from nanodpo.errors import UserError
+
+TRAINER_STATE = "trainer_state.json"
+# Options that must match for a checkpoint to be resumed: they change the model, the data or its order.
+MUST_MATCH = (
+    "model", "use_lora", "lora_r", "lora_alpha", "lora_target_modules", "load_in_4bit", "from_scratch",
+    "hidden_size", "num_hidden_layers", "dataset", "dataset_split", "max_samples", "max_length", "seed",
+    "train_sampling_strategy", "packing", "packing_strategy", "loss_type", "beta",
+)  # fmt: skip
+
+
+@dataclasses.dataclass
+class RunState:
+    """Where a run is. Saved in trainer_state.json with every checkpoint."""
+
+    step: int = 0  # optimizer steps done (including skipped non-finite ones)
+    epoch: int = 0
+    batches_in_epoch: int = 0  # loader batches of the current epoch already consumed (the data position)
+    num_tokens: int = 0
+    nonfinite_in_a_row: int = 0
+    nonfinite_total: int = 0
+    pending_metrics: dict = dataclasses.field(default_factory=dict)  # the unfinished logging interval's values
+    ref_cache_key: str | None = None
+    world_size: int = 1
+    global_batch: int = 0
+    best_metric: float | None = None
+    best_checkpoint: str | None = None
+
+    def finish_step(self, update_ok: bool, scheduler) -> None:
+        """Count an optimizer step; a skipped (non-finite) update does not advance the learning-rate schedule."""
+        if update_ok:
+            scheduler.step()
+            self.nonfinite_in_a_row = 0
+        else:
+            self.nonfinite_in_a_row += 1
+            self.nonfinite_total += 1
+        self.step += 1
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Saving
 
 
 def _fsync_tree(directory: Path) -> None:
@@ -24,6 +83,11 @@ def _fsync_tree(directory: Path) -> None:
         if path.is_file():
             with path.open("rb") as f:
                 os.fsync(f.fileno())
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _write_model_files(accelerator, model, tokenizer, cfg, directory: Path) -> None:
@@ -35,39 +99,289 @@ def _write_model_files(accelerator, model, tokenizer, cfg, directory: Path) -> N
     save_config(cfg, directory / "config.yaml")
 
 
+def _save_failed(directory: Path, err: OSError) -> UserError:
+    return UserError(
+        f"cannot write {directory}: {err.strerror or err} — nothing was replaced; earlier checkpoints in "
+        f"{directory.parent} are intact (free some space or fix permissions, then --resume_from_checkpoint latest)"
+    )
+
+
 def save_model(accelerator, model, tokenizer, cfg, directory: str | Path) -> Path:
-    """Save model/adapter + tokenizer + config.yaml into `directory`, atomically. Call on every process."""
+    """The final model (+ tokenizer + config.yaml) into `directory`, atomically. Call on every process."""
     directory = Path(directory)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{directory.name}-", dir=directory.parent))
+        tmp = directory.parent / f".tmp-{directory.name}-final"
         try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
             _write_model_files(accelerator, model, tokenizer, cfg, tmp)
             _fsync_tree(tmp)
-            if directory.exists() and any(directory.iterdir()) and directory == Path(cfg.output_dir):
-                # The final model goes into OUTPUT_DIR itself, next to metrics.jsonl and the checkpoints:
-                # move the files in one by one (each os.replace is atomic).
-                for item in tmp.iterdir():
-                    os.replace(item, directory / item.name)
-                tmp.rmdir()
-            else:
-                if directory.exists():
-                    shutil.rmtree(directory)
-                os.replace(tmp, directory)
-        except BaseException:
+            directory.mkdir(parents=True, exist_ok=True)
+            # The final model goes into OUTPUT_DIR itself, next to metrics.jsonl and the checkpoints: move the files
+            # in one by one (each os.replace is atomic).
+            for item in tmp.iterdir():
+                os.replace(item, directory / item.name)
+            tmp.rmdir()
+        except OSError as err:
             shutil.rmtree(tmp, ignore_errors=True)
-            raise
+            raise _save_failed(directory, err) from None
     else:
-        # Non-main processes still take part in gathering sharded weights.
-        accelerator.get_state_dict(model)
+        accelerator.get_state_dict(model)  # non-main processes still take part in gathering sharded weights
     accelerator.wait_for_everyone()
     return directory
 
 
-def save_if_due(accelerator, model, tokenizer, cfg, step: int, last_step: bool) -> None:
+def _rng_state() -> dict:
+    numpy_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": (numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(accelerator, model, optimizer, scheduler, tokenizer, cfg, state: RunState) -> Path:
+    """OUTPUT_DIR/checkpoint-<step>: everything to resume (see the module docstring), atomically. All processes."""
+    output_dir = Path(cfg.output_dir)
+    final = output_dir / f"checkpoint-{state.step}"
+    tmp = output_dir / f".tmp-checkpoint-{state.step}"
+    accelerator.wait_for_everyone()
+    error = None
+    if accelerator.is_main_process:
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        except OSError as err:
+            error = err
+    accelerator.wait_for_everyone()
+    try:
+        if accelerator.is_main_process:
+            if error is not None:
+                raise error
+            _write_model_files(accelerator, model, tokenizer, cfg, tmp)
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            (tmp / TRAINER_STATE).write_text(json.dumps(dataclasses.asdict(state), indent=1))
+        else:
+            accelerator.get_state_dict(model)
+        accelerator.wait_for_everyone()
+        torch.save(_rng_state(), tmp / f"rng_state_{accelerator.process_index}.pth")
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            _fsync_tree(tmp)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)  # the checkpoint appears whole, or not at all
+            _rotate_checkpoints(cfg, state, just_written=final)
+    except OSError as err:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise _save_failed(final, err) from None
+    accelerator.wait_for_everyone()
+    return final
+
+
+def checkpoints_in(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints (those with trainer_state.json), oldest first."""
+    found = []
+    for path in Path(output_dir).glob("checkpoint-*"):
+        match = re.fullmatch(r"checkpoint-(\d+)", path.name)
+        if match and (path / TRAINER_STATE).is_file():
+            found.append((int(match.group(1)), path))
+    return [path for _, path in sorted(found)]
+
+
+def _rotate_checkpoints(cfg, state: RunState, just_written: Path) -> None:
+    """Keep the newest --save_total_limit checkpoints, plus the best one; never the one just written."""
+    if not cfg.save_total_limit:
+        return
+    keep = set(checkpoints_in(cfg.output_dir)[-cfg.save_total_limit :]) | {just_written}
+    if state.best_checkpoint:
+        keep.add(Path(state.best_checkpoint))
+    for path in checkpoints_in(cfg.output_dir):
+        if path not in keep:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def update_best(cfg, state: RunState, eval_record: dict) -> None:
+    """Remember which checkpoint (the one saved at this step) has the best --metric_for_best_model."""
+    name = cfg.metric_for_best_model
+    if not name or name not in eval_record:
+        return
+    value = eval_record[name]
+    better = state.best_metric is None or (value > state.best_metric if cfg.greater_is_better else value < state.best_metric)
+    if better:
+        state.best_metric = value
+        state.best_checkpoint = str(Path(cfg.output_dir) / f"checkpoint-{state.step}")
+
+
+def save_if_due(accelerator, model, optimizer, scheduler, tokenizer, cfg, state: RunState, last_step: bool) -> None:
     """checkpoint-<step>/ every --save_steps; the final model into OUTPUT_DIR on the last step."""
     if last_step:
         save_model(accelerator, model, tokenizer, cfg, cfg.output_dir)
-    elif cfg.save_steps and step % cfg.save_steps == 0:
-        save_model(accelerator, model, tokenizer, cfg, f"{cfg.output_dir}/checkpoint-{step}")
+    elif cfg.save_steps and state.step % cfg.save_steps == 0:
+        save_checkpoint(accelerator, model, optimizer, scheduler, tokenizer, cfg, state)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Starting and resuming
+
+
+def check_output_dir(cfg) -> None:
+    """Refuse to start a new run on top of another one (its metrics and checkpoints would be mixed with ours)."""
+    output_dir = Path(cfg.output_dir)
+    if cfg.resume_from_checkpoint or not output_dir.exists():
+        return
+    other_run = [p.name for p in output_dir.iterdir() if p.name in ("metrics.jsonl", "config.yaml") or
+                 p.name.startswith("checkpoint-")]  # fmt: skip
+    if not other_run:
+        return
+    if cfg.overwrite_output_dir:
+        shutil.rmtree(output_dir)
+        return
+    raise UserError(
+        f"--output_dir {output_dir} already holds a run ({', '.join(sorted(other_run)[:3])}); use "
+        "--resume_from_checkpoint latest to continue it, --overwrite_output_dir to replace it, or another --output_dir"
+    )
+
+
+def resolve_resume(cfg) -> Path | None:
+    if not cfg.resume_from_checkpoint:
+        return None
+    if cfg.resume_from_checkpoint == "latest":
+        found = checkpoints_in(cfg.output_dir)
+        if not found:
+            raise UserError(f"--resume_from_checkpoint latest: no checkpoint-<step> folder in {cfg.output_dir}")
+        return found[-1]
+    path = Path(cfg.resume_from_checkpoint).expanduser()
+    if not (path / TRAINER_STATE).is_file():
+        raise UserError(f"--resume_from_checkpoint {path}: not a nanodpo checkpoint (no {TRAINER_STATE})")
+    return path
+
+
+def _check_compatible(cfg, path: Path, saved: RunState, global_batch: int, world_size: int) -> None:
+    import yaml
+
+    saved_cfg = yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8")) or {}
+    current = config_to_dict(cfg)
+    for key in MUST_MATCH:
+        if key in saved_cfg and key in current and saved_cfg[key] != current[key]:
+            raise UserError(
+                f"--resume_from_checkpoint {path}: it was trained with {key}={saved_cfg[key]!r}, this run has "
+                f"{key}={current[key]!r}; resume with the same options (or start a new run)"
+            )
+    if saved.global_batch != global_batch:
+        raise UserError(
+            f"--resume_from_checkpoint {path}: its global batch was {saved.global_batch} pairs/rows, this run's is "
+            f"{global_batch} (per-device batch × accumulation × processes); keep the global batch the same"
+        )
+    if saved.world_size != world_size:
+        # Safe: with the same global batch, step k covers the same examples whatever the number of processes.
+        print(f"resuming a {saved.world_size}-process checkpoint on {world_size} processes (same global batch)")
+
+
+def _load_weights(model, path: Path) -> None:
+    if (path / "adapter_model.safetensors").is_file():
+        from peft import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(model, load_file(path / "adapter_model.safetensors"))
+        unexpected = getattr(result, "unexpected_keys", [])
+        if unexpected:
+            raise UserError(f"{path}: adapter weights do not fit this model ({unexpected[:3]} ...)")
+        return
+    files = sorted(path.glob("model*.safetensors"))
+    if not files:
+        raise UserError(f"{path}: no model weights (model*.safetensors or adapter_model.safetensors)")
+    loaded = set()
+    params = dict(model.state_dict())
+    for file in files:
+        tensors = load_file(file)
+        unknown = [k for k in tensors if k not in params]
+        if unknown:
+            raise UserError(f"{file}: weights of another model ({unknown[:3]} ...)")
+        model.load_state_dict(tensors, strict=False)
+        loaded |= set(tensors)
+    # save_pretrained leaves out weights tied to another (lm_head = embed_tokens); everything else must be there.
+    pointers = {params[k].data_ptr() for k in loaded}
+    missing = [k for k in params if k not in loaded and params[k].data_ptr() not in pointers]
+    if missing:
+        raise UserError(f"{path}: weights missing for {missing[:3]} ...")
+
+
+def load_checkpoint(accelerator, model, optimizer, scheduler, cfg, path: Path, global_batch: int) -> RunState:
+    """Restore weights, optimizer, schedule, random states and the run's position from `path`."""
+    saved = RunState(**json.loads((path / TRAINER_STATE).read_text()))
+    _check_compatible(cfg, path, saved, global_batch, accelerator.num_processes)
+    _load_weights(accelerator.unwrap_model(model), path)
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    rng_file = path / f"rng_state_{accelerator.process_index}.pth"
+    if not rng_file.is_file():
+        rng_file = path / "rng_state_0.pth"
+    _set_rng_state(torch.load(rng_file, weights_only=True))
+    saved.world_size = accelerator.num_processes
+    accelerator.print(f"resumed from {path} at step {saved.step} (epoch {saved.epoch}, batch {saved.batches_in_epoch})")
+    return saved
+
+
+def truncate_metrics(output_dir: str | Path, step: int, is_main_process: bool) -> None:
+    """Drop metrics.jsonl records after `step` (logged by the interrupted run after its last checkpoint)."""
+    path = Path(output_dir) / "metrics.jsonl"
+    if not is_main_process or not path.exists():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by the kill
+            continue
+        if record.get("step", 0) <= step:
+            kept.append(line)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def resume_command(cfg) -> str:
+    import sys
+
+    args = [a for a in sys.argv[1:]]
+    if "--resume_from_checkpoint" not in args:
+        args += ["--resume_from_checkpoint", "latest"]
+    return " ".join(["python", Path(sys.argv[0]).name, *args]) if sys.argv else ""
+
+
+def save_or_stop(accelerator, model, optimizer, scheduler, tokenizer, cfg, state: RunState, stop, tracker,
+                 last_step: bool, loss: float, grad_norm: float) -> None:  # fmt: skip
+    """After every optimizer step: the periodic checkpoint (or the final model), then the two early stops —
+    too many non-finite steps in a row, or SIGTERM/SIGINT — each of which saves a checkpoint and exits non-zero."""
+    import sys
+
+    from nanodpo.faults import EXIT_INTERRUPTED, EXIT_NONFINITE, nonfinite_message
+
+    save_if_due(accelerator, model, optimizer, scheduler, tokenizer, cfg, state, last_step)
+    if last_step:
+        return
+    if state.nonfinite_in_a_row >= cfg.max_nonfinite_steps:
+        save_checkpoint(accelerator, model, optimizer, scheduler, tokenizer, cfg, state)
+        tracker.close()
+        accelerator.print(nonfinite_message(state.step, state.nonfinite_in_a_row, loss, grad_norm, cfg))
+        sys.exit(EXIT_NONFINITE)
+    if stop.should_stop(accelerator):
+        path = save_checkpoint(accelerator, model, optimizer, scheduler, tokenizer, cfg, state)
+        tracker.close()
+        accelerator.print(f"saved {path}; resume with:\n  {resume_command(cfg)}")
+        sys.exit(EXIT_INTERRUPTED)

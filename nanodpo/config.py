@@ -108,6 +108,18 @@ class TrainConfig:
     logging_steps: int = opt(10, "Log the mean of the metrics every N optimizer steps.")
     eval_steps: int | None = opt(None, "Evaluate every N optimizer steps (and always at the end, if there is eval data).")
     save_steps: int | None = opt(None, "Save a checkpoint every N optimizer steps (the final model is always saved).")
+    save_total_limit: int | None = opt(None, "Keep only the newest N checkpoints (plus the best, see below).")
+    metric_for_best_model: str | None = opt(
+        None, "With --save_total_limit, also keep the checkpoint with the best value of this eval metric (eval_loss)."
+    )
+    greater_is_better: bool = opt(False, "Whether a larger --metric_for_best_model is better.")
+    resume_from_checkpoint: str | None = opt(
+        None, "Continue a run: 'latest' (the newest OUTPUT_DIR/checkpoint-*) or a checkpoint folder."
+    )
+    overwrite_output_dir: bool = opt(False, "Start a new run in an OUTPUT_DIR that holds another run (deletes it).")
+    max_nonfinite_steps: int = opt(
+        3, "Skip updates whose loss or grad norm is NaN/inf; after this many in a row, save and stop."
+    )
     report_to: list[str] = opt(
         ["jsonl"],
         "Where metrics go: any of none, jsonl (OUTPUT_DIR/metrics.jsonl), wandb, tensorboard, all.",

@@ -216,8 +216,11 @@ def evaluate_lm(model, eval_examples: list, collate_fn, cfg, accelerator) -> dic
     return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)), **{f"eval_{k}": v for k, v in means.pop_means().items()}}
 
 
-def lm_optimizer_step(model, optimizer, step_examples: list, collate_fn, cfg, accelerator, means) -> tuple[float, float, int]:
-    """One optimizer step of token-mean language-model loss (PT and SFT). Returns (loss, grad_norm, real tokens).
+def lm_optimizer_step(model, optimizer, step_examples: list, collate_fn, cfg, accelerator, means):
+    """One optimizer step of token-mean language-model loss (PT and SFT).
+
+    Returns (loss, grad_norm, real tokens, update_ok); update_ok is False when the loss or gradient norm was
+    non-finite and the update was skipped (the same on every process: both values are global).
 
     The step's examples are split into micro-batches; the number of target tokens of the WHOLE step (summed over
     processes) is counted first, so every micro-batch's backward already carries the step's token-mean scaling:
@@ -245,8 +248,11 @@ def lm_optimizer_step(model, optimizer, step_examples: list, collate_fn, cfg, ac
         step_nll += nll_sum.detach()
         means.add(lm_metrics(stats))
     max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
-    grad_norm = accelerator.clip_grad_norm_(model.parameters(), max_norm)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), max_norm))
     loss = float(accelerator.reduce(step_nll, "sum")) / step_targets
-    return loss, float(grad_norm), real_tokens
+    # A NaN/inf anywhere poisons the weights for good: skip this update rather than apply it (the caller counts it).
+    update_ok = math.isfinite(loss) and math.isfinite(grad_norm)
+    if update_ok:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss, grad_norm, real_tokens, update_ok

@@ -1,0 +1,64 @@
+"""Surviving interruptions and numerical blow-ups.
+
+* `GracefulStop`: SIGTERM (preemption, `kill`) or SIGINT (Ctrl-C) asks the loop to finish the current optimizer step,
+  save a checkpoint, print the command that resumes, and exit non-zero. A second signal exits at once. Under
+  several processes, a stop seen by any process stops all of them at the same step.
+* `nonfinite`: a loss or gradient norm that is NaN/inf skips the update (no optimizer step, no scheduler step); after
+  --max_nonfinite_steps in a row the loop saves and stops with a message naming the step and the likely causes.
+"""
+
+import math
+import os
+import signal
+import sys
+
+import torch
+
+EXIT_INTERRUPTED = 130  # the shell's code for "stopped by a signal"
+EXIT_NONFINITE = 3  # saved and stopped after --max_nonfinite_steps non-finite steps in a row
+
+
+class GracefulStop:
+    def __init__(self):
+        self.requested = None  # the signal's name, once one arrived
+        self._previous = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. inside a notebook worker): leave signals alone
+                pass
+
+    def _handle(self, signum, frame):
+        if self.requested is not None:
+            # Second signal: the user means it. No save.
+            print(f"\n{signal.Signals(signum).name} again: exiting now without saving", file=sys.stderr, flush=True)
+            os._exit(EXIT_INTERRUPTED)
+        self.requested = signal.Signals(signum).name
+        print(
+            f"\n{self.requested}: finishing this optimizer step, then saving a checkpoint (send it again to exit now)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def should_stop(self, accelerator) -> bool:
+        """True on every process when any process got a signal (checked once per optimizer step)."""
+        flag = torch.tensor(1 if self.requested else 0, device=accelerator.device)
+        return bool(accelerator.reduce(flag, reduction="max").item())
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def is_finite(*values: float) -> bool:
+    return all(math.isfinite(float(v)) for v in values)
+
+
+def nonfinite_message(step: int, count: int, loss: float, grad_norm: float, cfg) -> str:
+    precision = "fp16 overflow (try --bf16), " if cfg.fp16 else ""
+    return (
+        f"step {step}: {count} optimizer steps in a row had a non-finite loss or gradient norm (last: loss {loss}, "
+        f"grad_norm {grad_norm}); stopping after saving a checkpoint. Likely causes: a learning rate too high "
+        f"(--learning_rate {cfg.learning_rate}), {precision}or a bad data row in the last batches. Lower the "
+        "learning rate and resume with --resume_from_checkpoint latest."
+    )
