@@ -53,6 +53,7 @@ from nanodpo.model import check_model_options, is_peft_model, load_policy, load_
 from nanodpo.reference import compute_reference_logps, eval_mode, forward_token_stats, precompute_reference_logps
 from nanodpo.tracking import MetricMeans, make_tracker
 from nanodpo.training import (
+    epoch_batches,
     count_training_steps,
     make_accelerator,
     make_eval_loader,
@@ -144,7 +145,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # ------------------------------------------------------------------------------------------------------------
     # 5. Optimizer, data order and learning-rate schedule.
-    train_loader, sampler = make_train_loader(train_examples, collator, cfg)
+    train_loader, _ = make_train_loader(train_examples, collator, cfg)
     eval_loader = make_eval_loader(eval_examples, collator, eval_batch_size) if eval_examples else None
     optimizer = make_optimizer(policy, cfg)
     policy, optimizer, train_loader = accelerator.prepare(policy, optimizer, train_loader)
@@ -188,10 +189,8 @@ def main(argv: list[str] | None = None) -> None:
     start_time = time.perf_counter()
     step_losses = []
     while state.step < total_steps:
-        sampler.set_epoch(state.epoch)
         # On resume, skip the micro-batches of this epoch that the checkpoint had already trained on.
-        skipped = state.batches_in_epoch
-        for batch in accelerator.skip_first_batches(train_loader, skipped) if skipped else train_loader:
+        for batch in epoch_batches(accelerator, train_loader, state.epoch, skip=state.batches_in_epoch):
             state.batches_in_epoch += 1
             with accelerator.accumulate(policy):
                 loss, metrics = dpo_step(policy, ref_model, batch, cfg, accelerator)

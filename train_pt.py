@@ -46,6 +46,7 @@ from nanodpo.model import check_model_options, is_main_process, load_policy, loa
 from nanodpo.packing import Document, pack_documents, packing_efficiency
 from nanodpo.tracking import MetricMeans, make_tracker
 from nanodpo.training import (
+    epoch_batches,
     collate_rows,
     count_training_steps,
     evaluate_lm,
@@ -206,7 +207,7 @@ def main(argv: list[str] | None = None) -> None:
         model, optimizer = accelerator.prepare(model, optimizer)
         total_steps = cfg.max_steps
     else:
-        loader, sampler = step_loader(train_rows, cfg)
+        loader, _ = step_loader(train_rows, cfg)
         model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
         total_steps, steps_per_epoch = count_training_steps(cfg, len(loader) * cfg.gradient_accumulation_steps)
     scheduler = make_scheduler(optimizer, cfg, total_steps)
@@ -224,9 +225,8 @@ def main(argv: list[str] | None = None) -> None:
             yield from stream_step_batches(cfg, tokenizer, accelerator, state.epoch, state.batches_in_epoch)
             return
         for epoch in itertools.count(state.epoch):
-            sampler.set_epoch(epoch)
             skipped = state.batches_in_epoch if epoch == state.epoch else 0
-            for step_rows in accelerator.skip_first_batches(loader, skipped) if skipped else loader:
+            for step_rows in epoch_batches(accelerator, loader, epoch, skip=skipped):
                 yield epoch, step_rows
 
     tokens_flops = flops_per_token(accelerator.unwrap_model(model), cfg.max_length)

@@ -44,6 +44,7 @@ from nanodpo.packing import collate_packed, pack_documents, packing_efficiency, 
 from nanodpo.sft_data import load_sft_data
 from nanodpo.tracking import MetricMeans, make_tracker
 from nanodpo.training import (
+    epoch_batches,
     collate_rows,
     count_training_steps,
     evaluate_lm,
@@ -95,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # ------------------------------------------------------------------------------------------------------------
     # 4. Optimizer, data order, schedule. The loader yields one optimizer step's examples per process.
-    train_loader, sampler = step_loader(train_examples, cfg)
+    train_loader, _ = step_loader(train_examples, cfg)
     optimizer = make_optimizer(model, cfg)
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
     total_steps, steps_per_epoch = count_training_steps(cfg, len(train_loader) * cfg.gradient_accumulation_steps)
@@ -123,10 +124,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     start_time = time.perf_counter()
     while state.step < total_steps:
-        sampler.set_epoch(state.epoch)
         # On resume, skip the steps of this epoch that the checkpoint had already trained on.
-        skipped = state.batches_in_epoch
-        for step_examples in accelerator.skip_first_batches(train_loader, skipped) if skipped else train_loader:
+        for step_examples in epoch_batches(accelerator, train_loader, state.epoch, skip=state.batches_in_epoch):
             state.batches_in_epoch += 1
             loss, grad_norm, real_tokens, update_ok = lm_optimizer_step(
                 model, optimizer, step_examples, collate, cfg, accelerator, train_means

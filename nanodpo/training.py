@@ -256,3 +256,15 @@ def lm_optimizer_step(model, optimizer, step_examples: list, collate_fn, cfg, ac
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss, grad_norm, real_tokens, update_ok
+
+
+def epoch_batches(accelerator, loader, epoch: int, skip: int = 0):
+    """The prepared loader's batches for `epoch`, without the first `skip` (already trained before a resume).
+
+    accelerate's DataLoaderShard reseeds its sampler from its own epoch counter each time it is iterated, so the
+    epoch is set on the loader itself (a fresh skip-loader would otherwise start counting at 0 and reshuffle wrong).
+    """
+    if skip:
+        loader = accelerator.skip_first_batches(loader, skip)
+    loader.set_epoch(epoch)
+    return loader

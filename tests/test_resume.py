@@ -1,0 +1,264 @@
+"""Never lose a run: SIGKILL + resume reproduces the uninterrupted run bit for bit (DPO, packed SFT, streamed PT),
+SIGTERM saves and exits, a kill inside a checkpoint write leaves the previous checkpoint loadable, a full disk is a
+clear error, non-finite steps are skipped and then stop the run, and checkpoints are rotated and validated."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import tiny  # noqa: E402
+from nanodpo.checkpoint import checkpoints_in  # noqa: E402
+from nanodpo.errors import UserError  # noqa: E402
+from nanodpo.tracking import read_metrics  # noqa: E402
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("fresh_accelerate_state")]
+ROOT = Path(__file__).resolve().parents[1]
+TIMING = {"tokens_per_s", "mfu"}  # wall-clock measurements: the only fields allowed to differ
+STEPS = 8
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("resume")
+    tiny.make_model_dir(root / "model", seed=5)
+    tiny.write_jsonl(root / "dpo.jsonl", tiny.preference_rows(12, "explicit"))
+    chats = [
+        {"messages": [{"role": "user", "content": f"What is {i} + {i}?"}, {"role": "assistant", "content": f"{2 * i}."}]
+         + ([{"role": "user", "content": "Thanks"}, {"role": "assistant", "content": "You are welcome!"}] if i % 2 else [])}
+        for i in range(20)
+    ]  # fmt: skip
+    tiny.write_jsonl(root / "sft.jsonl", chats)
+    tiny.write_jsonl(root / "pt.jsonl", [{"text": f"Document {i}: " + "the fox runs. " * (1 + i % 5)} for i in range(40)])
+    return root
+
+
+def script_args(kind: str, data: Path, out: Path) -> list[str]:
+    common = [
+        "--model", str(data / "model"), "--output_dir", str(out), "--max_steps", str(STEPS), "--logging_steps", "3",
+        "--save_steps", "2", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2",
+        "--learning_rate", "1e-3", "--max_length", "64", "--disable_tqdm", "--seed", "7",
+    ]  # fmt: skip
+    if kind == "dpo":
+        return ["train_dpo.py", "--dataset", str(data / "dpo.jsonl"), *common]
+    if kind == "sft":
+        return ["train_sft.py", "--dataset", str(data / "sft.jsonl"), "--packing", *common]
+    return ["train_pt.py", "--dataset", str(data / "pt.jsonl"), "--streaming", "--stream_buffer_docs", "16", *common]
+
+
+def launch(args: list[str], **kwargs) -> subprocess.Popen:  # a run to signal from outside
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **kwargs)  # fmt: skip
+
+
+def run_to_end(args: list[str]) -> str:
+    result = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout + result.stderr
+
+
+def wait_for_checkpoint(out: Path, proc: subprocess.Popen, at_least: int, timeout: float = 300) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        done = [int(p.name.split("-")[1]) for p in checkpoints_in(out)]
+        if done and max(done) >= at_least:
+            return
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        time.sleep(0.05)
+    raise AssertionError("no checkpoint in time")
+
+
+def comparable(out: Path) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in read_metrics(out / "metrics.jsonl")]
+
+
+KILL_AT_BACKWARD = """
+import os, signal, sys
+kill_at = int(sys.argv[1]); sys.argv = sys.argv[2:]
+sys.path.insert(0, os.getcwd())
+from accelerate import Accelerator
+original, calls = Accelerator.backward, [0]
+def backward_then_maybe_die(self, loss, **kwargs):
+    calls[0] += 1
+    if calls[0] == kill_at:  # SIGKILL: no handler, no cleanup, no flush
+        os.kill(os.getpid(), signal.SIGKILL)
+    return original(self, loss, **kwargs)
+Accelerator.backward = backward_then_maybe_die
+import runpy
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("kind", ["dpo", "sft", "pt"])
+def test_sigkill_and_resume_is_bit_exact(kind, data, tmp_path):
+    run_to_end(script_args(kind, data, tmp_path / "straight"))
+    expected = comparable(tmp_path / "straight")
+
+    out = tmp_path / "killed"
+    args = script_args(kind, data, out)
+    # Killed at a random micro-batch after the first checkpoint (step 2 = micro-batch 4). An odd micro-batch is the
+    # first half of an accumulation: the partial step must be redone from the checkpoint.
+    kill_at = random.Random(kind).choice([5, 7, 9, 11, 13])
+    result = subprocess.run([sys.executable, "-c", KILL_AT_BACKWARD, str(kill_at), *args], cwd=ROOT,
+                            capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
+    assert len(read_metrics(out / "metrics.jsonl")) < len(expected)
+
+    run_to_end([*args, "--resume_from_checkpoint", "latest"])
+    assert comparable(out) == expected  # every logged number, bit for bit
+
+
+def test_sigterm_saves_prints_the_resume_command_and_resume_finishes(data, tmp_path):
+    run_to_end(script_args("dpo", data, tmp_path / "straight"))
+    out = tmp_path / "stopped"
+    args = script_args("dpo", data, out)
+    proc = launch(args)
+    wait_for_checkpoint(out, proc, at_least=2)
+    proc.send_signal(signal.SIGTERM)
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 130, output[-3000:]
+    assert "--resume_from_checkpoint latest" in output
+    assert "Traceback" not in output
+    run_to_end([*args, "--resume_from_checkpoint", "latest"])
+    assert comparable(out) == comparable(tmp_path / "straight")
+
+
+KILL_IN_WRITE = """
+import os, signal, sys
+sys.argv = sys.argv[1:]
+sys.path.insert(0, os.getcwd())
+import nanodpo.checkpoint as ckpt
+original = ckpt._fsync_tree
+def fsync_then_die(directory):
+    original(directory)
+    if directory.name == ".tmp-checkpoint-4":  # the second checkpoint: files written, not yet renamed
+        os.kill(os.getpid(), signal.SIGKILL)
+ckpt._fsync_tree = fsync_then_die
+import runpy
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_kill_inside_a_checkpoint_write_keeps_the_previous_one(data, tmp_path):
+    out = tmp_path / "out"
+    args = script_args("sft", data, out)
+    result = subprocess.run([sys.executable, "-c", KILL_IN_WRITE, *args], cwd=ROOT, capture_output=True, timeout=600)
+    assert result.returncode == -signal.SIGKILL
+    assert [p.name for p in checkpoints_in(out)] == ["checkpoint-2"]
+    assert not (out / "checkpoint-4").exists()
+    # The survivor is complete and resumable; the run then finishes.
+    run_to_end([*args, "--resume_from_checkpoint", "latest"])
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r] == [3, 6, 8]
+    assert not list(out.glob(".tmp-*"))
+
+
+def in_process(kind: str, data: Path, out: Path, *extra: str):
+    import train_dpo
+    import train_pt
+    import train_sft
+
+    script, *argv = script_args(kind, data, out)
+    module = {"train_dpo.py": train_dpo, "train_sft.py": train_sft, "train_pt.py": train_pt}[script]
+    return module.main([*argv, *extra])
+
+
+def test_full_disk_at_save_time_is_a_clear_error(data, tmp_path, monkeypatch):
+    import nanodpo.checkpoint as ckpt
+
+    original = torch.save
+
+    def full_disk(obj, path, *args, **kwargs):
+        if ".tmp-checkpoint-4" in str(path):
+            raise OSError(28, "No space left on device")
+        return original(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt.torch, "save", full_disk)
+    with pytest.raises(UserError) as err:
+        in_process("sft", data, tmp_path / "out")
+    assert "No space left on device" in str(err.value) and "checkpoint-4" in str(err.value)
+    assert [p.name for p in checkpoints_in(tmp_path / "out")] == ["checkpoint-2"]
+    assert not list((tmp_path / "out").glob(".tmp-*"))
+
+
+def test_nonfinite_steps_are_skipped_then_stop_the_run(data, tmp_path, monkeypatch):
+    import train_dpo
+
+    real_step = train_dpo.dpo_step
+    calls = {"n": 0}
+
+    def poisoned(*args, **kwargs):
+        loss, metrics = real_step(*args, **kwargs)
+        calls["n"] += 1
+        micro = calls["n"]  # 2 micro-batches per optimizer step: step k = micro-batches 2k-1, 2k
+        if micro in (5, 6) or micro >= 11:  # step 3 once, then steps 6, 7, 8 ... in a row
+            loss = loss * float("nan")
+        return loss, metrics
+
+    monkeypatch.setattr(train_dpo, "dpo_step", poisoned)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        in_process("dpo", data, out, "--logging_steps", "1", "--max_nonfinite_steps", "3", "--max_steps", "20")
+    assert exit_info.value.code == 3
+    records = [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+    by_step = {r["step"]: r for r in records}
+    assert by_step[3]["nonfinite_steps_skipped"] == 1
+    assert by_step[4]["loss"] == by_step[4]["loss"]  # training went on after the skipped step (not NaN)
+    # The skipped step did not move the learning-rate schedule (steps 3 and 4 see consecutive schedule points).
+    assert max(r["step"] for r in records) == 8
+    assert "checkpoint-8" in [p.name for p in checkpoints_in(out)]
+    from safetensors.torch import load_file
+
+    weights = load_file(out / "checkpoint-8" / "model.safetensors")
+    assert all(torch.isfinite(t).all() for t in weights.values()), "no NaN ever reached the weights"
+
+
+def test_output_dir_of_another_run_is_refused(data, tmp_path):
+    out = tmp_path / "out"
+    in_process("sft", data, out, "--max_steps", "2")
+    with pytest.raises(UserError, match="already holds a run"):
+        in_process("sft", data, out, "--max_steps", "2")
+    in_process("sft", data, out, "--max_steps", "2", "--overwrite_output_dir")
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r] == [2]
+
+
+def test_resume_refuses_another_model_or_batch(data, tmp_path):
+    out = tmp_path / "out"
+    in_process("dpo", data, out, "--max_steps", "4")
+    with pytest.raises(UserError, match="max_length"):
+        in_process("dpo", data, out, "--resume_from_checkpoint", "latest", "--max_length", "48")
+    with pytest.raises(UserError, match="global batch"):
+        in_process("dpo", data, out, "--resume_from_checkpoint", "latest", "--gradient_accumulation_steps", "1")
+    with pytest.raises(UserError, match="not a nanodpo checkpoint"):
+        in_process("dpo", data, out, "--resume_from_checkpoint", str(tmp_path))
+
+
+def test_save_total_limit_keeps_the_newest_and_the_best(data, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    tiny.write_jsonl(tmp_path / "eval.jsonl", tiny.preference_rows(4, "explicit"))
+    in_process("dpo", data, out, "--save_total_limit", "1", "--eval_dataset", str(tmp_path / "eval.jsonl"),
+               "--eval_steps", "2", "--metric_for_best_model", "eval_rewards/margins", "--greater_is_better")  # fmt: skip
+    state = json.loads((checkpoints_in(out)[-1] / "trainer_state.json").read_text())
+    kept = sorted(p.name for p in checkpoints_in(out))
+    assert "checkpoint-6" in kept  # the newest
+    assert Path(state["best_checkpoint"]).name in kept  # the best by eval margin
+    assert len(kept) <= 2
+
+
+def test_checkpoints_load_nothing_pickled(data, tmp_path):
+    """Every non-weight file of a checkpoint loads with weights_only=True (no arbitrary code from a checkpoint)."""
+    out = tmp_path / "out"
+    in_process("dpo", data, out, "--max_steps", "3")
+    ckpt = checkpoints_in(out)[-1]
+    for name in ["optimizer.pt", "scheduler.pt", "rng_state_0.pth"]:
+        torch.load(ckpt / name, weights_only=True)
