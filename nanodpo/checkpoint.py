@@ -12,6 +12,7 @@ What a checkpoint holds, so `--resume_from_checkpoint latest` continues bit for 
     weights                 safetensors (the model, or only the adapter)
     optimizer.pt            optimizer state (AdamW moments, step counts)
     scheduler.pt            learning-rate schedule position
+    scaler.pt               fp16 loss-scaler state (with --fp16)
     rng_state_<rank>.pth    python / numpy / torch (/ cuda) random states of every process
     trainer_state.json      step, epoch, batches consumed in the epoch (the data position; for streamed data the
                             same count is replayed), token count, the unfinished logging interval's metric values,
@@ -174,6 +175,8 @@ def save_checkpoint(accelerator, model, optimizer, scheduler, tokenizer, cfg, st
             _write_model_files(accelerator, model, tokenizer, cfg, tmp)
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            if accelerator.scaler is not None:  # fp16 loss scaling: its current scale and growth tracker
+                torch.save(accelerator.scaler.state_dict(), tmp / "scaler.pt")
             (tmp / TRAINER_STATE).write_text(json.dumps(dataclasses.asdict(state), indent=1))
         else:
             accelerator.get_state_dict(model)
@@ -328,6 +331,8 @@ def load_checkpoint(accelerator, model, optimizer, scheduler, cfg, path: Path, g
     _load_weights(accelerator.unwrap_model(model), path)
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    if accelerator.scaler is not None and (path / "scaler.pt").is_file():
+        accelerator.scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=True))
     rng_file = path / f"rng_state_{accelerator.process_index}.pth"
     if not rng_file.is_file():
         rng_file = path / "rng_state_0.pth"
