@@ -30,6 +30,7 @@ Sections: 1. options  2. tokenizer and data  3. policy and reference  4. referen
           5. optimizer and schedule  6. the loop: train, log, evaluate, save
 """
 
+import sys
 import time
 
 import torch
@@ -47,11 +48,12 @@ from nanodpo.checkpoint import (
 from nanodpo.config import DPOConfig, config_to_dict, parse_config
 from nanodpo.dpo import check_dpo_options, dpo_loss, dpo_metrics
 from nanodpo.dpo_data import PreferenceCollator, load_preference_data
+from nanodpo.demo.stages import after_stage, demo_argv
 from nanodpo.errors import UserError, exit_on_user_error
 from nanodpo.faults import GracefulStop, is_finite
 from nanodpo.model import check_model_options, is_peft_model, load_policy, load_reference, load_tokenizer
 from nanodpo.reference import compute_reference_logps, eval_mode, forward_token_stats, precompute_reference_logps
-from nanodpo.tracking import MetricMeans, make_tracker
+from nanodpo.tracking import MetricMeans, make_tracker, read_metrics
 from nanodpo.training import (
     epoch_batches,
     count_training_steps,
@@ -93,6 +95,9 @@ def evaluate(policy, ref_model, eval_loader, cfg, accelerator) -> dict[str, floa
 def main(argv: list[str] | None = None) -> None:
     # ------------------------------------------------------------------------------------------------------------
     # 1. Options. Everything that can be checked without loading anything is checked here.
+    demo = argv is None and len(sys.argv) == 1  # no arguments: run this script's stage of the offline demo
+    if demo:
+        argv = demo_argv("dpo")
     cfg = parse_config(DPOConfig, argv, description=__doc__)
     check_model_options(cfg)
     check_dpo_options(cfg)
@@ -255,7 +260,14 @@ def main(argv: list[str] | None = None) -> None:
     accelerator.print(
         f"done: {state.step} steps in {time.perf_counter() - start_time:.1f}s, model saved to {cfg.output_dir}"
     )
+    if accelerator.is_main_process and "jsonl" in cfg.report_to:
+        # What the curves say, in plain words (python -m nanodpo.plot OUTPUT_DIR --diagnose draws them too).
+        from nanodpo.plot import diagnose, format_report
+
+        print(format_report(diagnose(read_metrics(f"{cfg.output_dir}/metrics.jsonl"))))
     accelerator.end_training()
+    if demo and accelerator.is_main_process:
+        after_stage("dpo", cfg)
 
 
 if __name__ == "__main__":

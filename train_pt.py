@@ -24,6 +24,7 @@ Sections: 1. options  2. tokenizer and data  3. model  4. optimizer and schedule
 """
 
 import itertools
+import sys
 import time
 
 from tqdm.auto import tqdm
@@ -40,6 +41,7 @@ from nanodpo.checkpoint import (
 )
 from nanodpo.config import PTConfig, config_to_dict, parse_config
 from nanodpo.data import iter_rows, load_split_rows
+from nanodpo.demo.stages import after_stage, demo_argv
 from nanodpo.errors import UserError, exit_on_user_error
 from nanodpo.faults import GracefulStop
 from nanodpo.model import check_model_options, is_main_process, load_policy, load_tokenizer
@@ -160,6 +162,9 @@ def flops_per_token(model, seq_len: int) -> float:
 def main(argv: list[str] | None = None) -> None:
     # ------------------------------------------------------------------------------------------------------------
     # 1. Options.
+    demo = argv is None and len(sys.argv) == 1  # no arguments: run this script's stage of the offline demo
+    if demo:
+        argv = demo_argv("pt")
     cfg = parse_config(PTConfig, argv, description=__doc__)
     if cfg.model in PRESETS and not cfg.from_scratch:
         raise UserError(f"--model {cfg.model} is a preset architecture: add --from_scratch")
@@ -295,6 +300,8 @@ def main(argv: list[str] | None = None) -> None:
     tracker.close()
     accelerator.print(f"done: {state.step} steps, {state.num_tokens:,} tokens, model saved to {cfg.output_dir}")
     accelerator.end_training()
+    if demo and accelerator.is_main_process:
+        after_stage("pt", cfg)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ Usage
 Sections: 1. options  2. tokenizer and data (packing)  3. model  4. optimizer and schedule  5. the loop
 """
 
+import sys
 import time
 
 from tqdm.auto import tqdm
@@ -37,6 +38,7 @@ from nanodpo.checkpoint import (
     update_best,
 )
 from nanodpo.config import SFTConfig, config_to_dict, parse_config
+from nanodpo.demo.stages import after_stage, demo_argv
 from nanodpo.errors import exit_on_user_error
 from nanodpo.faults import GracefulStop
 from nanodpo.model import check_model_options, load_policy, load_tokenizer
@@ -60,6 +62,9 @@ from nanodpo.training import (
 def main(argv: list[str] | None = None) -> None:
     # ------------------------------------------------------------------------------------------------------------
     # 1. Options.
+    demo = argv is None and len(sys.argv) == 1  # no arguments: run this script's stage of the offline demo
+    if demo:
+        argv = demo_argv("sft")
     cfg = parse_config(SFTConfig, argv, description=__doc__)
     check_model_options(cfg)
     check_output_dir(cfg)
@@ -169,6 +174,8 @@ def main(argv: list[str] | None = None) -> None:
     tracker.close()
     accelerator.print(f"done: {state.step} steps in {time.perf_counter() - start_time:.1f}s, model saved to {cfg.output_dir}")
     accelerator.end_training()
+    if demo and accelerator.is_main_process:
+        after_stage("sft", cfg)
 
 
 if __name__ == "__main__":

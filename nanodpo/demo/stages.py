@@ -1,0 +1,54 @@
+"""The demo pipeline: what `python train_pt.py && python train_sft.py && accelerate launch train_dpo.py` does with
+no arguments.
+
+    python train_pt.py     writes out/demo/data/*.jsonl (the world, if missing), pretrains -> out/demo/pt
+    python train_sft.py    teaches out/demo/pt to chat, both styles                       -> out/demo/sft
+    python train_dpo.py    prefers the polite style                                       -> out/demo/dpo
+                           and prints the polite-answer rate on held-out questions, SFT vs DPO
+
+Each stage's options are in configs/demo_<stage>.yaml (real usage: read them); extra flags still override them,
+e.g. `python train_dpo.py --config configs/demo_dpo.yaml --beta 0.2`.
+"""
+
+from pathlib import Path
+
+from nanodpo.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[2]  # the repository: configs/ and the train_*.py scripts
+DEMO_DIR = Path("out/demo")
+DATA_DIR = DEMO_DIR / "data"
+PREVIOUS = {"pt": None, "sft": ("pt", "python train_pt.py"), "dpo": ("sft", "python train_sft.py")}
+
+
+def config_path(stage: str) -> Path:
+    return ROOT / "configs" / f"demo_{stage}.yaml"
+
+
+def demo_argv(stage: str) -> list[str]:
+    """The command line a script runs with when given none: its demo config, after checking what it needs."""
+    path = config_path(stage)
+    if not path.is_file():
+        raise UserError(f"no arguments given and no demo config at {path}: pass --config or --model/--dataset")
+    if not (DATA_DIR / "dpo.jsonl").is_file():
+        from nanodpo.demo.world import write_demo_data
+
+        write_demo_data(DATA_DIR)
+        print(f"demo: wrote the Little World datasets to {DATA_DIR}/")
+    previous = PREVIOUS[stage]
+    if previous is not None:
+        name, command = previous
+        if not (DEMO_DIR / name / "config.json").is_file():
+            raise UserError(f"the demo's {stage} stage starts from {DEMO_DIR / name}, which is missing: run `{command}` first")
+    print(f"demo: {stage} stage with {path.relative_to(ROOT)} (any flag you add overrides it)")
+    return ["--config", str(path)]
+
+
+def after_stage(stage: str, cfg) -> None:
+    """After the DPO stage: how often SFT and DPO answer held-out questions politely."""
+    if stage != "dpo":
+        print(f"demo: next, run `{'python train_sft.py' if stage == 'pt' else 'accelerate launch train_dpo.py'}`")
+        return
+    from nanodpo.demo.evaluate import style_report
+
+    print(style_report(DEMO_DIR / "sft", Path(cfg.output_dir), DATA_DIR / "heldout.jsonl"))
+    print(f"demo: chat with it: python -m nanodpo.chat --model {cfg.output_dir} --compare {DEMO_DIR / 'sft'}")
