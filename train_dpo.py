@@ -47,7 +47,8 @@ from nanodpo.checkpoint import (
 )
 from nanodpo.config import DPOConfig, config_to_dict, parse_config
 from nanodpo.dpo import check_dpo_options, dpo_loss, dpo_metrics
-from nanodpo.dpo_data import PreferenceCollator, load_preference_data
+from nanodpo.dpo_data import load_preference_data
+from nanodpo.dpo_packing import batch_padding_fraction, make_preference_collator, make_token_budget_loader
 from nanodpo.demo.stages import after_stage, demo_argv
 from nanodpo.errors import UserError, exit_on_user_error
 from nanodpo.faults import GracefulStop, is_finite
@@ -68,17 +69,19 @@ from nanodpo.training import (
 
 def dpo_step(policy, ref_model, batch: dict, cfg, accelerator) -> tuple[torch.Tensor, dict[str, float]]:
     """One micro-batch: policy forward on [chosen; rejected], reference log-probs, loss and metrics."""
-    policy_stats = forward_token_stats(policy, batch, with_metrics=True, with_sum_sq=cfg.use_weighting)
+    policy_stats = forward_token_stats(
+        policy, batch, with_metrics=True, with_sum_sq=cfg.use_weighting, chunk_size=cfg.logps_chunk_size
+    )
     if cfg.reference_free:
         ref_chosen_logps = ref_rejected_logps = None
     elif "ref_chosen_logps" in batch:  # --precompute_ref_logps
         ref_chosen_logps, ref_rejected_logps = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
     else:
         ref_chosen_logps, ref_rejected_logps = compute_reference_logps(
-            policy, ref_model, batch, cfg.ld_alpha, accelerator
+            policy, ref_model, batch, cfg.ld_alpha, accelerator, chunk_size=cfg.logps_chunk_size
         )
     out = dpo_loss(policy_stats, policy_stats.mask, ref_chosen_logps, ref_rejected_logps, cfg)
-    return out.loss, dpo_metrics(out, policy_stats)
+    return out.loss, {**dpo_metrics(out, policy_stats), "padding_fraction": batch_padding_fraction(batch)}
 
 
 @torch.no_grad()
@@ -111,9 +114,9 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer = load_tokenizer(cfg)
     train_examples = load_preference_data(cfg, tokenizer, split="train")
     eval_examples = load_preference_data(cfg, tokenizer, split="eval")
-    collator = PreferenceCollator(
-        pad_token_id=tokenizer.pad_token_id, max_length=cfg.max_length, truncation_mode=cfg.truncation_mode
-    )
+    # Padding-free, prefix-shared rows by default (nanodpo/dpo_packing.py); the padded [chosen; rejected] batch
+    # with --logps_chunk_size 0 or --padding_free false --prefix_sharing false. The numbers are the same.
+    collator = make_preference_collator(cfg, tokenizer.pad_token_id)
 
     # ------------------------------------------------------------------------------------------------------------
     # 3. The policy and the reference policy.
@@ -150,7 +153,10 @@ def main(argv: list[str] | None = None) -> None:
 
     # ------------------------------------------------------------------------------------------------------------
     # 5. Optimizer, data order and learning-rate schedule.
-    train_loader, _ = make_train_loader(train_examples, collator, cfg)
+    if cfg.max_tokens_per_batch:  # micro-batches filled to a token budget rather than a pair count
+        train_loader, _ = make_token_budget_loader(train_examples, collator, cfg)
+    else:
+        train_loader, _ = make_train_loader(train_examples, collator, cfg)
     eval_loader = make_eval_loader(eval_examples, collator, eval_batch_size) if eval_examples else None
     optimizer = make_optimizer(policy, cfg)
     policy, optimizer, train_loader = accelerator.prepare(policy, optimizer, train_loader)

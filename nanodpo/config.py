@@ -70,6 +70,11 @@ class TrainConfig:
     print_trainable_parameters: bool = opt(True, "Print trainable / total parameter counts at start.")
     gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory.")
     disable_dropout: bool = opt(True, "Set every dropout probability in the model to 0 (as TRL does by default).")
+    logps_chunk_size: int = opt(
+        1024,
+        "Fast log-prob path: the LM head is applied only at scored tokens, this many at a time, so the "
+        "[batch, seq, vocab] logits never exist. 0 = the readable path (full logits; nanodpo/logps.py).",
+    )
     # --- data ---
     dataset: list[str] = opt([], "Training data: hub ids or local files/folders (json, jsonl, jsonl.gz, parquet, csv).")
     dataset_config: str | None = opt(None, "Hub dataset configuration name (the `name` of load_dataset).")
@@ -163,6 +168,21 @@ class DPOConfig(TrainConfig):
         False, "Compute the reference log-probs once before training (cached on disk), then free the reference."
     )
     precompute_ref_batch_size: int | None = opt(None, "Batch size for --precompute_ref_logps (default: eval batch).")
+    padding_free: bool | None = opt(
+        None,
+        "Pack the sequences of a micro-batch's pairs into rows without padding (per-sequence positions, each "
+        "sequence isolated). Default (none): on unless --logps_chunk_size 0.",
+    )
+    prefix_sharing: bool | None = opt(
+        None,
+        "One unit per pair: prompt + chosen + rejected, the prompt computed once (rejected sees the prompt, not "
+        "chosen). Default (none): on unless --logps_chunk_size 0; flash_attention_2 falls back to padding-free.",
+    )
+    max_tokens_per_batch: int | None = opt(
+        None,
+        "Fill each micro-batch with pairs up to this many tokens (prompt shared) instead of "
+        "--per_device_train_batch_size pairs.",
+    )
     max_prompt_length: int | None = opt(
         None, "Keep only the last N prompt tokens (the end of a long multi-turn prompt matters most)."
     )

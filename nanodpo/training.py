@@ -142,16 +142,23 @@ def count_targets(batch: dict) -> int:
     return int((batch["labels"][:, 1:] != -100).sum())
 
 
-def lm_token_stats(model, batch: dict, with_metrics: bool = True):
+def lm_token_stats(model, batch: dict, with_metrics: bool = True, chunk_size: int | None = None):
     """Forward a collated LM batch (input_ids, labels in HF convention, attention mask or packing keys) and return
-    per-token statistics of its target tokens (see nanodpo/logps.py)."""
+    per-token statistics of its target tokens (see nanodpo/logps.py).
+
+    chunk_size 0: the readable path (full [rows, length, vocab] logits). Otherwise (default: the fast path's
+    DEFAULT_CHUNK_SIZE) the LM head runs only at target tokens, chunk_size at a time (nanodpo/fastpath.py)."""
+    from nanodpo.fastpath import DEFAULT_CHUNK_SIZE, fast_token_stats
     from nanodpo.logps import token_stats
 
+    chunk_size = DEFAULT_CHUNK_SIZE if chunk_size is None else chunk_size
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     inputs["use_cache"] = False  # never build a KV cache in training (with packed rows it breaks isolation)
-    logits = model(**inputs).logits
     labels = batch["labels"]
     targets = labels != -100
+    if chunk_size > 0:
+        return fast_token_stats(model, inputs, labels.clamp(min=0), targets.long(), None, chunk_size, with_metrics)
+    logits = model(**inputs).logits
     return token_stats(logits, labels.clamp(min=0), targets.long(), with_metrics=with_metrics)
 
 
@@ -206,7 +213,7 @@ def evaluate_lm(model, eval_examples: list, collate_fn, cfg, accelerator) -> dic
     model.eval()
     for start in range(0, len(shard), cfg.per_device_eval_batch_size):
         batch = to_device(collate_fn(shard[start : start + cfg.per_device_eval_batch_size]), accelerator.device)
-        stats = lm_token_stats(model, batch)
+        stats = lm_token_stats(model, batch, chunk_size=getattr(cfg, "logps_chunk_size", None))
         nll_sum += float(-stats.logps.sum())
         targets += int(stats.mask.sum())
         means.add(lm_metrics(stats))
@@ -238,7 +245,7 @@ def lm_optimizer_step(model, optimizer, step_examples: list, collate_fn, cfg, ac
     step_nll = torch.zeros((), device=accelerator.device)
     for i, batch in enumerate(batches):
         with micro_batch_sync(accelerator, model, is_last=i == len(batches) - 1):
-            stats = lm_token_stats(model, batch)
+            stats = lm_token_stats(model, batch, chunk_size=getattr(cfg, "logps_chunk_size", None))
             nll_sum = -stats.logps.sum()
             # DDP averages gradients over processes and accelerator.backward divides by gradient_accumulation_steps:
             # both are multiplied back so the step's gradient is d/dθ [Σ nll / N_targets].
