@@ -46,7 +46,7 @@ from nanodpo.checkpoint import (
     update_best,
 )
 from nanodpo.config import DPOConfig, config_to_dict, parse_config
-from nanodpo.dpo import check_dpo_options, dpo_loss, dpo_metrics
+from nanodpo.dpo import check_dpo_options, dpo_loss, dpo_metrics, dpo_pair_stats, pair_stats_metrics
 from nanodpo.dpo_data import load_preference_data
 from nanodpo.dpo_packing import batch_padding_fraction, make_preference_collator, make_token_budget_loader
 from nanodpo.demo.stages import after_stage, demo_argv
@@ -56,6 +56,7 @@ from nanodpo.model import check_model_options, is_peft_model, load_policy, load_
 from nanodpo.reference import compute_reference_logps, eval_mode, forward_token_stats, precompute_reference_logps
 from nanodpo.tracking import MetricMeans, make_tracker, read_metrics
 from nanodpo.training import (
+    gather_metrics,
     epoch_batches,
     count_training_steps,
     make_accelerator,
@@ -67,8 +68,9 @@ from nanodpo.training import (
 )
 
 
-def dpo_step(policy, ref_model, batch: dict, cfg, accelerator) -> tuple[torch.Tensor, dict[str, float]]:
-    """One micro-batch: policy forward on [chosen; rejected], reference log-probs, loss and metrics."""
+def dpo_forward(policy, ref_model, batch: dict, cfg, accelerator):
+    """One micro-batch: policy forward on [chosen; rejected], reference log-probs, loss. Returns (DPOOutput,
+    the policy's TokenStats)."""
     policy_stats = forward_token_stats(
         policy, batch, with_metrics=True, with_sum_sq=cfg.use_weighting, chunk_size=cfg.logps_chunk_size
     )
@@ -80,19 +82,30 @@ def dpo_step(policy, ref_model, batch: dict, cfg, accelerator) -> tuple[torch.Te
         ref_chosen_logps, ref_rejected_logps = compute_reference_logps(
             policy, ref_model, batch, cfg.ld_alpha, accelerator, chunk_size=cfg.logps_chunk_size
         )
-    out = dpo_loss(policy_stats, policy_stats.mask, ref_chosen_logps, ref_rejected_logps, cfg)
+    return dpo_loss(policy_stats, policy_stats.mask, ref_chosen_logps, ref_rejected_logps, cfg), policy_stats
+
+
+def dpo_step(policy, ref_model, batch: dict, cfg, accelerator) -> tuple[torch.Tensor, dict[str, float]]:
+    """One micro-batch: the loss (with grad) and this process's metrics of it."""
+    out, policy_stats = dpo_forward(policy, ref_model, batch, cfg, accelerator)
     return out.loss, {**dpo_metrics(out, policy_stats), "padding_fraction": batch_padding_fraction(batch)}
 
 
 @torch.no_grad()
 def evaluate(policy, ref_model, eval_loader, cfg, accelerator) -> dict[str, float]:
-    """Mean loss and metrics over the eval set (one value per batch, averaged), named eval_* as TRL does."""
-    means = MetricMeans()
+    """Loss and metrics over the whole eval set, named eval_* as TRL does: means over all its pairs (the loss: each
+    pair's share of it), token metrics over all its completion tokens — the same for any batch size or process count.
+
+    `eval_loader` is prepared: every process runs the same number of batches (FSDP/ZeRO-3 forwards are collective), the
+    last ones padded with copies of the first pairs, which `gather_for_metrics` drops again.
+    """
+    pair_stats = []
     with eval_mode(policy):
         for batch in eval_loader:
-            loss, metrics = dpo_step(policy, ref_model, batch, cfg, accelerator)
-            means.add({"loss": loss.item(), **metrics})
-    return {f"eval_{name}": value for name, value in means.pop_means().items()}
+            out, policy_stats = dpo_forward(policy, ref_model, batch, cfg, accelerator)
+            pair_stats.append(accelerator.gather_for_metrics(dpo_pair_stats(out, policy_stats)))
+    stats = {name: torch.cat([s[name] for s in pair_stats]).cpu() for name in pair_stats[0]}
+    return pair_stats_metrics(stats, prefix="eval_")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -212,14 +225,17 @@ def main(argv: list[str] | None = None) -> None:
                     max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
                     grad_norm = float(accelerator.clip_grad_norm_(policy.parameters(), max_norm))
                     # A NaN/inf anywhere poisons the weights for good: skip this update rather than apply it.
+                    # (accelerate's reduce knows sum/mean/max only — "min" sums: skip if ANY process saw a non-finite)
                     update_ok = accelerator.reduce(
-                        torch.tensor(float(is_finite(grad_norm, *step_losses)), device=accelerator.device), "min"
-                    ).item() == 1.0
+                        torch.tensor(float(not is_finite(grad_norm, *step_losses)), device=accelerator.device), "max"
+                    ).item() == 0.0
                     if update_ok:
                         optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
             state.num_tokens += int(accelerator.gather(batch["attention_mask"].sum()).sum().item())
-            train_means.add({"loss": loss.item(), **metrics})
+            # Every process's micro-batch enters the logged means (the same log as one process with n× accumulation).
+            for process_metrics in gather_metrics(accelerator, {"loss": loss.item(), **metrics}):
+                train_means.add(process_metrics)
             if not accelerator.sync_gradients:
                 continue
 

@@ -217,7 +217,11 @@ def main(argv: list[str] | None = None) -> None:
         total_steps, steps_per_epoch = count_training_steps(cfg, len(loader) * cfg.gradient_accumulation_steps)
     scheduler = make_scheduler(optimizer, cfg, total_steps)
     global_batch = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes
-    accelerator.print(f"global batch: {global_batch} rows | optimizer steps: {total_steps}")
+    accelerator.print(
+        f"global batch: {global_batch} rows ({cfg.per_device_train_batch_size} per device x "
+        f"{cfg.gradient_accumulation_steps} accumulation x {accelerator.num_processes} processes) | "
+        f"optimizer steps: {total_steps}"
+    )
     state = RunState(world_size=accelerator.num_processes, global_batch=global_batch)
     resume_path = resolve_resume(cfg)
     if resume_path is not None:

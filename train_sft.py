@@ -108,7 +108,9 @@ def main(argv: list[str] | None = None) -> None:
     scheduler = make_scheduler(optimizer, cfg, total_steps)
     global_batch = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes
     accelerator.print(
-        f"train rows: {len(train_examples)} | global batch: {global_batch} rows | optimizer steps: {total_steps}"
+        f"train rows: {len(train_examples)} | global batch: {global_batch} rows ({cfg.per_device_train_batch_size} per "
+        f"device x {cfg.gradient_accumulation_steps} accumulation x {accelerator.num_processes} processes) | "
+        f"optimizer steps: {total_steps}"
     )
     state = RunState(world_size=accelerator.num_processes, global_batch=global_batch)
     resume_path = resolve_resume(cfg)

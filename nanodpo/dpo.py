@@ -435,6 +435,9 @@ class DPOOutput:
     chosen_rewards: torch.Tensor  # [B] β·(chosen_logps - ref_chosen_logps), detached
     rejected_rewards: torch.Tensor  # [B]
     nll_loss: torch.Tensor | None = None  # mean NLL of the chosen completion tokens (detached), when sft is in use
+    # [B] each pair's share of the loss, detached: Σ_k weight_k · loss_k(pair); loss == pair_losses.mean() (up to
+    # rounding). What evaluation averages over the pairs of all processes (nanodpo/dpo.py `dpo_pair_stats`).
+    pair_losses: torch.Tensor | None = None
 
 
 def chosen_nll(token_logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -495,6 +498,7 @@ def dpo_loss(
     pair_weights = wpo_weights(policy, mask) if cfg.use_weighting else None
 
     loss = 0.0
+    pair_losses = torch.zeros_like(chosen_logps)
     nll_loss = None
     for loss_type, weight in resolved_losses(cfg):
         if loss_type == "sft":
@@ -518,6 +522,7 @@ def dpo_loss(
         if pair_weights is not None:
             per_pair = per_pair * pair_weights
         loss = loss + per_pair.mean() * weight
+        pair_losses = pair_losses + per_pair.detach() * weight
 
     return DPOOutput(
         loss=loss,
@@ -526,6 +531,7 @@ def dpo_loss(
         chosen_rewards=cfg.beta * (chosen_logps - ref_chosen_logps).detach(),
         rejected_rewards=cfg.beta * (rejected_logps - ref_rejected_logps).detach(),
         nll_loss=None if nll_loss is None else nll_loss.detach(),
+        pair_losses=pair_losses.detach(),
     )
 
 
@@ -564,4 +570,67 @@ def dpo_metrics(out: DPOOutput, policy: TokenStats, prefix: str = "") -> dict[st
         metrics["mean_token_accuracy"] = _masked_mean(chosen_is_top1.float(), chosen_mask)  # chosen tokens only
     if out.nll_loss is not None:
         metrics["nll_loss"] = out.nll_loss.item()
+    return {prefix + name: value for name, value in metrics.items()}
+
+
+# Over a set of pairs (a micro-batch, or all eval pairs of all processes): means over pairs, and token means whose
+# numerator and denominator are both summed over the set (a pair with more tokens counts more).
+PAIR_MEAN_METRICS = (
+    "loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+    "logps/rejected",
+)  # fmt: skip
+TOKEN_MEAN_METRICS = {  # metric -> which completion tokens it is averaged over
+    "logits/chosen": ("tokens/chosen",),
+    "logits/rejected": ("tokens/rejected",),
+    "entropy": ("tokens/chosen", "tokens/rejected"),
+    "mean_token_accuracy": ("tokens/chosen",),
+    "nll_loss": ("tokens/chosen",),
+}
+
+
+@torch.no_grad()
+def dpo_pair_stats(out: DPOOutput, policy: TokenStats) -> dict[str, torch.Tensor]:
+    """Per-pair values, each [B], from which `pair_stats_metrics` computes `dpo_metrics`' metrics for any set of pairs.
+
+    Pair metrics carry the pair's value; token metrics carry the pair's token SUM (and `tokens/*` the counts), so that
+    concatenating the stats of several batches — e.g. `accelerator.gather_for_metrics` over all processes and eval
+    batches, which also drops the copies padding the last batch — and reducing once gives the mean over all pairs and
+    all tokens, whatever the batch size and the number of processes.
+    """
+    chosen_mask, rejected_mask = policy.mask.chunk(2)
+    stats = {
+        "loss": out.pair_losses,
+        "rewards/chosen": out.chosen_rewards,
+        "rewards/rejected": out.rejected_rewards,
+        "rewards/accuracies": (out.chosen_rewards > out.rejected_rewards).float(),
+        "rewards/margins": out.chosen_rewards - out.rejected_rewards,
+        "logps/chosen": out.chosen_logps,
+        "logps/rejected": out.rejected_logps,
+        "tokens/chosen": chosen_mask.sum(-1),
+        "tokens/rejected": rejected_mask.sum(-1),
+    }
+    # token_stats zeroes every per-token value off the mask, so row sums are sums over the completion tokens.
+    if policy.mean_logits is not None:
+        chosen_mean_logits, rejected_mean_logits = policy.mean_logits.chunk(2)
+        stats["logits/chosen"] = chosen_mean_logits.sum(-1)
+        stats["logits/rejected"] = rejected_mean_logits.sum(-1)
+    if policy.entropy is not None:
+        chosen_entropy, rejected_entropy = policy.entropy.chunk(2)
+        stats["entropy"] = chosen_entropy.sum(-1) + rejected_entropy.sum(-1)
+    if policy.is_top1 is not None:
+        stats["mean_token_accuracy"] = policy.is_top1.chunk(2)[0].float().sum(-1)
+    if out.nll_loss is not None:
+        stats["nll_loss"] = -(policy.logps.detach().chunk(2)[0] * chosen_mask).sum(-1)
+    return {name: value.detach().float() for name, value in stats.items()}
+
+
+def pair_stats_metrics(stats: dict[str, torch.Tensor], prefix: str = "") -> dict[str, float]:
+    """Reduce (concatenated) `dpo_pair_stats` to metrics: means over pairs, token sums over token counts."""
+    stats = {name: value.double() for name, value in stats.items()}
+    num_pairs = stats["loss"].numel()
+    metrics = {name: float(stats[name].sum() / max(num_pairs, 1)) for name in PAIR_MEAN_METRICS}
+    for name, count_names in TOKEN_MEAN_METRICS.items():
+        if name in stats:
+            count = sum(float(stats[c].sum()) for c in count_names)
+            metrics[name] = float(stats[name].sum()) / count if count > 0 else 0.0
     return {prefix + name: value for name, value in metrics.items()}

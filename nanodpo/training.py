@@ -25,7 +25,23 @@ def make_accelerator(cfg) -> Accelerator:
     micro-batch but the last, so an optimizer step's gradient is the mean of its micro-batch gradients.
     """
     mixed_precision = "bf16" if cfg.bf16 else "fp16" if cfg.fp16 else "no"
-    return Accelerator(gradient_accumulation_steps=cfg.gradient_accumulation_steps, mixed_precision=mixed_precision)
+    accelerator = Accelerator(gradient_accumulation_steps=cfg.gradient_accumulation_steps, mixed_precision=mixed_precision)
+    deepspeed_plugin = accelerator.state.deepspeed_plugin
+    if deepspeed_plugin is not None:
+        # DeepSpeed clips inside engine.step (accelerator.clip_grad_norm_ then only reads the norm back). Left "auto",
+        # accelerate would fill in 1.0 whatever --max_grad_norm says: use the training config's value (0 = off).
+        ds_config = deepspeed_plugin.deepspeed_config
+        if ds_config.get("gradient_clipping", "auto") == "auto":
+            ds_config["gradient_clipping"] = cfg.max_grad_norm
+        for section in ("optimizer", "scheduler"):
+            if section in ds_config:
+                from nanodpo.errors import UserError
+
+                raise UserError(
+                    f"the DeepSpeed config has a '{section}' section: remove it, the optimizer and learning-rate "
+                    "schedule come from the training config (--optim, --learning_rate, --lr_scheduler_type)"
+                )
+    return accelerator
 
 
 def seed_everything(seed: int) -> None:
@@ -184,6 +200,22 @@ def sum_over_processes(accelerator, value: int) -> int:
     return int(accelerator.reduce(torch.tensor(value, device=accelerator.device), reduction="sum").item())
 
 
+def gather_metrics(accelerator, metrics: dict[str, float]) -> list[dict[str, float]]:
+    """Every process's metrics of its current micro-batch (same names on all), one dict per process.
+
+    The loops add them all to the interval's means, so a logged value is the mean over every micro-batch of every
+    process — what one process running the same micro-batches with n× the accumulation logs (rewards, accuracies
+    and log-probs: the mean over all pairs, as micro-batches are equal-sized; token metrics: the mean of each
+    micro-batch's token mean, TRL's reduction in one process).
+    """
+    if accelerator.num_processes == 1:
+        return [metrics]
+    names = list(metrics)
+    local = torch.tensor([float(metrics[name]) for name in names], dtype=torch.float64, device=accelerator.device)
+    rows = accelerator.gather(local).view(accelerator.num_processes, len(names)).tolist()
+    return [dict(zip(names, row)) for row in rows]
+
+
 def collate_rows(examples: list, cfg, pad_token_id: int) -> dict:
     """Model inputs for LM training: packed rows (nanodpo.packing) or single documents padded on the right."""
     from nanodpo.packing import PackedRow, collate_packed
@@ -205,22 +237,38 @@ def to_device(batch: dict, device) -> dict:
 
 @torch.no_grad()
 def evaluate_lm(model, eval_examples: list, collate_fn, cfg, accelerator) -> dict[str, float]:
-    """Token-mean NLL over the whole eval set (each process scores its shard; sums are added over processes),
-    its perplexity, and the token metrics, named eval_*."""
+    """Token means over the whole eval set, named eval_*: NLL (eval_loss), its perplexity, entropy and
+    mean_token_accuracy — every target token of every row counted once, whatever the batch size and process count.
+
+    Process i scores rows i, i+n, i+2n, ... and the sums are added over processes. Every process runs the same
+    number of forwards (under FSDP/ZeRO-3 a forward is collective): one whose shard runs out scores a stand-in row
+    and leaves it out of the sums.
+    """
     shard = eval_examples[accelerator.process_index :: accelerator.num_processes]
-    nll_sum, targets, means = 0.0, 0, MetricMeans()
+    rows_per_process = math.ceil(len(eval_examples) / accelerator.num_processes)
+    batch_size = cfg.per_device_eval_batch_size
+    sums = torch.zeros(4, dtype=torch.float64)  # nll, target tokens, entropy, top-1 hits
     was_training = model.training
     model.eval()
-    for start in range(0, len(shard), cfg.per_device_eval_batch_size):
-        batch = to_device(collate_fn(shard[start : start + cfg.per_device_eval_batch_size]), accelerator.device)
+    for start in range(0, rows_per_process, batch_size):
+        rows = shard[start : start + batch_size]
+        batch = to_device(collate_fn(rows or eval_examples[:1]), accelerator.device)
         stats = lm_token_stats(model, batch, chunk_size=getattr(cfg, "logps_chunk_size", None))
-        nll_sum += float(-stats.logps.sum())
-        targets += int(stats.mask.sum())
-        means.add(lm_metrics(stats))
+        if rows:
+            sums += torch.tensor(
+                [float(-stats.logps.sum()), float(stats.mask.sum()), float(stats.entropy.sum()), float(stats.is_top1.sum())],
+                dtype=torch.float64,
+            )
     model.train(was_training)
-    total = accelerator.reduce(torch.tensor([nll_sum, float(targets)], device=accelerator.device), reduction="sum")
-    loss = float(total[0] / total[1].clamp(min=1))
-    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)), **{f"eval_{k}": v for k, v in means.pop_means().items()}}
+    nll, targets, entropy, hits = accelerator.reduce(sums.to(accelerator.device), reduction="sum").tolist()
+    targets = max(targets, 1.0)
+    loss = nll / targets
+    return {
+        "eval_loss": loss,
+        "eval_perplexity": math.exp(min(loss, 50.0)),
+        "eval_entropy": entropy / targets,
+        "eval_mean_token_accuracy": hits / targets,
+    }
 
 
 def lm_optimizer_step(model, optimizer, step_examples: list, collate_fn, cfg, accelerator, means):
@@ -253,7 +301,8 @@ def lm_optimizer_step(model, optimizer, step_examples: list, collate_fn, cfg, ac
             scale = accelerator.num_processes * accelerator.gradient_accumulation_steps / step_targets
             accelerator.backward(nll_sum * scale)
         step_nll += nll_sum.detach()
-        means.add(lm_metrics(stats))
+        for process_metrics in gather_metrics(accelerator, lm_metrics(stats)):  # every process's micro-batch
+            means.add(process_metrics)
     max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
     grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), max_norm))
     loss = float(accelerator.reduce(step_nll, "sum")) / step_targets

@@ -1,0 +1,525 @@
+"""Several processes on CPU (gloo): the three scripts give the same run with 2 processes as with 1.
+
+How the runs are made comparable
+--------------------------------
+A 2-process run with per-device batch b and accumulation a is compared with a 1-process run with batch b and
+accumulation 2a: the same global batch of 2ab examples and, with `--train_sampling_strategy sequential`, the SAME
+examples in every optimizer step, in the same micro-batches:
+  * train_dpo.py: accelerate shards the batch sampler batch by batch — process i gets batches i, i+2, i+4, ... —
+    so step 1 of the 2-process run is micro-batches {0, 2, ..., 2a-2} on process 0 and {1, 3, ..., 2a-1} on
+    process 1: batches 0 .. 2a-1, exactly the 2a micro-batches of step 1 of the 1-process run.
+  * train_sft.py / train_pt.py: the loader yields one step's b·a rows per process (rows 0 .. ab-1 to process 0,
+    ab .. 2ab-1 to process 1), which the step splits into micro-batches of b: again the 2a micro-batches of b rows
+    that one process with accumulation 2a makes of rows 0 .. 2ab-1.
+The data sizes are multiples of the global batch, so no step is ever a partial one (accelerate pads a short last batch
+of a multi-process run with copies of the first examples; one process would run it short).
+
+So the gradient of every step is the same mean over the same micro-batches, only summed in another order (all-reduce),
+and so are the logged values: each micro-batch's metrics are computed on its own process and every process's
+micro-batches enter the logged mean (nanodpo.training.gather_metrics) — rewards, accuracies and log-probs are then the
+mean over all pairs of the step, token metrics the mean of the micro-batches' token means, as with one process.
+SFT/PT losses are the token mean over the whole step on all processes (nanodpo.training.lm_optimizer_step).
+
+Tolerances (relative; values near 0 are compared on a scale of 0.01):
+  * step 1 (same weights): loss, every metric and grad_norm within 1e-5;
+  * later steps: 3e-3 with AdamW (its first updates, g/√v, amplify fp32 rounding), 1e-4 with SGD.
+Measured here: see the `max relative difference` lines printed with `pytest -s`.
+
+The 2-process runs of the three scripts share one `accelerate launch` (ACCELERATE_USE_CPU=1, --multi_gpu,
+--num_processes 2: gloo), each script's main() in turn on the same process group — two Python start-ups cost more
+than all the training here. Every run prints "... x 2 processes" (asserted: without ACCELERATE_USE_CPU, on a machine
+without GPUs, accelerate would silently start two independent 1-process runs). The 1-process runs are made in the
+test process itself.
+
+Resume across process counts (same global batch): SFT's 1-process checkpoint-3 continued on 2 processes, DPO's
+2-process checkpoint-3 continued on 1 process; step 4 must equal step 4 of the run the checkpoint came from.
+
+Evaluation runs on 7 pairs / 5 rows with batch 2: the last batch is uneven. DPO's prepared eval loader pads it with
+copies that `gather_for_metrics` drops; SFT/PT's evaluate_lm shards rows i::n and adds sums over processes. Both are
+compared with the 1-process eval at the same step.
+
+FSDP2 on CPU: `accelerate launch` does not build FSDP on CPU. With ACCELERATE_USE_CPU=1 the state becomes MULTI_CPU and
+the FSDP settings are silently ignored (the model is wrapped in DistributedDataParallel); without it, on a machine
+without GPUs, the two processes never form a process group (DistributedType.NO, two independent runs).
+`AcceleratorState` only turns FSDP on for GPU-like distributed types. torch's `fully_shard` itself works on CPU with
+gloo, so the FSDP2 test launches train_dpo.py through a 10-line shim that sets the accelerator's state to FSDP with
+the plugin accelerate builds from configs/accelerate/fsdp2_lora.yaml (through accelerate's own launch-argument code);
+everything after that — `fsdp2_prepare_model` (per-decoder-layer units, DTensor parameters), `no_sync`, clipping of
+sharded gradients, the LoRA reference forward with the adapter disabled, the full state dict gathered for saving — is
+accelerate's and nanodpo's real FSDP2 path. It runs with --logps_chunk_size 0: the fast log-prob path
+(nanodpo/fastpath.py) applies the LM head's weight outside the head's forward, which FSDP2 does not see (segfault
+in backward with LoRA; "mixed torch.Tensor and DTensor" when clipping without).
+
+DeepSpeed cannot run without a GPU: each configs/accelerate/*.yaml is loaded by accelerate's config class and taken
+through its launch-argument code to the environment it would launch with, from which the FSDP / DeepSpeed plugins are
+built and checked (DeepSpeed's config: ZeRO stage, offload, 16-bit save, and accumulation and clipping left "auto",
+so they come from the training config).
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from unittest import mock
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import tiny  # noqa: E402
+from nanodpo.tracking import read_metrics  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+ACCELERATE_CONFIGS = sorted((ROOT / "configs" / "accelerate").glob("*.yaml"))
+NOT_COMPARED = {"step", "elapsed_s", "tokens_per_s", "mfu"}  # wall-clock values
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Running the scripts
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def to_argv(options: dict) -> list[str]:
+    argv = []
+    for key, value in options.items():
+        argv += [f"--{key}", *map(str, value if isinstance(value, list) else [value])]
+    return argv
+
+
+def base_env(**extra) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **extra}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    return env
+
+
+def run(cmd: list[str], env: dict) -> str:
+    # A new session, so that a hung run is stopped with its worker processes (torchrun's children).
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)  # fmt: skip
+    try:
+        output, _ = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        raise AssertionError(f"timed out: {output[-6000:]}") from None
+    assert proc.returncode == 0, output[-6000:]
+    # Both processes really formed one group of 2 (without ACCELERATE_USE_CPU they would silently be 2 runs of 1).
+    assert "accumulation x 2 processes)" in output, output[-3000:]
+    return output
+
+
+def run_one(script: str, options: dict, env: dict | None = None) -> None:
+    """The same script in this process (1 process), with a fresh accelerate state."""
+    from accelerate.state import AcceleratorState
+
+    module = __import__(script.removesuffix(".py"))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    with mock.patch.dict(os.environ, env or {}):
+        try:
+            module.main(to_argv(options))
+        finally:
+            AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def train_records(out: Path) -> list[dict]:
+    return [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+
+
+def eval_records(out: Path) -> list[dict]:
+    return [r for r in read_metrics(out / "metrics.jsonl") if "eval_loss" in r]
+
+
+def assert_same_curve(two: list[dict], one: list[dict], rtol: float, first_rtol: float = 1e-5, label: str = ""):
+    """Every logged value of every step: step 1 within first_rtol, later steps within rtol (relative)."""
+    assert [r["step"] for r in two] == [r["step"] for r in one] and two
+    worst = {}
+    for i, (a, b) in enumerate(zip(two, one)):
+        assert a.keys() == b.keys(), (a.keys() ^ b.keys())
+        for key in a.keys() - NOT_COMPARED:
+            rel = abs(a[key] - b[key]) / max(abs(b[key]), 1e-2)
+            worst[key] = max(worst.get(key, 0.0), rel)
+            tol = first_rtol if i == 0 else rtol
+            assert rel <= tol, f"{label} step {a['step']} {key}: 2 processes {a[key]} vs 1 process {b[key]}"
+    print(f"{label}: max relative difference, 2 processes vs 1:", {k: f"{v:.1e}" for k, v in sorted(worst.items())})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data
+
+
+def sft_rows(n: int) -> list[dict]:
+    """Chat rows with answers of very different lengths (so token means and means of means differ)."""
+    exchanges = [
+        ("What is the capital of France?", "The capital of France is Paris."),
+        ("Name a fruit.", "An apple."),
+        ("你好，请问今天天气怎么样？", "今天天气很好，阳光明媚。"),
+        ("What is 2 + 2?", "4"),
+        ("Tell me about DPO.", "Direct preference optimization trains a policy from pairs of chosen and rejected "
+         "answers. The reference model stays frozen while the policy learns to prefer the chosen completion."),
+    ]  # fmt: skip
+    rows = []
+    for i in range(n):
+        q, a = exchanges[i % len(exchanges)]
+        messages = [{"role": "user", "content": q}, {"role": "assistant", "content": a}]
+        if i % 3 == 0:
+            q2, a2 = exchanges[(i + 2) % len(exchanges)]
+            messages += [{"role": "user", "content": q2}, {"role": "assistant", "content": a2}]
+        rows.append({"messages": messages})
+    return rows
+
+
+def pt_rows(n: int) -> list[dict]:
+    return [{"text": " ".join(tiny._CORPUS[(i + k) % len(tiny._CORPUS)] for k in range(1 + i % 3))} for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("distributed")
+    tiny.make_model_dir(root / "model", seed=0)
+    tiny.write_jsonl(root / "dpo_train.jsonl", tiny.preference_rows(16, "explicit"))
+    tiny.write_jsonl(root / "dpo_eval.jsonl", tiny.preference_rows(23, "explicit")[16:])  # 7: uneven last batch
+    tiny.write_jsonl(root / "sft_train.jsonl", sft_rows(16))
+    tiny.write_jsonl(root / "sft_eval.jsonl", sft_rows(5))
+    tiny.write_jsonl(root / "pt_train.jsonl", pt_rows(48))
+    tiny.write_jsonl(root / "pt_eval.jsonl", pt_rows(5))
+    return root
+
+
+def common(workdir: Path, out: Path, **overrides) -> dict:
+    options = {
+        "model": str(workdir / "model"),
+        "output_dir": str(out),
+        "per_device_train_batch_size": 2,
+        "gradient_accumulation_steps": 2,  # the 2-process runs; their 1-process twins use 4
+        "per_device_eval_batch_size": 2,
+        "max_steps": 4,
+        "lr_scheduler_type": "constant",
+        "logging_steps": 1,
+        "train_sampling_strategy": "sequential",
+        "seed": 0,
+        "report_to": "jsonl",
+        "disable_tqdm": "true",
+    }
+    options.update(overrides)
+    return options
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Accelerate configs
+
+
+def launch_env(config: Path) -> tuple[object, object, dict]:
+    """What `accelerate launch --config_file CONFIG` would launch with: (parsed args, config, environment)."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
+
+    args = launch_command_parser().parse_args(["--config_file", str(config), "train_dpo.py"])
+    args, defaults, mp_from_config = _validate_launch_command(args)
+    env = {}
+    if args.use_deepspeed:
+        fields = list(defaults.deepspeed_config) + (["mixed_precision"] if mp_from_config else [])
+        args.deepspeed_fields_from_accelerate_config = ",".join(fields)  # as accelerate's launch_command sets it
+        _, env = prepare_deepspeed_cmd_env(args)
+    elif args.multi_gpu or args.use_fsdp:
+        env = prepare_multi_gpu_env(args)
+    return args, defaults, env
+
+
+def test_accelerate_configs_are_valid():
+    """Every shipped accelerate config loads, has only keys accelerate knows, launches the intended mode, and for
+    FSDP / DeepSpeed builds the plugin the training processes would build."""
+    from accelerate.commands.config.config_args import ClusterConfig, load_config_from_file
+    from accelerate.commands.launch import launch_command_parser
+    from accelerate.utils import DeepSpeedPlugin, DistributedType, FullyShardedDataParallelPlugin
+    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+
+    names = {p.name for p in ACCELERATE_CONFIGS}
+    assert {"single_gpu.yaml", "ddp.yaml", "fsdp2_full.yaml", "fsdp2_lora.yaml", "zero2.yaml", "zero3.yaml",
+            "zero3_offload.yaml", "two_nodes_fsdp2.yaml"} <= names  # fmt: skip
+    launch_options = {action.dest for action in launch_command_parser()._actions}
+    seen = set()
+    for path in ACCELERATE_CONFIGS:
+        config = load_config_from_file(str(path))  # refuses unknown top-level keys
+        assert isinstance(config, ClusterConfig), path
+        # Keys inside fsdp_config / deepspeed_config are copied onto launch arguments by name; an unknown one
+        # (a typo) would be silently ignored by accelerate, so refuse it here.
+        for key in config.fsdp_config or {}:
+            assert (key if key.startswith("fsdp_") else f"fsdp_{key}") in launch_options, (path, key)
+        for key in config.deepspeed_config or {}:
+            assert key in launch_options, (path, key)
+        # Every setting line is commented.
+        for line in path.read_text().splitlines():
+            if line.strip() and not line.lstrip().startswith("#") and not line.rstrip().endswith(":"):
+                assert " # " in line, (path, line)
+
+        args, _, env = launch_env(path)
+        seen.add(config.distributed_type)
+        with mock.patch.dict(os.environ, env):
+            if config.distributed_type == DistributedType.FSDP:
+                plugin = FullyShardedDataParallelPlugin()
+                assert plugin.fsdp_version == 2, path
+                assert plugin.auto_wrap_policy is transformer_auto_wrap_policy, path
+                assert plugin.state_dict_type.name == "FULL_STATE_DICT", path  # HF-format save of the whole model
+            if config.distributed_type == DistributedType.DEEPSPEED:
+                ds = DeepSpeedPlugin().deepspeed_config
+                stage = ds["zero_optimization"]["stage"]
+                assert stage in (2, 3), path
+                # From the training config, not the accelerate config (a number here would override it):
+                assert ds["gradient_accumulation_steps"] == "auto", path
+                assert ds["gradient_clipping"] == "auto", path
+                assert "optimizer" not in ds and "scheduler" not in ds, path
+                if stage == 3:
+                    assert ds["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True, path
+                    assert config.deepspeed_config["zero3_init_flag"] is False, path  # see zero3.yaml
+                offload = ds["zero_optimization"]["offload_optimizer"]["device"]
+                assert offload == ("cpu" if "offload" in path.name else "none"), path
+        if config.num_machines > 1:
+            assert config.num_processes % config.num_machines == 0 and config.main_process_ip, path
+            # what torchrun gets on each node: --nnodes 2 --nproc_per_node 8 --node_rank R --master_addr IP
+            assert (args.num_machines, args.num_processes // args.num_machines) == (2, 8), path
+            assert args.main_process_ip == config.main_process_ip and args.machine_rank == 0, path
+    assert {DistributedType.NO, DistributedType.MULTI_GPU, DistributedType.FSDP, DistributedType.DEEPSPEED} <= seen
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# DPO, SFT and PT under DDP: the runs (shared by the tests below)
+
+# One 2-process launch runs the scripts' main() one after the other (a start-up of two Python processes importing
+# torch and transformers costs more than all the training here); each builds its own Accelerator on the same gloo
+# group of processes. test_fsdp2_* launches train_dpo.py itself as a script.
+DRIVER = """
+import json, os, sys
+from accelerate.state import AcceleratorState, PartialState
+
+# One process group for all the runs: end_training() would destroy it, and forming it again hangs under torchrun.
+no_op = lambda self, group=None: None
+PartialState.destroy_process_group = AcceleratorState.destroy_process_group = no_op
+for script, argv, env in json.load(open(sys.argv[1])):
+    os.environ.update(env)
+    __import__(script).main(argv)
+    AcceleratorState._reset_state(reset_partial_state=False)  # the next script builds its own Accelerator
+"""
+
+
+def dpo_options(workdir: Path) -> dict:
+    """Full fine-tuning, AdamW, the reference precomputed (sharded over the processes), eval every 2 steps on 7 pairs
+    (uneven last batch), a checkpoint at step 3 (mid-epoch: 16 pairs are 2 steps)."""
+    return dict(
+        dataset=str(workdir / "dpo_train.jsonl"), eval_dataset=str(workdir / "dpo_eval.jsonl"), eval_steps=2,
+        learning_rate=1e-3, max_length=64, beta=0.1, precompute_ref_logps="true", save_steps=3,
+    )  # fmt: skip
+
+
+def sft_options(workdir: Path) -> dict:
+    """SGD (tolerance 1e-4), chat rows with answers of very different lengths, eval on 5 rows, checkpoint at 3."""
+    return dict(
+        dataset=str(workdir / "sft_train.jsonl"), eval_dataset=str(workdir / "sft_eval.jsonl"), eval_steps=2,
+        optim="sgd", learning_rate=0.5, max_length=128, save_steps=3,
+    )  # fmt: skip
+
+
+def pt_options(workdir: Path) -> dict:
+    """Continued pretraining, AdamW, packed rows of 32 tokens (wrapped: at least 4 steps' worth), eval on 5 rows."""
+    return dict(
+        dataset=str(workdir / "pt_train.jsonl"), eval_dataset=str(workdir / "pt_eval.jsonl"), eval_steps=2,
+        learning_rate=1e-3, max_length=32, packing_strategy="wrapped",
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def runs(workdir, tmp_path_factory):
+    """Every script with 2 processes (batch 2 × accumulation 2) and 1 process (batch 2 × accumulation 4), plus the
+    resumes across process counts: SFT's 1-process checkpoint-3 continued on 2 processes, DPO's 2-process
+    checkpoint-3 continued on 1 process. Returns (root folder, output of the 2-process launch)."""
+    root = tmp_path_factory.mktemp("runs")
+    options = {"dpo": dpo_options(workdir), "sft": sft_options(workdir), "pt": pt_options(workdir)}
+    envs = {name: {"NANODPO_CACHE": str(root / f"cache_{name}")} for name in ("one", "two")}
+
+    # 1 process, in this process: the references (and the SFT checkpoint resumed below on 2 processes).
+    for name in ("dpo", "sft", "pt"):
+        run_one(f"train_{name}.py", common(workdir, root / f"{name}_one", gradient_accumulation_steps=4,
+                                           **options[name]), env=envs["one"])  # fmt: skip
+
+    # 2 processes, one launch.
+    plan = [
+        (f"train_{name}", to_argv(common(workdir, root / f"{name}_two", **options[name])), envs["two"])
+        for name in ("dpo", "sft", "pt")
+    ]
+    resume = dict(resume_from_checkpoint=str(root / "sft_one" / "checkpoint-3"))
+    plan.append(("train_sft", to_argv(common(workdir, root / "sft_resumed_two", **options["sft"], **resume)), {}))
+    (root / "plan.json").write_text(json.dumps(plan))
+    (root / "driver.py").write_text(DRIVER)
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(free_port()), str(root / "driver.py"), str(root / "plan.json"),
+    ]  # fmt: skip
+    output = run(cmd, base_env(ACCELERATE_USE_CPU="1"))
+    assert output.count("accumulation x 2 processes)") == len(plan)  # every run really had 2 processes
+
+    # The 2-process DPO checkpoint continued on 1 process (its reference cache reused).
+    resume = dict(resume_from_checkpoint=str(root / "dpo_two" / "checkpoint-3"))
+    run_one("train_dpo.py", common(workdir, root / "dpo_resumed_one", gradient_accumulation_steps=4,
+                                   **options["dpo"], **resume), env=envs["two"])  # fmt: skip
+    return root, output
+
+
+def test_dpo_two_processes_match_one(runs):
+    root, output = runs
+    assert "global batch: 8 pairs (2 per device x 2 accumulation x 2 processes)" in output
+    two, one = train_records(root / "dpo_two"), train_records(root / "dpo_one")
+    assert len(two) == 4  # only the main process logs: one record per step
+    assert_same_curve(two, one, rtol=3e-3, label="dpo train")
+    assert two[-1]["loss"] < two[0]["loss"]
+
+
+def test_dpo_eval_counts_every_pair_once(runs):
+    """7 eval pairs, batch 2 per process: the copies padding the last batch are dropped again (a pair counted twice
+    or dropped would move the log-prob means by about 1/7 of the spread between pairs)."""
+    root, output = runs
+    assert "eval pairs: 7" in output
+    two, one = eval_records(root / "dpo_two"), eval_records(root / "dpo_one")
+    assert [r["step"] for r in two] == [2, 4]
+    assert_same_curve(two, one, rtol=3e-3, label="dpo eval")
+
+
+def test_dpo_reference_precompute_sharded_gives_the_same_cache(runs):
+    """Each process scores half of the batches; gathered in order, the cache equals one process's: the same files
+    (the same cache keys) with the same values, for the train and the eval set."""
+    root, _ = runs
+    two = {p.name: load_file(p) for p in (root / "cache_two" / "ref_logps").glob("*.safetensors")}
+    one = {p.name: load_file(p) for p in (root / "cache_one" / "ref_logps").glob("*.safetensors")}
+    assert len(two) == 2 and two.keys() == one.keys()
+    assert sorted(t["ref_chosen_logps"].numel() for t in two.values()) == [7, 16]
+    for name in two:
+        for key in ("ref_chosen_logps", "ref_rejected_logps"):
+            torch.testing.assert_close(two[name][key], one[name][key], rtol=1e-6, atol=1e-5)
+
+
+def test_dpo_main_process_writes_once(runs):
+    root, output = runs
+    for out in (root / "dpo_two", root / "dpo_one"):
+        assert (out / "model.safetensors").exists() and (out / "checkpoint-3").is_dir()
+    final_two = load_file(root / "dpo_two" / "model.safetensors")
+    final_one = load_file(root / "dpo_one" / "model.safetensors")
+    for name, tensor in final_one.items():
+        torch.testing.assert_close(final_two[name], tensor, rtol=0, atol=1e-4, msg=name)
+    assert output.count("done: 4 steps") == 4  # accelerator.print: the main process only, once per run
+
+
+def test_sft_two_processes_match_one(runs):
+    root, output = runs
+    assert "global batch: 8 rows (2 per device x 2 accumulation x 2 processes)" in output
+    two, one = root / "sft_two", root / "sft_one"
+    assert_same_curve(train_records(two), train_records(one), rtol=1e-4, label="sft train")
+    assert_same_curve(eval_records(two), eval_records(one), rtol=1e-4, label="sft eval")
+
+
+def test_pt_two_processes_match_one(workdir, runs):
+    from transformers import AutoTokenizer
+
+    from nanodpo.packing import Document, pack_documents
+
+    tokenizer = AutoTokenizer.from_pretrained(workdir / "model")
+    docs = [Document(tokenizer(r["text"])["input_ids"] + [tokenizer.eos_token_id]) for r in pt_rows(48)]
+    assert len(pack_documents(docs, 32, "wrapped", "split")) >= 32  # 4 steps of 8 rows, no partial step
+    root, _ = runs
+    two, one = root / "pt_two", root / "pt_one"
+    assert_same_curve(train_records(two), train_records(one), rtol=3e-3, label="pt train")
+    assert_same_curve(eval_records(two), eval_records(one), rtol=3e-3, label="pt eval")
+
+
+def assert_resumed_step_matches(root: Path, resumed: str, original: str) -> None:
+    """Step 4 of the resumed run equals step 4 of the run the checkpoint came from: same weights and optimizer state
+    after step 3, the same global batch and so the same examples in step 4 — within 1e-5, like any step computed from
+    the same weights in another layout."""
+    records = train_records(root / resumed)
+    assert [r["step"] for r in records] == [4], resumed
+    assert_same_curve(records, train_records(root / original)[3:], rtol=1e-5, label=f"resume {resumed}")
+
+
+def test_checkpoint_of_one_process_resumes_on_two(runs):
+    root, output = runs
+    assert "resuming a 1-process checkpoint on 2 processes" in output
+    assert_resumed_step_matches(root, "sft_resumed_two", "sft_one")
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="the checkpoint's data position (batches_in_epoch) counts one process's micro-batches; on 1 process with "
+    "twice the accumulation the same position is twice as many batches, so step 4 trains on other pairs",
+)
+def test_checkpoint_of_two_processes_resumes_on_one(runs):
+    root, _ = runs
+    assert_resumed_step_matches(root, "dpo_resumed_one", "dpo_two")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# FSDP2 (CPU, through the shim described at the top)
+
+FSDP_SHIM = """
+import runpy, sys
+import nanodpo.training as training
+from accelerate.state import PartialState
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+_make_accelerator = training.make_accelerator
+
+def make_accelerator(cfg):
+    accelerator = _make_accelerator(cfg)
+    # accelerate enables FSDP for GPU-like devices only; on CPU (gloo) turn it on with the env's FSDP plugin.
+    accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin()
+    accelerator.state.distributed_type = DistributedType.FSDP
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP  # AcceleratorState re-reads it from here
+    print(f"fsdp{accelerator.state.fsdp_plugin.fsdp_version} on {accelerator.device}", flush=True)
+    return accelerator
+
+training.make_accelerator = make_accelerator
+script, sys.argv = sys.argv[1], sys.argv[1:]
+runpy.run_path(script, run_name="__main__")
+"""
+
+
+def test_fsdp2_lora_dpo_two_processes_match_one(workdir, tmp_path):
+    """LoRA DPO under FSDP2 (configs/accelerate/fsdp2_lora.yaml): sharded base + adapter, the reference is the sharded
+    model with the adapter disabled, SGD (1e-4); the saved adapter is gathered from the shards."""
+    _, _, env = launch_env(ROOT / "configs" / "accelerate" / "fsdp2_lora.yaml")
+    assert env["ACCELERATE_USE_FSDP"] == "true" and env["FSDP_VERSION"] == "2"
+    fsdp_env = {k: v for k, v in env.items() if k.startswith("FSDP_")}
+    shim = tmp_path / "fsdp_cpu.py"
+    shim.write_text(FSDP_SHIM)
+    options = dict(
+        dataset=str(workdir / "dpo_train.jsonl"), optim="sgd", learning_rate=0.5, max_length=64, beta=0.1,
+        use_lora="true", lora_r=8, lora_alpha=16, max_steps=3,
+        # The readable log-prob path: the fast path projects through lm_head's weight outside lm_head's forward, so
+        # FSDP2 never reshards that unit nor reduce-scatters its gradient (CPU: a segfault in backward with LoRA,
+        # "mixed torch.Tensor and DTensor" in clipping without) — see the issue note.
+        logps_chunk_size=0,
+    )  # fmt: skip
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+        str(shim), str(ROOT / "train_dpo.py"), *to_argv(common(workdir, tmp_path / "two", **options)),
+    ]  # fmt: skip
+    output = run(cmd, base_env(ACCELERATE_USE_CPU="1", **fsdp_env))
+    assert output.count("fsdp2 on cpu") == 2
+    run_one("train_dpo.py", common(workdir, tmp_path / "one", gradient_accumulation_steps=4, **options))
+    assert_same_curve(train_records(tmp_path / "two"), train_records(tmp_path / "one"), rtol=1e-4, label="fsdp2 dpo")
+    two = load_file(tmp_path / "two" / "adapter_model.safetensors")
+    one = load_file(tmp_path / "one" / "adapter_model.safetensors")
+    assert two.keys() == one.keys() and len(one) > 0
+    for name, tensor in one.items():
+        torch.testing.assert_close(two[name], tensor, rtol=0, atol=1e-5, msg=name)
+    assert json.loads((tmp_path / "two" / "adapter_config.json").read_text())["r"] == 8
