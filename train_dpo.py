@@ -214,8 +214,9 @@ def main(argv: list[str] | None = None) -> None:
     step_losses = []
     while state.step < total_steps:
         # On resume, skip the micro-batches of this epoch that the checkpoint had already trained on.
-        for batch in epoch_batches(accelerator, train_loader, state.epoch, skip=state.batches_in_epoch):
-            state.batches_in_epoch += 1
+        # (the loader yields micro-batches: gradient_accumulation_steps of them per optimizer step)
+        skip = state.steps_in_epoch * cfg.gradient_accumulation_steps
+        for batch in epoch_batches(accelerator, train_loader, state.epoch, skip=skip):
             with accelerator.accumulate(policy):
                 loss, metrics = dpo_step(policy, ref_model, batch, cfg, accelerator)
                 # Divides by gradient_accumulation_steps: the step's objective is the mean of its micro-batch losses.
@@ -275,7 +276,7 @@ def main(argv: list[str] | None = None) -> None:
                 break
         else:
             state.epoch += 1
-            state.batches_in_epoch = 0
+            state.steps_in_epoch = 0
     stop.restore()
     progress.close()
     tracker.close()

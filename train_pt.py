@@ -231,10 +231,10 @@ def main(argv: list[str] | None = None) -> None:
     def step_batches():
         """(epoch, one optimizer step's rows) from the data position in `state` on, epoch after epoch."""
         if cfg.streaming:
-            yield from stream_step_batches(cfg, tokenizer, accelerator, state.epoch, state.batches_in_epoch)
+            yield from stream_step_batches(cfg, tokenizer, accelerator, state.epoch, state.steps_in_epoch)
             return
         for epoch in itertools.count(state.epoch):
-            skipped = state.batches_in_epoch if epoch == state.epoch else 0
+            skipped = state.steps_in_epoch if epoch == state.epoch else 0
             for step_rows in epoch_batches(accelerator, loader, epoch, skip=skipped):
                 yield epoch, step_rows
 
@@ -253,8 +253,7 @@ def main(argv: list[str] | None = None) -> None:
     interval_start, interval_tokens = time.perf_counter(), 0
     for epoch, step_rows in step_batches():
         if epoch != state.epoch:
-            state.epoch, state.batches_in_epoch = epoch, 0
-        state.batches_in_epoch += 1
+            state.epoch, state.steps_in_epoch = epoch, 0
         loss, grad_norm, real_tokens, update_ok = lm_optimizer_step(
             model, optimizer, step_rows, collate, cfg, accelerator, train_means
         )

@@ -132,8 +132,7 @@ def main(argv: list[str] | None = None) -> None:
     start_time = time.perf_counter()
     while state.step < total_steps:
         # On resume, skip the steps of this epoch that the checkpoint had already trained on.
-        for step_examples in epoch_batches(accelerator, train_loader, state.epoch, skip=state.batches_in_epoch):
-            state.batches_in_epoch += 1
+        for step_examples in epoch_batches(accelerator, train_loader, state.epoch, skip=state.steps_in_epoch):
             loss, grad_norm, real_tokens, update_ok = lm_optimizer_step(
                 model, optimizer, step_examples, collate, cfg, accelerator, train_means
             )
@@ -170,7 +169,7 @@ def main(argv: list[str] | None = None) -> None:
                 break
         else:
             state.epoch += 1
-            state.batches_in_epoch = 0
+            state.steps_in_epoch = 0
     stop.restore()
     progress.close()
     tracker.close()

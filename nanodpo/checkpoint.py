@@ -53,7 +53,8 @@ class RunState:
 
     step: int = 0  # optimizer steps done (including skipped non-finite ones)
     epoch: int = 0
-    batches_in_epoch: int = 0  # loader batches of the current epoch already consumed (the data position)
+    steps_in_epoch: int = 0  # optimizer steps done in the current epoch (the data position; independent of the
+    # process count: with the same global batch, step k covers the same examples on 1 or n processes)
     num_tokens: int = 0
     nonfinite_in_a_row: int = 0
     nonfinite_total: int = 0
@@ -73,6 +74,7 @@ class RunState:
             self.nonfinite_in_a_row += 1
             self.nonfinite_total += 1
         self.step += 1
+        self.steps_in_epoch += 1
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -338,7 +340,7 @@ def load_checkpoint(accelerator, model, optimizer, scheduler, cfg, path: Path, g
         rng_file = path / "rng_state_0.pth"
     _set_rng_state(torch.load(rng_file, weights_only=True))
     saved.world_size = accelerator.num_processes
-    accelerator.print(f"resumed from {path} at step {saved.step} (epoch {saved.epoch}, batch {saved.batches_in_epoch})")
+    accelerator.print(f"resumed from {path} at step {saved.step} (epoch {saved.epoch}, step {saved.steps_in_epoch} of it)")
     return saved
 
 

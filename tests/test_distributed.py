@@ -457,11 +457,6 @@ def test_checkpoint_of_one_process_resumes_on_two(runs):
     assert_resumed_step_matches(root, "sft_resumed_two", "sft_one")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the checkpoint's data position (batches_in_epoch) counts one process's micro-batches; on 1 process with "
-    "twice the accumulation the same position is twice as many batches, so step 4 trains on other pairs",
-)
 def test_checkpoint_of_two_processes_resumes_on_one(runs):
     root, _ = runs
     assert_resumed_step_matches(root, "dpo_resumed_one", "dpo_two")
