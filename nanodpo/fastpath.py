@@ -66,6 +66,12 @@ def fast_path_unsupported(model: nn.Module) -> str | None:
         return f"{type(base).__name__} has no get_decoder/get_output_embeddings"
     if "logits_to_keep" not in inspect.signature(base.forward).parameters:
         return f"{type(base).__name__}.forward has no logits_to_keep argument"
+    for param in base.parameters():
+        # FSDP2 (DTensor) and ZeRO-3 (ds_id) shard the LM head; the fast path reads its weight outside the head's
+        # own forward, which their gather hooks do not see.
+        if type(param).__name__ == "DTensor" or hasattr(param, "ds_id"):
+            return "the weights are sharded (FSDP2 / ZeRO-3)"
+        break
     config = getattr(base, "config", None)
     for name in _LOGIT_POSTPROCESSING:
         value = getattr(config, name, None)
