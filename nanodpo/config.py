@@ -71,7 +71,7 @@ class TrainConfig:
     gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory.")
     disable_dropout: bool = opt(True, "Set every dropout probability in the model to 0 (as TRL does by default).")
     logps_chunk_size: int = opt(
-        1024,
+        256,
         "Fast log-prob path: the LM head is applied only at scored tokens, this many at a time, so the "
         "[batch, seq, vocab] logits never exist. 0 = the readable path (full logits; nanodpo/logps.py).",
     )

@@ -36,7 +36,7 @@ from torch import nn
 
 from nanodpo.logps import TokenStats
 
-DEFAULT_CHUNK_SIZE = 1024  # tokens per LM-head chunk: 1024 x 151,936 fp32 logits = 0.6 GB, the most ever held
+DEFAULT_CHUNK_SIZE = 256  # tokens per LM-head chunk: 256 x 151,936 fp32 logits = 156 MB per buffer (two at most)
 
 # Models whose logits are not just lm_head(hidden): a soft cap or a scale after the head. The fast path would give
 # other numbers, so these use the readable path.
@@ -119,14 +119,71 @@ def _rowwise_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a.unsqueeze(1) @ b.unsqueeze(2)).view(-1)
 
 
+UNSHIFTED_LIMIT = 50.0  # |row max logit| below this: exp(logits) is safe without subtracting the max
+
+
+def _unshifted(top: torch.Tensor) -> bool:
+    """exp(logits) directly (no max-subtraction pass) when every row's max logit is within ±UNSHIFTED_LIMIT: no
+    overflow (e^50 · 151,936 ≪ fp32's 3.4e38, also through the backward's e @ W) and the largest term of every
+    row far from underflow. Real LM logits sit well inside; anything else takes the shifted path."""
+    return top.numel() == 0 or bool(top.abs().max() < UNSHIFTED_LIMIT)
+
+
+def _exp_shifted(logits: torch.Tensor, top: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """e = exp(logits) (or exp(logits - top) when `_unshifted` says no) into `out`; p = e / Σ e either way."""
+    if _unshifted(top):
+        return torch.exp(logits, out=out) if out is not None else torch.exp(logits)
+    shifted = torch.sub(logits, top.unsqueeze(1), out=out) if out is not None else logits - top.unsqueeze(1)
+    return shifted.exp_()
+
+
 def _autocast_state(device_type: str) -> tuple[bool, torch.dtype]:
     return torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
 
 
-def _grad_logits(logits: torch.Tensor, lse: torch.Tensor, labels: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """g · d log p(y) / d logits = g · (onehot(y) - softmax(logits)), fp32 [C, V]; softmax = exp(logits - lse)."""
-    grad = torch.exp(logits.detach().float() - lse.unsqueeze(1)).mul_(-g.unsqueeze(1))
-    return grad.scatter_add_(1, labels.unsqueeze(1), g.unsqueeze(1))
+_SCRATCH: dict[tuple, torch.Tensor] = {}
+
+
+def scratch(name: str, rows: int, cols: int, like: torch.Tensor) -> torch.Tensor:
+    """A [rows, cols] fp32 buffer kept between calls (one per name and device): the vocab-sized buffers of the chunk
+    loop are allocated once per process instead of on every call (on CPU a fresh 150 MB tensor is first of all tens
+    of thousands of page faults). Its contents are garbage; callers overwrite them."""
+    key = (name, like.device)
+    buffer = _SCRATCH.get(key)
+    if buffer is None or buffer.shape[1] != cols or buffer.shape[0] < rows:
+        _SCRATCH.pop(key, None)  # (free the old one before allocating its replacement)
+        buffer = _SCRATCH[key] = torch.empty(rows, cols, dtype=torch.float32, device=like.device)
+    return buffer[:rows]
+
+
+class _Projection:
+    """The head applied to one chunk, giving fp32 logits [C, V].
+
+    A plain fp32 nn.Linear without autocast writes into one reused buffer (`torch.mm(..., out=)`): no fresh
+    vocab-sized allocation per chunk (a new 0.5 GB tensor is page faults before it is anything else). Any other head
+    (or a Linear with hooks) is called as a module, under the autocast state of the forward pass.
+    """
+
+    def __init__(self, head: nn.Module, hidden: torch.Tensor, chunk_size: int, autocast: tuple[bool, torch.dtype]):
+        self.head, self.autocast, self.device_type = head, autocast, hidden.device.type
+        weight = getattr(head, "weight", None)
+        hooked = head._forward_hooks or head._forward_pre_hooks or hasattr(head, "_hf_hook")  # (offloading etc.)
+        self.buffered = (
+            _plain_linear(head) and not hooked and not autocast[0] and weight.dtype == hidden.dtype == torch.float32
+        )
+        rows = min(chunk_size, hidden.shape[0])
+        self.buffer = scratch("logits", rows, weight.shape[0], hidden) if self.buffered else None
+
+    def raw(self, h: torch.Tensor) -> torch.Tensor:
+        """The head's output in its own dtype (bf16 under bf16 autocast)."""
+        if self.buffered:
+            out = torch.mm(h, self.head.weight.t(), out=self.buffer[: h.shape[0]])
+            return out if self.head.bias is None else out.add_(self.head.bias)
+        with torch.autocast(self.device_type, dtype=self.autocast[1], enabled=self.autocast[0]):
+            return self.head(h)
+
+    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        return self.raw(h).float()
 
 
 class ChunkedLabelLogps(torch.autograd.Function):
@@ -137,36 +194,56 @@ class ChunkedLabelLogps(torch.autograd.Function):
          is_top1 (0/1), log_sum_sq_probs (empty tensors when not asked for).
     params: the tensors the head's gradient goes to (`head_params`). The head runs under the caller's autocast
     state (bf16 logits under bf16 autocast, as in the readable path); everything after it is fp32.
+
+    Per chunk, with e = exp(logits - max) and s = Σ e (so p = e / s and lse = max + log s):
+        log p(y) = logits[y] - lse          entropy = lse - Σ e·logits / s          log Σ p² = log Σ e² - 2 log s
+    and in backward, with g the incoming gradient of each token's log p(y) and P = exp(logits - lse):
+        grad_hidden = g · (W[y] - P @ W)        grad_W = Σ_tokens g·h at row y  -  Pᵀ @ (g·h)
+    (the per-token g scales the small [C, H] side, never the [C, V] one). A frozen plain head (LoRA elsewhere)
+    needs only grad_hidden, whose g-free part W[y] - P @ W is kept from the forward: its backward projects nothing.
     """
 
     @staticmethod
     def forward(ctx, hidden, labels, head, chunk_size, want_metrics, want_sum_sq, *params):
-        device_type = hidden.device.type
-        ctx.autocast = _autocast_state(device_type)
+        ctx.autocast = _autocast_state(hidden.device.type)
         ctx.rng_state = torch.get_rng_state()  # a head with dropout recomputes the same masks in backward
         ctx.cuda_rng_state = torch.cuda.get_rng_state() if hidden.is_cuda else None
+        plain = _plain_linear(head)
+        # (forward runs without grad mode; whether a gradient will be asked for is known from the inputs)
+        keep_grad_hidden = plain and hidden.requires_grad and not any(p.requires_grad for p in params)
         m = hidden.shape[0]
         new = lambda wanted: hidden.new_zeros(m if wanted else 0, dtype=torch.float32)  # noqa: E731
-        logps, lse = new(True), new(True)
+        logps, lse, top = new(True), new(True), new(True)
         entropy, mean_logits, is_top1, sum_sq = new(want_metrics), new(want_metrics), new(want_metrics), new(want_sum_sq)
-        for start in range(0, m, chunk_size):
-            rows = slice(start, start + chunk_size)
-            logits = head(hidden[rows])  # [C, V]: the only vocab-sized tensors live inside this loop body
-            with torch.autocast(device_type, enabled=False):
-                logits = logits.float()
-                lse[rows] = torch.logsumexp(logits, dim=-1)
-                logps[rows] = logits.gather(1, labels[rows].unsqueeze(1)).squeeze(1) - lse[rows]
+        grad_hidden_part = torch.zeros_like(hidden, dtype=torch.float32) if keep_grad_hidden else None
+        project = _Projection(head, hidden, chunk_size, ctx.autocast)
+        if project.buffered and want_metrics:
+            weight_mean = head.weight.mean(0)
+            bias_mean = head.bias.mean() if head.bias is not None else 0.0
+        work = scratch("work", min(chunk_size, m), head.weight.shape[0], hidden) if plain else None
+        with torch.autocast(hidden.device.type, enabled=False):
+            for start in range(0, m, chunk_size):
+                rows = slice(start, start + chunk_size)
+                h, y = hidden[rows], labels[rows]
+                logits = project(h)  # [C, V]: the vocab-sized tensors live only in this loop body
+                top[rows] = logits.amax(dim=-1)
+                target = logits.gather(1, y.unsqueeze(1)).squeeze(1)
+                e = _exp_shifted(logits, top[rows], out=work[: h.shape[0]] if work is not None else None)
+                total = e.sum(-1)
+                lse[rows] = total.log() + (0.0 if _unshifted(top[rows]) else top[rows])
+                logps[rows] = target - lse[rows]
                 if want_metrics:
-                    mean_logits[rows] = logits.mean(-1)
-                    is_top1[rows] = (logits.argmax(-1) == labels[rows]).float()
-                if want_metrics or want_sum_sq:
-                    probs = torch.exp(logits - lse[rows].unsqueeze(1))
-                    if want_metrics:  # H = -Σ p·log p = lse - Σ p·logits
-                        entropy[rows] = lse[rows] - _rowwise_dot(probs, logits)
-                    if want_sum_sq:
-                        sum_sq[rows] = torch.log(_rowwise_dot(probs, probs))
-        ctx.head, ctx.chunk_size = head, chunk_size
-        ctx.lse = lse  # [M] fp32: backward's softmax is exp(logits - lse), no second reduction
+                    # mean over the vocabulary: h · mean_v(W_v) (+ mean bias) — no pass over [C, V] for it
+                    mean_logits[rows] = h.float() @ weight_mean + bias_mean if project.buffered else logits.mean(-1)
+                    is_top1[rows] = (target >= top[rows]).float()
+                    entropy[rows] = lse[rows] - _rowwise_dot(e, logits) / total
+                if want_sum_sq:
+                    sum_sq[rows] = _rowwise_dot(e, e).log() - 2 * total.log()
+                if keep_grad_hidden:
+                    weight = head.weight.float()
+                    grad_hidden_part[rows] = weight[y] - (e @ weight) / total.unsqueeze(1)
+        ctx.head, ctx.chunk_size, ctx.lse, ctx.top = head, chunk_size, lse, top  # [M] fp32 each: P = exp(logits - lse)
+        ctx.grad_hidden_part = grad_hidden_part
         ctx.save_for_backward(hidden, labels, *params)
         ctx.mark_non_differentiable(entropy, mean_logits, is_top1, sum_sq)
         return logps, entropy, mean_logits, is_top1, sum_sq
@@ -174,48 +251,69 @@ class ChunkedLabelLogps(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_logps, *unused_metric_grads):
         hidden, labels, *params = ctx.saved_tensors
-        head, chunk_size, lse = ctx.head, ctx.chunk_size, ctx.lse
+        head, chunk_size, lse, top = ctx.head, ctx.chunk_size, ctx.lse, ctx.top
         want_hidden, want_params = ctx.needs_input_grad[0], list(ctx.needs_input_grad[6:])
+        no_grads = (None,) * 5  # labels, head, chunk_size, want_metrics, want_sum_sq
+        g_all = grad_logps.float() if grad_logps is not None else None
+        if ctx.grad_hidden_part is not None:  # frozen plain head: everything was prepared in forward
+            grad_hidden = (g_all.unsqueeze(1) * ctx.grad_hidden_part).to(hidden.dtype) if want_hidden else None
+            return (grad_hidden, *no_grads, *[None] * len(params))
         grad_hidden = torch.zeros_like(hidden) if want_hidden else None
         grad_params = [torch.zeros_like(p) if want else None for p, want in zip(params, want_params)]
-        no_grads = (None,) * 5  # labels, head, chunk_size, want_metrics, want_sum_sq
-        if grad_logps is None or not (want_hidden or any(want_params)):
+        if g_all is None or not (want_hidden or any(want_params)):
             return (grad_hidden, *no_grads, *grad_params)
-        device_type = hidden.device.type
-        enabled, dtype = ctx.autocast
         plain = _plain_linear(head)
-        weight = None  # a plain head's weight in its logits' dtype (cast once, not per chunk)
+        project = _Projection(head, hidden, chunk_size, ctx.autocast)
+        weight = None  # a plain head's weight in the dtype of its logits (cast once, not per chunk)
         with torch.random.fork_rng(devices=[hidden.device] if hidden.is_cuda else []):
             torch.set_rng_state(ctx.rng_state)
             if ctx.cuda_rng_state is not None:
                 torch.cuda.set_rng_state(ctx.cuda_rng_state)
             for start in range(0, hidden.shape[0], chunk_size):
                 rows = slice(start, start + chunk_size)
-                g = grad_logps[rows].float()
-                h = hidden[rows]
+                h, y, g = hidden[rows], labels[rows], g_all[rows]
                 if plain:  # the matmuls written out: no autograd graph, gradients accumulated in place
-                    with torch.autocast(device_type, dtype=dtype, enabled=enabled):
-                        logits = head(h)
-                    grad_logits = _grad_logits(logits, lse[rows], labels[rows], g).to(logits.dtype)
+                    logits = project.raw(h)  # a fresh tensor (or the reused buffer): ours to overwrite
+                    dtype = logits.dtype
+                    # P = e · scale: e = exp(logits) (scale = exp(-lse), folded into the small [C, H] side) or,
+                    # for logits too large for that, e = exp(logits - lse) (scale = 1)
+                    logits = logits.float()
+                    if _unshifted(top[rows]):
+                        e, scale = logits.exp_(), torch.exp(-lse[rows])
+                    else:
+                        e, scale = logits.sub_(lse[rows].unsqueeze(1)).exp_(), torch.ones_like(g)
+                    e = e.to(dtype)
                     if weight is None:
-                        weight = params[0].to(logits.dtype)
+                        weight = params[0].to(dtype)
                     if want_hidden:
-                        grad_hidden[rows] = (grad_logits @ weight).to(hidden.dtype)
+                        grad_h = weight[y].float() - (e @ weight).float() * scale.unsqueeze(1)
+                        grad_hidden[rows] = (g.unsqueeze(1) * grad_h).to(hidden.dtype)
+                    g_h = g.unsqueeze(1) * h.float()  # the onehot part: + g·h at row y
                     if want_params[0]:
-                        grad_params[0].add_((grad_logits.t() @ h.to(logits.dtype)).to(params[0].dtype))
+                        grad_w = grad_params[0]
+                        scaled = ((g * scale).unsqueeze(1) * h.float()).to(dtype)
+                        if dtype == grad_w.dtype:
+                            grad_w.addmm_(e.t(), scaled, alpha=-1)  # in place: no [V, H] temporary per chunk
+                        else:
+                            grad_w.sub_((e.t() @ scaled).to(grad_w.dtype))
+                        grad_w.index_add_(0, y, g_h.to(grad_w.dtype))
                     if len(params) > 1 and want_params[1]:
-                        grad_params[1].add_(grad_logits.sum(0).to(params[1].dtype))
+                        grad_params[1].index_add_(0, y, g.to(params[1].dtype))
+                        grad_params[1].sub_(((g * scale).to(dtype) @ e).to(params[1].dtype))
                     continue
                 # any other head (LoRA: base + B@A·scale, dropout): autograd through one chunk's module call
                 with torch.enable_grad():
                     h_leaf = h.detach().requires_grad_(want_hidden)
-                    with torch.autocast(device_type, dtype=dtype, enabled=enabled):
+                    with torch.autocast(h.device.type, dtype=ctx.autocast[1], enabled=ctx.autocast[0]):
                         logits = head(h_leaf)
-                    grad_logits = _grad_logits(logits, lse[rows], labels[rows], g).to(logits.dtype)
+                    # g · (onehot(y) - P)
+                    grad_logits = torch.exp(logits.detach().float() - lse[rows].unsqueeze(1)).mul_(-g.unsqueeze(1))
+                    grad_logits.scatter_add_(1, y.unsqueeze(1), g.unsqueeze(1))
                     wanted = [p for p, want in zip(params, want_params) if want]
                     grads = torch.autograd.grad(
-                        logits, ([h_leaf] if want_hidden else []) + wanted, grad_logits, allow_unused=True
-                    )
+                        logits, ([h_leaf] if want_hidden else []) + wanted, grad_logits.to(logits.dtype),
+                        allow_unused=True,
+                    )  # fmt: skip
                 grads = list(grads)
                 if want_hidden:
                     grad_hidden[rows] = grads.pop(0)

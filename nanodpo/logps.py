@@ -12,7 +12,9 @@ A causal LM's logits at position t predict token t+1, so everything is shifted b
 Shapes: N sequences, T tokens, V vocabulary -> logits [N, T, V], everything per-token is [N, T-1].
 The sequence log-prob log π(y|x) is the masked sum of `logps` over the completion (`sequence_logps`).
 
-This file is the readable path: it takes the full `[N, T, V]` logits (what `model(...).logits` returns).
+This file is the readable path: it takes the full `[N, T, V]` logits (what `model(...).logits` returns). It is the
+teaching code and the oracle; training uses the fast path by default (nanodpo/fastpath.py: the LM head only at scored
+tokens, a chunk at a time, the same TokenStats within 1e-5; `--logps_chunk_size 0` selects this file instead).
 """
 
 from dataclasses import dataclass

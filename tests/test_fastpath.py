@@ -89,6 +89,24 @@ def test_equal_to_readable_path(tokenizer, tied, chunk_size):
     assert "model.embed_tokens.weight" in our_grads
 
 
+def test_large_logits_take_the_shifted_path(tokenizer):
+    """Logits beyond ±UNSHIFTED_LIMIT: exp(logits - max) instead of exp(logits); still equal, no inf/nan."""
+    from nanodpo import fastpath
+
+    model = tiny.make_model(tokenizer)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(300.0)
+    batch = make_batch(len(tokenizer), seed=2)
+    logits = model(input_ids=batch[0]).logits
+    assert logits.abs().amax() > 3 * fastpath.UNSHIFTED_LIMIT
+    ref, ref_grads = stats_and_grads(model, *batch, chunk_size=0)
+    ours, our_grads = stats_and_grads(model, *batch, chunk_size=7)
+    assert torch.isfinite(ours.logps).all()
+    for field in FIELDS:  # log-probs of hundreds: compare at their scale
+        torch.testing.assert_close(getattr(ours, field), getattr(ref, field), rtol=1e-5, atol=1e-4, msg=field)
+    assert_equal_grads(our_grads, ref_grads)
+
+
 @pytest.mark.parametrize("targets", [["q_proj", "lm_head"], ["q_proj", "v_proj"]], ids=["lora_lm_head", "lora_body"])
 def test_lora_equal_to_readable_path(tokenizer, targets):
     """LoRA on the LM head: the head is base + B@A·scale, called as a module per chunk (not read as .weight)."""
@@ -132,21 +150,31 @@ def test_lora_head_dropout_recomputed_identically(tokenizer):
         assert (ours - ref).abs().max() <= 1e-5 * ref.abs().max()
 
 
-def test_no_head_call_sees_more_than_one_chunk(tokenizer):
+@pytest.mark.parametrize("hooked", [False, True], ids=["buffered", "module_call"])
+def test_no_head_call_sees_more_than_one_chunk(tokenizer, monkeypatch, hooked):
+    """Every projection (forward and backward's recompute) covers at most chunk_size tokens; a plain fp32 head
+    writes into one reused buffer, a head with hooks is called as a module."""
+    from nanodpo import fastpath
+
     model = tiny.make_model(tokenizer)
     ids, attention, loss_mask = make_batch(len(tokenizer))
     sizes = []
-    handle = model.lm_head.register_forward_hook(lambda m, args, out: sizes.append(args[0].shape[:-1].numel()))
-    try:
-        stats = fast_token_stats(model, {"input_ids": ids, "attention_mask": attention}, ids, loss_mask, None, 6)
-        stats.logps.sum().backward()
-    finally:
+    original = fastpath._Projection.raw
+
+    def recording(self, h):
+        sizes.append((h.shape[0], self.buffered))
+        return original(self, h)
+
+    monkeypatch.setattr(fastpath._Projection, "raw", recording)
+    handle = model.lm_head.register_forward_hook(lambda *args: None) if hooked else None
+    stats = fast_token_stats(model, {"input_ids": ids, "attention_mask": attention}, ids, loss_mask, None, 6)
+    stats.logps.sum().backward()
+    if handle is not None:
         handle.remove()
     scored = int(loss_mask[:, 1:].sum())
-    # HF's own call projects zero positions; ours: ceil(scored/6) chunks forward + the same again in backward
-    assert sizes[0] == 0
-    assert max(sizes[1:]) <= 6
-    assert sum(sizes[1:]) == 2 * scored
+    assert max(n for n, _ in sizes) <= 6
+    assert sum(n for n, _ in sizes) == 2 * scored  # each scored token: once forward, once in backward
+    assert {buffered for _, buffered in sizes} == {not hooked}
 
 
 def test_no_scored_tokens_and_frozen_head(tokenizer):
