@@ -44,7 +44,7 @@ VOCAB_SIZE = 151_936  # Qwen2.5
 
 SIZES = {
     # hidden, layers, heads, kv heads, MLP width; pairs (or rows) per micro-batch; steps; repetitions; length scale
-    "default": dict(hidden=128, layers=4, heads=4, kv_heads=2, intermediate=512, batch=2, steps=3, reps=3, scale=1.0),
+    "default": dict(hidden=64, layers=4, heads=4, kv_heads=2, intermediate=256, batch=2, steps=3, reps=3, scale=1.0),
     "quick": dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=256, batch=2, steps=3, reps=1, scale=0.25),
 }
 IMPLEMENTATIONS = {"dpo": ["nanodpo", "trl"], "sft": ["nanodpo", "trl"], "pt": ["nanodpo", "hf"]}
@@ -251,8 +251,14 @@ def step_rows(task: str, spec: dict) -> list[list]:
         cfg = parse_config(DPOConfig, argv)
         examples = load_preference_data(cfg, load_tokenizer(cfg))
         collate = PreferenceCollator(0, cfg.max_length)
-        groups = [sequences_of(collate(examples[i : i + batch])) for i in range(0, batch * steps, batch)]
-        return [[_make_row([(seq, seq) for seq in group])] for group in groups]
+        steps_out = []
+        for i in range(0, batch * steps, batch):
+            collated = collate(examples[i : i + batch])
+            masks = collated["completion_mask"].tolist()
+            sequences = sequences_of(collated)
+            labels = [[t if m else -100 for t, m in zip(seq, mask)] for seq, mask in zip(sequences, masks)]
+            steps_out.append([_make_row(list(zip(sequences, labels)))])  # labels: the completion tokens
+        return steps_out
     if task == "sft":
         from nanodpo.sft_data import load_sft_data
 
@@ -274,9 +280,15 @@ def run_plain(task: str, spec: dict) -> tuple[list[float], list[dict]]:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from nanodpo.packing import collate_packed
+    from nanodpo.packing import PackedRow, collate_packed
 
     steps = step_rows(task, spec)
+    if task == "dpo":  # the plain step scores every token (labels = input_ids; not a document's first one)
+        steps = [
+            [PackedRow(r.input_ids, [-100 if p == 0 else t for t, p in zip(r.input_ids, r.position_ids)],
+                       r.position_ids, r.seq_lens) for r in rows]
+            for rows in steps
+        ]  # fmt: skip
     model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32, attn_implementation="sdpa")
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=hyperparameters(task, spec)["learning_rate"])
@@ -316,14 +328,57 @@ def worker(args) -> None:
 # The driver.
 
 
-def step_tokens(task: str, spec: dict) -> list[int]:
-    """Real tokens of every optimizer step (the same for every implementation: same data, same order)."""
+def step_tokens(task: str, spec: dict) -> dict:
+    """Per optimizer step (the same for every implementation: same data, same order): real tokens, and the model
+    FLOPs of the training it does (`model_flops`), for MFU."""
     code = (
-        "import json, sys; from nanodpo.bench import step_rows; "
-        f"steps = step_rows({task!r}, json.loads(sys.argv[1])); "
-        "print('BENCH_RESULT ' + json.dumps([sum(len(row) for row in rows) for rows in steps]))"
+        "import json, sys; from nanodpo.bench import model_flops, step_rows; spec = json.loads(sys.argv[1]); "
+        f"steps = step_rows({task!r}, spec); "
+        "print('BENCH_RESULT ' + json.dumps({'tokens': [sum(len(row) for row in rows) for rows in steps], "
+        f"'flops': model_flops({task!r}, spec, steps)}}))"
     )
     return _run([sys.executable, "-c", code, json.dumps(spec)])
+
+
+def model_flops(task: str, spec: dict, steps: list[list]) -> dict[str, list[float]]:
+    """Model FLOPs per step and implementation: 6·N·T for a trained forward+backward, 2·N·T for the reference's
+    forward, where N·T counts the body's parameters over the tokens it runs on (each prompt once) and the LM head's
+    (hidden × vocab) over the tokens it scores (DPO, SFT: completion tokens; PT: all). The same work for nanodpo and
+    TRL (the same training), so their MFU ratio is their speed ratio; recomputation is not counted."""
+    import torch
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(spec["model"])
+    with torch.device("meta"):
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_config(config)
+    head = config.hidden_size * config.vocab_size
+    body = sum(p.numel() for name, p in model.named_parameters() if "embed_tokens" not in name and "lm_head" not in name)
+    flops: dict[str, list[float]] = {}
+    for rows in steps:
+        scored = sum(sum(1 for label in row.labels if label != -100) for row in rows)
+        if task == "dpo":  # body over the unique tokens (prompt once), head over the completion tokens
+            unique = sum(len(row) for row in step_units(spec, rows))
+            for name, factor in (("nanodpo", 8), ("trl", 8), ("nanodpo-precomputed", 6), ("plain", 6)):
+                flops.setdefault(name, []).append(factor * (body * unique + head * scored))
+        else:
+            for name in IMPLEMENTATIONS[task]:
+                flops.setdefault(name, []).append(6 * (body * sum(len(row) for row in rows) + head * scored))
+    return flops
+
+
+def step_units(spec: dict, rows: list) -> list:
+    """The prefix-shared units of one DPO step (its 2B sequences are the documents of `rows[0]`)."""
+    from nanodpo.dpo_packing import shared_unit
+
+    row = rows[0]
+    sequences, start = [], 0
+    for n in row.seq_lens:
+        sequences.append(row.input_ids[start : start + n])
+        start += n
+    b = len(sequences) // 2
+    return [shared_unit(sequences[i], sequences[b + i], i, b + i) for i in range(b)]
 
 
 def _run(cmd: list[str]):
@@ -346,19 +401,35 @@ def run_worker(name: str, task: str, spec: dict) -> dict:
     return _run([sys.executable, "-m", "nanodpo.bench", task, "--worker", name, "--spec", json.dumps(spec)])
 
 
-def summarize(result: dict, tokens: list[int]) -> dict:
+def summarize(result: dict, tokens: list[int], flops: list[float], peak_tflops: float | None) -> dict:
     """Timed steps: all but the first (warm-up)."""
     times = result["times"]
     timed = len(times) - 1
     seconds = times[-1][0] - times[0][0]
     cpu_seconds = times[-1][1] - times[0][1]  # this process's CPU time: less sensitive to a busy shared machine
-    return {
+    summary = {
         "tokens_per_s": sum(tokens[1 : len(times)]) / seconds,
         "steps_per_s": timed / seconds,
         "step_s": seconds / timed,
         "cpu_s_per_step": cpu_seconds / timed,
         "peak_mb": result["peak_mb"],
     }
+    if peak_tflops:
+        summary["mfu"] = sum(flops[1 : len(times)]) / seconds / (peak_tflops * 1e12)
+    return summary
+
+
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0, "L4": 121.0}
+
+
+def default_peak_tflops() -> float | None:
+    """Dense bf16 peak of the GPU, for MFU (None on CPU or an unknown GPU: pass --peak_tflops)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((tflops for key, tflops in PEAK_TFLOPS.items() if key in name), None)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -372,6 +443,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--layers", type=int, help="number of layers")
     parser.add_argument("--max_length", type=int, default=None, help="max tokens per sequence (pt: per packed row)")
     parser.add_argument("--workdir", help="keep the model, data and outputs here (default: a temporary folder)")
+    parser.add_argument("--peak_tflops", type=float, help="peak TFLOPS of the device, for MFU (GPU: known ones)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -395,7 +467,9 @@ def main(argv: list[str] | None = None) -> None:
             **size,
         }  # fmt: skip
         os.environ["NANODPO_CACHE"] = str(workdir / "cache")
-        tokens = step_tokens(task, spec)
+        info = step_tokens(task, spec)
+        tokens, flops = info["tokens"], info["flops"]
+        peak_tflops = args.peak_tflops or default_peak_tflops()
         import torch
 
         device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores"
@@ -415,12 +489,13 @@ def main(argv: list[str] | None = None) -> None:
             order = names if rep == 0 else IMPLEMENTATIONS[task][:: -1 if rep % 2 else 1]
             for name in order:
                 result = run_worker(name, task, spec)
-                runs[name].append(summarize(result, tokens))
+                runs[name].append(summarize(result, tokens, flops[name], peak_tflops))
                 last[name] = result["records"]
                 s = runs[name][-1]
+                mfu = f"  MFU {s['mfu']:.1%}" if "mfu" in s else ""
                 print(
                     f"  rep {rep + 1} {name:20s} {s['tokens_per_s']:9.0f} tok/s  {s['step_s']:7.2f} s/step  "
-                    f"{s['cpu_s_per_step']:7.2f} CPU s/step  peak {s['peak_mb']:8.0f} MB",
+                    f"{s['cpu_s_per_step']:7.2f} CPU s/step  peak {s['peak_mb']:8.0f} MB{mfu}",
                     flush=True,
                 )
         report(task, names, runs, last)
@@ -442,19 +517,31 @@ def report(task: str, names: list[str], runs: dict, last: dict) -> None:
             f"{med[base]['cpu_s_per_step'] / m['cpu_s_per_step']:14.2f}x {m['peak_mb'] / med[base]['peak_mb']:12.2f}x"
         )
     print(f"(medians over repetitions; ratios relative to {base}: tokens/s and memory ours/theirs, CPU time theirs/ours)")
+    if "mfu" in med[names[0]]:
+        print("MFU (model FLOPs: 6·N·T trained + 2·N·T reference; LM head over the scored tokens): " + ", ".join(
+            f"{name} {med[name]['mfu']:.1%}" for name in names
+        ))
     if task == "dpo":
-        plain = med["plain"]["step_s"]
-        print(
-            f"\nDPO step cost relative to one plain training step over the same real tokens: "
-            f"nanodpo {med['nanodpo']['step_s'] / plain:.2f} (online reference), "
-            f"{med['nanodpo-precomputed']['step_s'] / plain:.2f} (precomputed), TRL {med['trl']['step_s'] / plain:.2f}"
-        )
+        for key, what in (("step_s", "wall time"), ("cpu_s_per_step", "CPU time")):
+            plain = med["plain"][key]
+            print(
+                f"{'' if key != 'step_s' else chr(10)}DPO step cost relative to one plain training step over the same "
+                f"real tokens ({what}): nanodpo {med['nanodpo'][key] / plain:.2f} (online reference), "
+                f"{med['nanodpo-precomputed'][key] / plain:.2f} (precomputed), TRL {med['trl'][key] / plain:.2f}"
+            )
     print("\nfinal logged metrics (last step):")
     ours, theirs = last["nanodpo"][-1], last[base][-1]
+    worst = 0.0
     for key in COMPARED[task]:
         if key in ours and key in theirs:
-            gap = abs(ours[key] - theirs[key]) / max(abs(theirs[key]), 1e-8)
+            # A reward is β × a difference of two sums of hundreds of log-probs: its rounding is relative to those.
+            scale = abs(theirs[key])
+            if key.startswith("rewards/"):
+                scale = max(scale, 0.1 * abs(theirs.get("logps/chosen", 0.0)))
+            gap = abs(ours[key] - theirs[key]) / max(scale, 1e-8)
+            worst = max(worst, gap)
             print(f"  {key:22s} nanodpo {ours[key]: .6g}   {base} {theirs[key]: .6g}   relative gap {gap:.1e}")
+    print(f"  -> {'agree' if worst < 1e-3 else 'DISAGREE'} (largest relative gap {worst:.1e}; rewards relative to β·|logps|)")
 
 
 def _cuda() -> bool:

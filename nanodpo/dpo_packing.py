@@ -189,15 +189,15 @@ class PackedPreferenceCollator:
 
 
 def pack_rows(lengths: list[int], widths: tuple[float, ...] = (1.0, 1.25, 1.5, 2.0)) -> list[list[int]]:
-    """Units (by index) per row: best-fit decreasing into rows of `width` × the longest unit, for the width that
-    gives the fewest token slots (rows × row length; ties: the narrower rows, whose dense attention is cheaper)."""
-    best = None
+    """Units (by index) per row: best-fit decreasing into rows of `width` × the longest unit. The narrowest width
+    whose token slots (rows × row length) are within 10% of the fewest wins: a row's attention is dense (its mask
+    only hides the other units), so its cost grows with the square of its length."""
+    options = []
     for width in widths:
         bins = bfd_bins(lengths, int(max(lengths) * width))
-        slots = len(bins) * max(sum(lengths[i] for i in b) for b in bins)
-        if best is None or slots < best[0]:
-            best = (slots, bins)
-    return best[1]
+        options.append((len(bins) * max(sum(lengths[i] for i in b) for b in bins), bins))
+    fewest = min(slots for slots, _ in options)
+    return next(bins for slots, bins in options if slots <= 1.1 * fewest)
 
 
 def packed_model_inputs(model, batch: dict) -> tuple[dict, torch.Tensor | None]:
