@@ -40,7 +40,10 @@ DEFAULT_CHUNK_SIZE = 256  # tokens per LM-head chunk: 256 x 151,936 fp32 logits 
 
 # Models whose logits are not just lm_head(hidden): a soft cap or a scale after the head. The fast path would give
 # other numbers, so these use the readable path.
-_LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+_LOGIT_POSTPROCESSING = (
+    "final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier", "output_multiplier_scale",
+    "lm_head_multiplier",
+)  # fmt: skip
 
 _said_once: set[str] = set()
 
@@ -195,7 +198,8 @@ class ChunkedLabelLogps(torch.autograd.Function):
     params: the tensors the head's gradient goes to (`head_params`). The head runs under the caller's autocast
     state (bf16 logits under bf16 autocast, as in the readable path); everything after it is fp32.
 
-    Per chunk, with e = exp(logits - max) and s = Σ e (so p = e / s and lse = max + log s):
+    Per chunk, with e = exp(logits - shift) and s = Σ e, so p = e / s and lse = shift + log s (shift: the row max,
+    or 0 when every logit is moderate — `_unshifted` — which saves a pass over [C, V]):
         log p(y) = logits[y] - lse          entropy = lse - Σ e·logits / s          log Σ p² = log Σ e² - 2 log s
     and in backward, with g the incoming gradient of each token's log p(y) and P = exp(logits - lse):
         grad_hidden = g · (W[y] - P @ W)        grad_W = Σ_tokens g·h at row y  -  Pᵀ @ (g·h)
@@ -221,6 +225,7 @@ class ChunkedLabelLogps(torch.autograd.Function):
             weight_mean = head.weight.mean(0)
             bias_mean = head.bias.mean() if head.bias is not None else 0.0
         work = scratch("work", min(chunk_size, m), head.weight.shape[0], hidden) if plain else None
+        weight = head.weight.float() if keep_grad_hidden else None
         with torch.autocast(hidden.device.type, enabled=False):
             for start in range(0, m, chunk_size):
                 rows = slice(start, start + chunk_size)
@@ -240,7 +245,6 @@ class ChunkedLabelLogps(torch.autograd.Function):
                 if want_sum_sq:
                     sum_sq[rows] = _rowwise_dot(e, e).log() - 2 * total.log()
                 if keep_grad_hidden:
-                    weight = head.weight.float()
                     grad_hidden_part[rows] = weight[y] - (e @ weight) / total.unsqueeze(1)
         ctx.head, ctx.chunk_size, ctx.lse, ctx.top = head, chunk_size, lse, top  # [M] fp32 each: P = exp(logits - lse)
         ctx.grad_hidden_part = grad_hidden_part
