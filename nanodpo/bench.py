@@ -4,6 +4,7 @@
     python -m nanodpo.bench sft            # train_sft.py vs trl.SFTTrainer
     python -m nanodpo.bench pt             # train_pt.py  vs a plain Hugging Face forward/backward/AdamW loop
     python -m nanodpo.bench dpo --quick    # a smoke run: smaller model and lengths, one repetition
+    python -m nanodpo.bench demo           # the offline demo's pipeline, each stage timed (nanodpo/demo/bench.py)
 
 Same model for both: Qwen2 architecture with Qwen2.5's real vocabulary size (151,936 — the LM head is where most of
 the time and memory of a small model go), a small hidden size and a few layers, random init, fp32 (bf16 on GPU).
@@ -433,6 +434,11 @@ def default_peak_tflops() -> float | None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["demo"]:  # the offline demo's pipeline, timed stage by stage (nanodpo/demo/bench.py)
+        from nanodpo.demo.bench import main as demo_main
+
+        return demo_main(argv[1:])
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("task", choices=["dpo", "sft", "pt"])
     parser.add_argument("--quick", action="store_true", help="smoke run: smaller model and lengths, one repetition")

@@ -12,6 +12,12 @@ trained with). The answer is greedy (the most likely token each time, as `python
 judged by `world.answer_style` (polite / blunt / neither, by marker phrases), `world.on_topic` (mentions what was
 asked about) and `world.is_correct` (states the right fact).
 
+Why about 50% after SFT: the SFT model learned both styles equally, but greedy decoding takes the single most likely
+first token, and the openers are not spread evenly over first tokens — "Ugh" starts two of the four blunt English
+openers, "好" two of the four polite Chinese ones. So greedily the SFT model answers English questions bluntly and
+Chinese ones politely (the report shows both languages); sampling (`nanodpo.chat --temperature 1`) mixes them.
+After DPO both languages are polite.
+
 Generation runs many questions at once: the prompts are left-padded to one length, so every row's next token sits
 in the last column, and each step feeds one new token per row through the KV cache (what `nanodpo.chat` does for
 one conversation, row-wise). A row that has produced its end-of-turn token is finished; the loop stops when all are.
@@ -20,6 +26,7 @@ one conversation, row-wise). A row that has produced its end-of-turn token is fi
 import argparse
 import json
 import sys
+import unicodedata
 from pathlib import Path
 
 import torch
@@ -72,9 +79,17 @@ def style_rate(model_dir, heldout_path, n: int | None = None, batch_size: int = 
     "zh": {...}} with the same rates) and "answers" ([{"question", "answer", "lang", "style", "on_topic",
     "correct"}, ...]).
     """
+    from transformers.utils import logging
+
     from nanodpo.chat import load_for_chat
 
-    model, tokenizer = load_for_chat(model_dir, device="cpu" if not torch.cuda.is_available() else None)
+    bars = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()  # no "Loading weights" bar in the middle of the report
+    try:
+        model, tokenizer = load_for_chat(model_dir)
+    finally:
+        if bars:
+            logging.enable_progress_bar()
     rows = load_heldout(heldout_path, n)
     records = []
     for start in range(0, len(rows), batch_size):
@@ -120,28 +135,34 @@ ROWS = (
 )
 
 
-def format_report(sft: dict, dpo: dict) -> str:
-    """The before/after table of two `style_rate` results, in English and Chinese, with one example each language."""
+def _ljust(text: str, width: int) -> str:
+    """Pad to `width` terminal columns (a Chinese character takes two)."""
+    columns = sum(2 if unicodedata.east_asian_width(ch) in "WF" else 1 for ch in text)
+    return text + " " * max(width - columns, 1)
+
+
+def format_report(sft: dict, dpo: dict, examples: int = 2) -> str:
+    """The before/after table of two `style_rate` results, in English and Chinese, and a few questions whose answer
+    changed style (one per language where there is one)."""
     n = dpo["n"]
     lines = [
         f"polite answers on {n} held-out questions: SFT {sft['polite']:.0%} → DPO {dpo['polite']:.0%}",
         f"{n} 个留出问题中的礼貌回答：SFT {sft['polite']:.0%} → DPO {dpo['polite']:.0%}",
         "",
-        f"{'greedy answers / 贪心解码':34s}{'SFT':>6s}{'DPO':>9s}",
+        f"{_ljust('greedy answers / 贪心解码', 30)}{'SFT':>5s}{'DPO':>9s}",
     ]
     for key, en, zh in ROWS:
-        label = f"{en} / {zh}"
-        # CJK characters take two columns in a terminal: pad by display width.
-        pad = 34 - len(label) - sum(1 for ch in zh if ord(ch) > 0x2E80)
-        lines.append(f"{label}{' ' * max(pad, 1)}{sft[key]:>6.0%}  → {dpo[key]:>5.0%}")
-    for lang in world.LANGS:
-        pair = next(
-            ((s, d) for s, d in zip(sft["answers"], dpo["answers"]) if s["lang"] == lang and s["answer"] != d["answer"]),
-            None,
-        )
-        if pair is None:
-            continue
-        s, d = pair
+        lines.append(f"{_ljust(f'{en} / {zh}', 30)}{sft[key]:>5.0%}  → {dpo[key]:>5.0%}")
+        if key == "polite" and "by_lang" in sft and "by_lang" in dpo:
+            for lang, name in (("en", "English questions / 英文问题"), ("zh", "Chinese questions / 中文问题")):
+                before, after = sft["by_lang"][lang]["polite"], dpo["by_lang"][lang]["polite"]
+                lines.append(f"{_ljust('  ' + name, 30)}{before:>5.0%}  → {after:>5.0%}")
+    # Examples: answers whose style changed, the ones that kept their content (still on topic) first.
+    changed = [(s, d) for s, d in zip(sft["answers"], dpo["answers"]) if s["style"] != d["style"]]
+    changed.sort(key=lambda p: not (p[0]["correct"] and p[1]["correct"]))
+    shown = [next((p for p in changed if p[0]["lang"] == lang), None) for lang in world.LANGS]
+    shown = [p for p in shown if p] + [p for p in changed if p not in shown]
+    for s, d in shown[:examples]:
         lines += ["", f"Q: {s['question']}", f"  SFT: {s['answer']}", f"  DPO: {d['answer']}"]
     return "\n".join(lines)
 
@@ -170,7 +191,8 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(f"error: {path} does not exist (run the demo first: python train_pt.py && python train_sft.py "
                      "&& accelerate launch train_dpo.py)")
     if args.json:
-        result = {name: style_rate(d, args.heldout, args.n) for name, d in (("sft", args.sft_dir), ("dpo", args.dpo_dir))}
+        result = {"sft": style_rate(args.sft_dir, args.heldout, args.n)}
+        result["dpo"] = style_rate(args.dpo_dir, args.heldout, args.n)
         for r in result.values():
             r.pop("answers")
         print(json.dumps(result, indent=2))
