@@ -547,7 +547,8 @@ def report(task: str, names: list[str], runs: dict, last: dict) -> None:
             gap = abs(ours[key] - theirs[key]) / max(scale, 1e-8)
             worst = max(worst, gap)
             print(f"  {key:22s} nanodpo {ours[key]: .6g}   {base} {theirs[key]: .6g}   relative gap {gap:.1e}")
-    print(f"  -> {'agree' if worst < 1e-3 else 'DISAGREE'} (largest relative gap {worst:.1e}; rewards relative to β·|logps|)")
+    note = "; rewards relative to β·|logps|" if task == "dpo" else ""
+    print(f"  -> {'agree' if worst < 1e-3 else 'DISAGREE'} (largest relative gap {worst:.1e}{note})")
 
 
 def _cuda() -> bool:

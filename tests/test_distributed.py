@@ -488,9 +488,14 @@ runpy.run_path(script, run_name="__main__")
 """
 
 
-def test_fsdp2_lora_dpo_two_processes_match_one(workdir, tmp_path):
+@pytest.mark.parametrize("chunk_size", [0, None], ids=["readable", "default"])
+def test_fsdp2_lora_dpo_two_processes_match_one(workdir, tmp_path, chunk_size):
     """LoRA DPO under FSDP2 (configs/accelerate/fsdp2_lora.yaml): sharded base + adapter, the reference is the sharded
-    model with the adapter disabled, SGD (1e-4); the saved adapter is gathered from the shards."""
+    model with the adapter disabled, SGD (1e-4); the saved adapter is gathered from the shards.
+
+    readable: --logps_chunk_size 0, TRL's padded batch. default: no option given — the fast path sees DTensor weights
+    and falls back (saying so) to the model's own head, in the packed prefix-shared layout; the 1-process run it is
+    compared with takes the real fast path."""
     _, _, env = launch_env(ROOT / "configs" / "accelerate" / "fsdp2_lora.yaml")
     assert env["ACCELERATE_USE_FSDP"] == "true" and env["FSDP_VERSION"] == "2"
     fsdp_env = {k: v for k, v in env.items() if k.startswith("FSDP_")}
@@ -499,17 +504,19 @@ def test_fsdp2_lora_dpo_two_processes_match_one(workdir, tmp_path):
     options = dict(
         dataset=str(workdir / "dpo_train.jsonl"), optim="sgd", learning_rate=0.5, max_length=64, beta=0.1,
         use_lora="true", lora_r=8, lora_alpha=16, max_steps=3,
-        # The readable log-prob path: the fast path projects through lm_head's weight outside lm_head's forward, so
-        # FSDP2 never reshards that unit nor reduce-scatters its gradient (CPU: a segfault in backward with LoRA,
-        # "mixed torch.Tensor and DTensor" in clipping without) — see the issue note.
-        logps_chunk_size=0,
     )  # fmt: skip
+    if chunk_size is not None:
+        options["logps_chunk_size"] = chunk_size
+    # Without the fallback, the fast path would project through lm_head's weight outside lm_head's forward, so FSDP2
+    # would never reshard that unit nor reduce-scatter its gradient (CPU: a segfault in backward with LoRA).
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
         str(shim), str(ROOT / "train_dpo.py"), *to_argv(common(workdir, tmp_path / "two", **options)),
     ]  # fmt: skip
     output = run(cmd, base_env(ACCELERATE_USE_CPU="1", **fsdp_env))
     assert output.count("fsdp2 on cpu") == 2
+    if chunk_size is None:
+        assert "fast log-prob path unavailable (the weights are sharded (FSDP2 / ZeRO-3))" in output
     run_one("train_dpo.py", common(workdir, tmp_path / "one", gradient_accumulation_steps=4, **options))
     assert_same_curve(train_records(tmp_path / "two"), train_records(tmp_path / "one"), rtol=1e-4, label="fsdp2 dpo")
     two = load_file(tmp_path / "two" / "adapter_model.safetensors")
