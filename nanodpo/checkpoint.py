@@ -295,7 +295,8 @@ def _check_compatible(cfg, path: Path, saved: RunState, global_batch: int, world
         )
     if saved.world_size != world_size:
         # Safe: with the same global batch, step k covers the same examples whatever the number of processes.
-        print(f"resuming a {saved.world_size}-process checkpoint on {world_size} processes (same global batch)")
+        if os.environ.get("RANK", "0") == "0":  # once, not once per process
+            print(f"resuming a {saved.world_size}-process checkpoint on {world_size} processes (same global batch)")
 
 
 def _load_weights(model, path: Path) -> None:

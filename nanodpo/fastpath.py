@@ -30,6 +30,7 @@ embeddings; LoRA on the LM head): tests/test_fastpath.py.
 """
 
 import inspect
+import os
 
 import torch
 from torch import nn
@@ -49,9 +50,11 @@ _said_once: set[str] = set()
 
 
 def say_once(message: str) -> None:
+    """Print a notice once per run, on the main process only (RANK is set by torchrun / accelerate launch)."""
     if message not in _said_once:
         _said_once.add(message)
-        print(f"[nanodpo] {message}")
+        if os.environ.get("RANK", "0") == "0":
+            print(f"[nanodpo] {message}")
 
 
 def unwrap(model: nn.Module) -> nn.Module:

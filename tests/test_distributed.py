@@ -453,7 +453,7 @@ def assert_resumed_step_matches(root: Path, resumed: str, original: str) -> None
 
 def test_checkpoint_of_one_process_resumes_on_two(runs):
     root, output = runs
-    assert "resuming a 1-process checkpoint on 2 processes" in output
+    assert output.count("resuming a 1-process checkpoint on 2 processes") == 1  # main process only
     assert_resumed_step_matches(root, "sft_resumed_two", "sft_one")
 
 
@@ -516,7 +516,7 @@ def test_fsdp2_lora_dpo_two_processes_match_one(workdir, tmp_path, chunk_size):
     output = run(cmd, base_env(ACCELERATE_USE_CPU="1", **fsdp_env))
     assert output.count("fsdp2 on cpu") == 2
     if chunk_size is None:
-        assert "fast log-prob path unavailable (the weights are sharded (FSDP2 / ZeRO-3))" in output
+        assert output.count("fast log-prob path unavailable (the weights are sharded (FSDP2 / ZeRO-3))") == 1
     run_one("train_dpo.py", common(workdir, tmp_path / "one", gradient_accumulation_steps=4, **options))
     assert_same_curve(train_records(tmp_path / "two"), train_records(tmp_path / "one"), rtol=1e-4, label="fsdp2 dpo")
     two = load_file(tmp_path / "two" / "adapter_model.safetensors")
