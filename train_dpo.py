@@ -179,11 +179,21 @@ def main(argv: list[str] | None = None) -> None:
     # Stepped by hand once per optimizer step (not prepared: accelerate would step it once per process).
     scheduler = make_scheduler(optimizer, cfg, total_steps)
     global_batch = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes
+    if cfg.max_tokens_per_batch:  # the pair count of a micro-batch varies: say what a step is made of
+        micro = cfg.gradient_accumulation_steps * accelerator.num_processes
+        batch_text = (
+            f"{micro} micro-batch{'es' if micro > 1 else ''} of up to "
+            f"{cfg.max_tokens_per_batch} tokens ({cfg.gradient_accumulation_steps} accumulation x "
+            f"{accelerator.num_processes} processes)"
+        )
+    else:
+        batch_text = (
+            f"{global_batch} pairs ({cfg.per_device_train_batch_size} per device x "
+            f"{cfg.gradient_accumulation_steps} accumulation x {accelerator.num_processes} processes)"
+        )
     accelerator.print(
         f"train pairs: {len(train_examples)} | eval pairs: {len(eval_examples) if eval_examples else 0} | "
-        f"global batch: {global_batch} pairs ({cfg.per_device_train_batch_size} per device x "
-        f"{cfg.gradient_accumulation_steps} accumulation x {accelerator.num_processes} processes) | "
-        f"optimizer steps: {total_steps}"
+        f"global batch: {batch_text} | optimizer steps: {total_steps}"
     )
 
     # Resume: weights, optimizer, schedule, random states and the data position of a checkpoint.

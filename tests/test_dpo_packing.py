@@ -239,7 +239,7 @@ def test_layout_options(capsys):
 
 
 @pytest.mark.usefixtures("fresh_accelerate_state")
-def test_train_dpo_layouts_end_to_end(tmp_path, monkeypatch):
+def test_train_dpo_layouts_end_to_end(tmp_path, monkeypatch, capsys):
     """train_dpo.py: the default (fast path, prefix-shared packed rows) gives the readable padded run's curve
     (SGD, 3 steps, 1e-5); --precompute_ref_logps and --max_tokens_per_batch run in the packed layout."""
     monkeypatch.setenv("NANODPO_CACHE", str(tmp_path / "cache"))
@@ -266,5 +266,7 @@ def test_train_dpo_layouts_end_to_end(tmp_path, monkeypatch):
             if key != "entropy":
                 assert c[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), key
         assert b["padding_fraction"] < a["padding_fraction"]
+    capsys.readouterr()
     budget = run("budget", max_tokens_per_batch=150, max_steps=2)
     assert len(budget) == 2 and all(r["loss"] > 0 for r in budget)
+    assert "global batch: 1 micro-batch of up to 150 tokens" in capsys.readouterr().out
