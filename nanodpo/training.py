@@ -6,6 +6,7 @@ otherwise be pasted three times.
 
 import contextlib
 import math
+import os
 import random
 
 import numpy as np
@@ -41,6 +42,14 @@ def make_accelerator(cfg) -> Accelerator:
                     f"the DeepSpeed config has a '{section}' section: remove it, the optimizer and learning-rate "
                     "schedule come from the training config (--optim, --learning_rate, --lr_scheduler_type)"
                 )
+    cores = os.cpu_count() or 1
+    if accelerator.device.type == "cpu" and accelerator.num_processes == 1 and torch.get_num_threads() == 1 < cores:
+        # `accelerate launch` without --cpu sets OMP_NUM_THREADS=1 on a machine with no GPU: a 2-4x slower run.
+        accelerator.print(
+            f"note: torch computes with 1 thread on a {cores}-core CPU (OMP_NUM_THREADS="
+            f"{os.environ.get('OMP_NUM_THREADS', 'unset')}); for all cores: accelerate launch "
+            f"--num_cpu_threads_per_process {cores} ..., or python <script> ..."
+        )
     return accelerator
 
 

@@ -117,3 +117,17 @@ def test_help_documents_every_option():
     for flag in ["--beta", "--loss_type", "--use_lora", "--load_in_4bit", "--precompute_ref_logps", "--report_to"]:
         assert flag in result.stdout
     assert "accelerate launch" in result.stdout  # the usage guide is the script's docstring
+
+
+def test_one_thread_on_a_multicore_cpu_is_pointed_out(monkeypatch, capsys):
+    """`accelerate launch` on a machine without a GPU sets OMP_NUM_THREADS=1; the run says how to use every core."""
+    import nanodpo.training as training
+
+    cfg = parse_config(DPOConfig, ["--model", "m", "--dataset", "d.jsonl"])
+    monkeypatch.setattr(training.os, "cpu_count", lambda: 4)
+    monkeypatch.setattr(training.torch, "get_num_threads", lambda: 1)
+    training.make_accelerator(cfg)
+    assert "--num_cpu_threads_per_process 4" in capsys.readouterr().out
+    monkeypatch.setattr(training.torch, "get_num_threads", lambda: 4)
+    training.make_accelerator(cfg)
+    assert "note:" not in capsys.readouterr().out
