@@ -37,6 +37,7 @@ from safetensors.torch import load_file
 
 from nanodpo.config import config_to_dict, save_config
 from nanodpo.errors import UserError
+from nanodpo.model import is_main_process
 
 TRAINER_STATE = "trainer_state.json"
 # Options that must match for a checkpoint to be resumed: they change the model, the data or its order.
@@ -295,7 +296,7 @@ def _check_compatible(cfg, path: Path, saved: RunState, global_batch: int, world
         )
     if saved.world_size != world_size:
         # Safe: with the same global batch, step k covers the same examples whatever the number of processes.
-        if os.environ.get("RANK", "0") == "0":  # once, not once per process
+        if is_main_process():  # once, not once per process
             print(f"resuming a {saved.world_size}-process checkpoint on {world_size} processes (same global batch)")
 
 

@@ -30,12 +30,12 @@ embeddings; LoRA on the LM head): tests/test_fastpath.py.
 """
 
 import inspect
-import os
 
 import torch
 from torch import nn
 
 from nanodpo.logps import TokenStats
+from nanodpo.model import is_main_process
 
 DEFAULT_CHUNK_SIZE = 256  # tokens per LM-head chunk: 256 x 151,936 fp32 logits = 156 MB per buffer (two at most)
 
@@ -53,7 +53,7 @@ def say_once(message: str) -> None:
     """Print a notice once per run, on the main process only (RANK is set by torchrun / accelerate launch)."""
     if message not in _said_once:
         _said_once.add(message)
-        if os.environ.get("RANK", "0") == "0":
+        if is_main_process():
             print(f"[nanodpo] {message}")
 
 
