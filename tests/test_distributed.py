@@ -331,6 +331,15 @@ def sft_options(workdir: Path) -> dict:
     )  # fmt: skip
 
 
+def dpo_budget_options(workdir: Path) -> dict:
+    """--max_tokens_per_batch: micro-batches of 1-3 pairs (up to 150 tokens) instead of 2, in the default packed
+    layout, the reference online; 2 steps, so no process runs out of micro-batches (no wrap-around padding)."""
+    return dict(
+        dataset=str(workdir / "dpo_train.jsonl"), learning_rate=1e-3, max_length=64, beta=0.1,
+        max_tokens_per_batch=150, max_steps=2,
+    )  # fmt: skip
+
+
 def pt_options(workdir: Path) -> dict:
     """Continued pretraining, AdamW, packed rows of 32 tokens (wrapped: at least 4 steps' worth), eval on 5 rows."""
     return dict(
@@ -345,18 +354,22 @@ def runs(workdir, tmp_path_factory):
     resumes across process counts: SFT's 1-process checkpoint-3 continued on 2 processes, DPO's 2-process
     checkpoint-3 continued on 1 process. Returns (root folder, output of the 2-process launch)."""
     root = tmp_path_factory.mktemp("runs")
-    options = {"dpo": dpo_options(workdir), "sft": sft_options(workdir), "pt": pt_options(workdir)}
+    options = {
+        "dpo": dpo_options(workdir), "sft": sft_options(workdir), "pt": pt_options(workdir),
+        "dpo_budget": dpo_budget_options(workdir),
+    }  # fmt: skip
     envs = {name: {"NANODPO_CACHE": str(root / f"cache_{name}")} for name in ("one", "two")}
 
     # 1 process, in this process: the references (and the SFT checkpoint resumed below on 2 processes).
-    for name in ("dpo", "sft", "pt"):
-        run_one(f"train_{name}.py", common(workdir, root / f"{name}_one", gradient_accumulation_steps=4,
-                                           **options[name]), env=envs["one"])  # fmt: skip
+    scripts = {"dpo": "dpo", "sft": "sft", "pt": "pt", "dpo_budget": "dpo"}
+    for name, script in scripts.items():
+        run_one(f"train_{script}.py", common(workdir, root / f"{name}_one", gradient_accumulation_steps=4,
+                                             **options[name]), env=envs["one"])  # fmt: skip
 
     # 2 processes, one launch.
     plan = [
-        (f"train_{name}", to_argv(common(workdir, root / f"{name}_two", **options[name])), envs["two"])
-        for name in ("dpo", "sft", "pt")
+        (f"train_{script}", to_argv(common(workdir, root / f"{name}_two", **options[name])), envs["two"])
+        for name, script in scripts.items()
     ]
     resume = dict(resume_from_checkpoint=str(root / "sft_one" / "checkpoint-3"))
     plan.append(("train_sft", to_argv(common(workdir, root / "sft_resumed_two", **options["sft"], **resume)), {}))
@@ -375,6 +388,16 @@ def runs(workdir, tmp_path_factory):
     run_one("train_dpo.py", common(workdir, root / "dpo_resumed_one", gradient_accumulation_steps=4,
                                    **options["dpo"], **resume), env=envs["two"])  # fmt: skip
     return root, output
+
+
+def test_dpo_token_budget_two_processes_match_one(runs):
+    """With --max_tokens_per_batch, accelerate deals the budget micro-batches out to the processes in turn, so a
+    2-process step (2 × 2 micro-batches) covers the micro-batches a 1-process step with 4 accumulations does."""
+    root, output = runs
+    assert "global batch: 4 micro-batches of up to 150 tokens (2 accumulation x 2 processes)" in output
+    two, one = train_records(root / "dpo_budget_two"), train_records(root / "dpo_budget_one")
+    assert len(two) == 2
+    assert_same_curve(two, one, rtol=1e-4, label="dpo token budget")
 
 
 def test_dpo_two_processes_match_one(runs):
