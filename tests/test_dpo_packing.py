@@ -267,6 +267,15 @@ def test_train_dpo_layouts_end_to_end(tmp_path, monkeypatch, capsys):
                 assert c[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), key
         assert b["padding_fraction"] < a["padding_fraction"]
     capsys.readouterr()
-    budget = run("budget", max_tokens_per_batch=150, max_steps=2)
-    assert len(budget) == 2 and all(r["loss"] > 0 for r in budget)
+    budget = run("budget", max_tokens_per_batch=150, max_steps=4, save_steps=2, train_sampling_strategy="random")
+    assert len(budget) == 4 and all(r["loss"] > 0 for r in budget)
     assert "global batch: 1 micro-batch of up to 150 tokens" in capsys.readouterr().out
+    # Resumed from step 2, a token-budget run skips the micro-batches already trained and logs the same steps 3-4.
+    resumed = run(
+        "budget", max_tokens_per_batch=150, max_steps=4, save_steps=2, train_sampling_strategy="random",
+        resume_from_checkpoint=tmp_path / "budget" / "checkpoint-2",
+    )  # fmt: skip
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]  # metrics.jsonl truncated at step 2, then continued
+    for a, b in zip(resumed, budget):
+        assert a["num_tokens"] == b["num_tokens"]
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
