@@ -17,6 +17,8 @@ from nanodpo.chat import Chat, adapter_base, generate_answer, generate_tokens, l
 from nanodpo.errors import UserError
 from tests.tiny import make_model_dir, make_tokenizer
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
+
 HELLO = [{"role": "user", "content": "Hello"}]
 
 
@@ -34,15 +36,6 @@ def make_adapter(base_dir, adapter_dir, seed=1):
     peft_model.save_pretrained(adapter_dir)
     make_tokenizer(adapter_dir)
     return adapter_dir
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run ~10x faster on one thread when the CPU is shared (no threads spinning for a core)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
