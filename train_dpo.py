@@ -52,7 +52,9 @@ from nanodpo.dpo_packing import batch_padding_fraction, make_preference_collator
 from nanodpo.demo.stages import after_stage, demo_argv
 from nanodpo.errors import UserError, exit_on_user_error
 from nanodpo.faults import GracefulStop, is_finite
-from nanodpo.model import check_model_options, is_peft_model, load_policy, load_reference, load_tokenizer
+from nanodpo.model import (
+    check_model_options, is_peft_model, load_policy, load_reference, load_tokenizer, prepare_reference,
+)  # fmt: skip
 from nanodpo.reference import compute_reference_logps, eval_mode, forward_token_stats, precompute_reference_logps
 from nanodpo.tracking import MetricMeans, make_tracker, read_metrics
 from nanodpo.training import (
@@ -140,8 +142,7 @@ def main(argv: list[str] | None = None) -> None:
     needs_ref_model = not (cfg.reference_free or cfg.precompute_ref_logps or is_peft_model(policy))
     ref_model = load_reference(cfg, accelerator.device) if needs_ref_model else None
     if ref_model is not None:
-        # evaluation_mode: placed on the device, never wrapped for gradient sync.
-        ref_model = accelerator.prepare_model(ref_model, evaluation_mode=True)
+        ref_model = prepare_reference(accelerator, ref_model)  # frozen; sharded like the policy under FSDP2/ZeRO-3
 
     # ------------------------------------------------------------------------------------------------------------
     # 4. Precomputed reference log-probs: one no_grad pass before the first update (or the disk cache); training then

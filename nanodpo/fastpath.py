@@ -4,8 +4,11 @@ The readable path (nanodpo/logps.py) takes `model(...).logits`, a [N, T, V] tens
 (V = 151,936) a batch of 8 sequences of 1,000 tokens is 4.9 GB of fp32 logits, another 4.9 GB of log-softmax, and
 the same again in backward. Yet DPO, SFT and PT only need ONE number per scored token: log p(label). So:
 
-  1. Run the model body once and keep its final hidden states [R, L, H] (H ~ 1,000, not V ~ 150,000). The LM head
-     is skipped by passing `logits_to_keep=<empty index>`: HF projects zero positions.
+  1. Run the model once, with its LM head's forward replaced for that call (`scored_label_stats`): the head
+     receives the final hidden states [R, L, H] (H ~ 1,000, not V ~ 150,000) of every position
+     (`logits_to_keep=0`) and returns per-token values instead of logits. Doing it inside the head's own call
+     matters under sharding: FSDP2 and ZeRO-3 gather the head's weight only around its forward (and again, through
+     hooks on its outputs, for its backward).
   2. Gather the hidden states of the M positions whose label is scored (completion / assistant tokens only; prompt
      and padding positions are never projected): [M, H].
   3. Project them through the LM head `chunk_size` tokens at a time (`ChunkedLabelLogps`). Each chunk's logits
@@ -15,9 +18,10 @@ the same again in backward. Yet DPO, SFT and PT only need ONE number per scored 
             d log p(y) / d logits = onehot(y) - softmax(logits)
             grad_hidden = g · (onehot - p) @ W          grad_W += (g · (onehot - p))ᵀ @ hidden
      so neither pass holds more than one chunk of logits. The head's weights enter as explicit inputs of the
-     autograd function and get ONE gradient (summed over chunks) — tied embeddings and DDP's one-hook-per-parameter
-     rule both just work. A head that is not a plain `nn.Linear` (peft LoRA on lm_head, with its B@A·scale term and
-     dropout) is called as a module on each chunk and differentiated with `torch.autograd.grad`.
+     autograd function and get ONE gradient (summed over chunks) — tied embeddings, DDP's one-hook-per-parameter
+     rule and FSDP2's one reduce-scatter per unit all just work. A head that is not a plain `nn.Linear` (peft LoRA
+     on lm_head, with its B@A·scale term and dropout) runs its class's forward on each chunk and is differentiated
+     with `torch.autograd.grad`.
   4. Scatter the per-token values back into the [N, T-1] per-sequence layout of `TokenStats` (no vocab dimension:
      cheap), so the losses and metrics downstream are unchanged.
 
@@ -26,9 +30,11 @@ where its value goes ([N, T-1], sequence by sequence). For an ordinary padded ba
 and prefix-shared DPO rows (nanodpo/dpo_packing.py) it points into the packed rows.
 
 Tested equal to the readable path (log-probs, losses, gradients, metrics within 1e-5 in fp32; tied and untied
-embeddings; LoRA on the LM head): tests/test_fastpath.py.
+embeddings; LoRA on the LM head; gradient checkpointing): tests/test_fastpath.py; under FSDP2 on 2 processes equal
+to 1 process (full fine-tuning with an online or precomputed reference, LoRA): tests/test_distributed.py.
 """
 
+import contextlib
 import inspect
 
 import torch
@@ -68,16 +74,10 @@ def fast_path_unsupported(model: nn.Module) -> str | None:
     """Why the fast path cannot run this model (None = it can)."""
     inner = unwrap(model)
     base = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
-    if not hasattr(base, "get_decoder") or not hasattr(base, "get_output_embeddings"):
-        return f"{type(base).__name__} has no get_decoder/get_output_embeddings"
+    if not hasattr(base, "get_output_embeddings") or base.get_output_embeddings() is None:
+        return f"{type(base).__name__} has no output embeddings (LM head)"
     if "logits_to_keep" not in inspect.signature(base.forward).parameters:
         return f"{type(base).__name__}.forward has no logits_to_keep argument"
-    for param in base.parameters():
-        # FSDP2 (DTensor) and ZeRO-3 (ds_id) shard the LM head; the fast path reads its weight outside the head's
-        # own forward, which their gather hooks do not see.
-        if type(param).__name__ == "DTensor" or hasattr(param, "ds_id"):
-            return "the weights are sharded (FSDP2 / ZeRO-3)"
-        break
     config = getattr(base, "config", None)
     for name in _LOGIT_POSTPROCESSING:
         value = getattr(config, name, None)
@@ -87,37 +87,13 @@ def fast_path_unsupported(model: nn.Module) -> str | None:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 1. Final hidden states without the LM head.
-
-
-def final_hidden_states(model: nn.Module, inputs: dict) -> tuple[torch.Tensor, nn.Module]:
-    """Run `model(**inputs)` (through its DDP / peft wrappers, so gradient sync and adapters apply) projecting no
-    position through the LM head; return (final hidden states [R, L, H] — after the last norm — and the LM head)."""
-    inner = unwrap(model)
-    decoder = inner.get_decoder()
-    head = inner.get_output_embeddings()
-    captured = []
-
-    def keep_output(module, args, output):
-        captured.append(output[0] if isinstance(output, tuple) else output.last_hidden_state)
-
-    handle = decoder.register_forward_hook(keep_output)
-    try:
-        device = inputs["input_ids"].device
-        nothing = torch.empty(0, dtype=torch.long, device=device)  # HF slices hidden[:, nothing] -> [R, 0, V] logits
-        model(**{**inputs, "use_cache": False, "logits_to_keep": nothing})
-    finally:
-        handle.remove()
-    (hidden,) = captured
-    return hidden, head
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# 2. The chunked projection.
+# 1. The chunked projection.
 
 
 def _plain_linear(head: nn.Module) -> bool:
-    return type(head) is nn.Linear
+    """An nn.Linear computing x @ W.T + b: also under FSDP2, which swaps the class for an `FSDPLinear` subclass with
+    the same forward; not bitsandbytes' Linear4bit (an nn.Linear with its own forward) nor peft's LoRA layer."""
+    return isinstance(head, nn.Linear) and type(head).forward is nn.Linear.forward
 
 
 def _rowwise_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -165,28 +141,32 @@ def scratch(name: str, rows: int, cols: int, like: torch.Tensor) -> torch.Tensor
 class _Projection:
     """The head applied to one chunk, giving fp32 logits [C, V].
 
-    A plain fp32 nn.Linear without autocast writes into one reused buffer (`torch.mm(..., out=)`): no fresh
-    vocab-sized allocation per chunk (a new 0.5 GB tensor is page faults before it is anything else). Any other head
-    (or a Linear with hooks) is called as a module, under the autocast state of the forward pass.
+    It runs inside the head's forward (`call_as_forward`): any hook on the head has already run, so a plain
+    nn.Linear is applied with its (gathered) `params` directly, and any other head (peft LoRA) with its class's
+    forward — never as a module call, which would fire the hooks once per chunk. A plain fp32 head without autocast
+    writes into one reused buffer (`torch.mm(..., out=)`): no fresh vocab-sized allocation per chunk (a new 0.5 GB
+    tensor is page faults before it is anything else). Otherwise the head runs under the forward pass's autocast.
     """
 
-    def __init__(self, head: nn.Module, hidden: torch.Tensor, chunk_size: int, autocast: tuple[bool, torch.dtype]):
+    def __init__(self, head: nn.Module, params, hidden: torch.Tensor, chunk_size: int, autocast):
         self.head, self.autocast, self.device_type = head, autocast, hidden.device.type
-        weight = getattr(head, "weight", None)
-        hooked = head._forward_hooks or head._forward_pre_hooks or hasattr(head, "_hf_hook")  # (offloading etc.)
+        self.plain = _plain_linear(head)
+        self.weight, self.bias = (params[0], params[1] if len(params) > 1 else None) if self.plain else (None, None)
         self.buffered = (
-            _plain_linear(head) and not hooked and not autocast[0] and weight.dtype == hidden.dtype == torch.float32
+            self.plain and not autocast[0] and self.weight.dtype == hidden.dtype == torch.float32
         )
         rows = min(chunk_size, hidden.shape[0])
-        self.buffer = scratch("logits", rows, weight.shape[0], hidden) if self.buffered else None
+        self.buffer = scratch("logits", rows, self.weight.shape[0], hidden) if self.buffered else None
 
     def raw(self, h: torch.Tensor) -> torch.Tensor:
         """The head's output in its own dtype (bf16 under bf16 autocast)."""
         if self.buffered:
-            out = torch.mm(h, self.head.weight.t(), out=self.buffer[: h.shape[0]])
-            return out if self.head.bias is None else out.add_(self.head.bias)
+            out = torch.mm(h, self.weight.t(), out=self.buffer[: h.shape[0]])
+            return out if self.bias is None else out.add_(self.bias)
         with torch.autocast(self.device_type, dtype=self.autocast[1], enabled=self.autocast[0]):
-            return self.head(h)
+            if self.plain:
+                return nn.functional.linear(h, self.weight, self.bias)
+            return type(self.head).forward(self.head, h)
 
     def __call__(self, h: torch.Tensor) -> torch.Tensor:
         return self.raw(h).float()
@@ -223,12 +203,12 @@ class ChunkedLabelLogps(torch.autograd.Function):
         logps, lse, top = new(True), new(True), new(True)
         entropy, mean_logits, is_top1, sum_sq = new(want_metrics), new(want_metrics), new(want_metrics), new(want_sum_sq)
         grad_hidden_part = torch.zeros_like(hidden, dtype=torch.float32) if keep_grad_hidden else None
-        project = _Projection(head, hidden, chunk_size, ctx.autocast)
+        project = _Projection(head, params, hidden, chunk_size, ctx.autocast)
         if project.buffered and want_metrics:
-            weight_mean = head.weight.mean(0)
-            bias_mean = head.bias.mean() if head.bias is not None else 0.0
-        work = scratch("work", min(chunk_size, m), head.weight.shape[0], hidden) if plain else None
-        weight = head.weight.float() if keep_grad_hidden else None
+            weight_mean = project.weight.mean(0)
+            bias_mean = project.bias.mean() if project.bias is not None else 0.0
+        work = scratch("work", min(chunk_size, m), project.weight.shape[0], hidden) if plain else None
+        weight = project.weight.float() if keep_grad_hidden else None
         with torch.autocast(hidden.device.type, enabled=False):
             for start in range(0, m, chunk_size):
                 rows = slice(start, start + chunk_size)
@@ -270,7 +250,7 @@ class ChunkedLabelLogps(torch.autograd.Function):
         if g_all is None or not (want_hidden or any(want_params)):
             return (grad_hidden, *no_grads, *grad_params)
         plain = _plain_linear(head)
-        project = _Projection(head, hidden, chunk_size, ctx.autocast)
+        project = _Projection(head, params, hidden, chunk_size, ctx.autocast)
         weight = None  # a plain head's weight in the dtype of its logits (cast once, not per chunk)
         with torch.random.fork_rng(devices=[hidden.device] if hidden.is_cuda else []):
             torch.set_rng_state(ctx.rng_state)
@@ -311,8 +291,7 @@ class ChunkedLabelLogps(torch.autograd.Function):
                 # any other head (LoRA: base + B@A·scale, dropout): autograd through one chunk's module call
                 with torch.enable_grad():
                     h_leaf = h.detach().requires_grad_(want_hidden)
-                    with torch.autocast(h.device.type, dtype=ctx.autocast[1], enabled=ctx.autocast[0]):
-                        logits = head(h_leaf)
+                    logits = project.raw(h_leaf)
                     # g · (onehot(y) - P)
                     grad_logits = torch.exp(logits.detach().float() - lse[rows].unsqueeze(1)).mul_(-g.unsqueeze(1))
                     grad_logits.scatter_add_(1, y.unsqueeze(1), g.unsqueeze(1))
@@ -346,28 +325,68 @@ def label_stats(
     chunk_size: int,
     with_metrics: bool,
     with_sum_sq: bool,
-) -> dict[str, torch.Tensor | None]:
-    """Per-token values for M scored tokens: hidden [M, H] (the hidden state that predicts each label), labels [M]."""
+) -> tuple[torch.Tensor, ...]:
+    """Per-token (logps, entropy, mean_logits, is_top1, log_sum_sq_probs) for M scored tokens: hidden [M, H] (the
+    hidden state that predicts each label), labels [M]. Metrics not asked for are empty tensors."""
     chunk_size = chunk_size if chunk_size > 0 else max(1, hidden.shape[0])
-    logps, entropy, mean_logits, is_top1, sum_sq = ChunkedLabelLogps.apply(
-        hidden, labels, head, chunk_size, with_metrics, with_sum_sq, *head_params(head)
-    )
-    return {
-        "logps": logps,
-        "entropy": entropy if with_metrics else None,
-        "mean_logits": mean_logits if with_metrics else None,
-        "is_top1": is_top1 if with_metrics else None,
-        "log_sum_sq_probs": sum_sq if with_sum_sq else None,
-    }
+    return ChunkedLabelLogps.apply(hidden, labels, head, chunk_size, with_metrics, with_sum_sq, *head_params(head))
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# 3. The whole fast path: forward, gather, project, scatter back.
+# 2. The whole fast path: one forward whose LM-head call gathers, projects chunk by chunk; then scatter back.
 
 
 def identity_index(batch_size: int, length: int, device=None) -> torch.Tensor:
     """hidden_index of an ordinary [N, T] batch: the label at (n, t+1) is predicted by hidden state n·T + t."""
     return torch.arange(batch_size * length, device=device).view(batch_size, length)[:, :-1]
+
+
+@contextlib.contextmanager
+def forward_replaced(module: nn.Module, function):
+    """Within the block, calling `module` runs `function` instead of its forward — with every hook the module
+    carries (an instance attribute `forward` shadows the class's one; `nn.Module.__call__` runs the hooks around it)."""
+    own = module.__dict__.get("forward")  # an instance-level forward already there (rare) is put back afterwards
+    module.forward = function
+    try:
+        yield
+    finally:
+        if own is None:
+            del module.forward
+        else:
+            module.forward = own
+
+
+def scored_label_stats(
+    model: nn.Module,
+    inputs: dict,
+    scored_index: torch.Tensor,
+    labels: torch.Tensor,
+    chunk_size: int,
+    with_metrics: bool,
+    with_sum_sq: bool,
+) -> tuple[torch.Tensor, ...]:
+    """One forward of `model(**inputs)` (through its DDP / FSDP / peft wrappers) in which the LM head's own call IS
+    the chunked projection: the head receives the final hidden states of every position [R, L, H]
+    (`logits_to_keep=0`), keeps the M scored ones (`scored_index`, flat into R·L) and returns `label_stats` of them
+    in place of logits.
+
+    Why inside the head's call: a sharded head has its full weight only there. FSDP2's hooks all-gather the head's
+    unit before its forward and register, on the forward's outputs, the pre-backward hook that gathers it again for
+    backward, and the gradient reaching the gathered weight is reduce-scattered back to the shards once; DeepSpeed
+    ZeRO-3's hooks fetch and release the partitioned weight the same way, and accelerate's offloading hooks move it
+    to the device. So the projection runs exactly where those hooks expect the weight to be used — TRL 1.16's
+    `add_fused_lm_head` does the same by replacing the model's forward. The values are read from the model's output
+    (hooks may replace the head's output tensors with their own, e.g. ZeRO-3's backward hooks).
+    """
+    head = unwrap(model).get_output_embeddings()
+
+    def chunked_head_forward(hidden: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        kept = hidden.reshape(-1, hidden.shape[-1]).index_select(0, scored_index)  # [M, H]
+        return label_stats(kept, labels, head, chunk_size, with_metrics, with_sum_sq)
+
+    with forward_replaced(head, chunked_head_forward):
+        output = model(**{**inputs, "use_cache": False, "logits_to_keep": 0})
+    return tuple(output.logits)
 
 
 def fast_token_stats(
@@ -388,29 +407,29 @@ def fast_token_stats(
     hidden_index: [N, T-1], flat index into the model's [R·L] positions of the hidden state that predicts
         input_ids[n, t+1]; None = the identity (inputs["input_ids"] is input_ids itself).
     """
-    reason = fast_path_unsupported(model)
-    if reason is None:
-        hidden, head = final_hidden_states(model, inputs)
-    else:  # the model's own full logits, then the same gather and math (exact, but no memory saving)
-        say_once(f"fast log-prob path unavailable ({reason}): projecting every position with the model's own head")
-        hidden, head = model(**{**inputs, "use_cache": False}).logits, nn.Identity()
     n, t = input_ids.shape
     mask = loss_mask[:, 1:].bool()
     if hidden_index is None:
         hidden_index = identity_index(n, t, device=input_ids.device)
-    kept_hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, hidden_index[mask])  # [M, H]
-    values = label_stats(kept_hidden, input_ids[:, 1:][mask], head, chunk_size, with_metrics, with_sum_sq)
+    scored_index, labels = hidden_index[mask], input_ids[:, 1:][mask]
+    reason = fast_path_unsupported(model)
+    if reason is None:
+        values = scored_label_stats(model, inputs, scored_index, labels, chunk_size, with_metrics, with_sum_sq)
+    else:  # the model's own full logits, then the same gather and math (exact, but no memory saving)
+        say_once(f"fast log-prob path unavailable ({reason}): projecting every position with the model's own head")
+        logits = model(**{**inputs, "use_cache": False}).logits
+        kept_logits = logits.reshape(-1, logits.shape[-1]).index_select(0, scored_index)
+        values = label_stats(kept_logits, labels, nn.Identity(), chunk_size, with_metrics, with_sum_sq)
+    logps, entropy, mean_logits, is_top1, sum_sq = values
 
-    def per_sequence(v: torch.Tensor | None) -> torch.Tensor | None:
-        if v is None:
-            return None
+    def per_sequence(v: torch.Tensor) -> torch.Tensor:
         return torch.zeros(n, t - 1, dtype=v.dtype, device=v.device).masked_scatter(mask, v)
 
     return TokenStats(
-        logps=per_sequence(values["logps"]),
+        logps=per_sequence(logps),
         mask=mask.float(),
-        entropy=per_sequence(values["entropy"]),
-        mean_logits=per_sequence(values["mean_logits"]),
-        is_top1=None if values["is_top1"] is None else per_sequence(values["is_top1"]).bool(),
-        log_sum_sq_probs=per_sequence(values["log_sum_sq_probs"]),
+        entropy=per_sequence(entropy) if with_metrics else None,
+        mean_logits=per_sequence(mean_logits) if with_metrics else None,
+        is_top1=per_sequence(is_top1).bool() if with_metrics else None,
+        log_sum_sq_probs=per_sequence(sum_sq) if with_sum_sq else None,
     )

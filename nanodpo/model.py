@@ -5,7 +5,9 @@ the model with LoRA. What `peft.prepare_model_for_kbit_training` does is spelled
 so a reader sees each step.
 """
 
+import copy
 import os
+from types import MethodType
 
 import torch
 from torch import nn
@@ -161,6 +163,66 @@ def load_reference(cfg, device: torch.device | None = None) -> nn.Module:
     model.requires_grad_(False)
     model.eval()
     return model
+
+
+def prepare_reference(accelerator, ref_model: nn.Module | None) -> nn.Module | None:
+    """Place the frozen full-fine-tuning reference for this run's distribution — sharded where the policy is — without
+    registering it as a model being trained. (TRL 1.16 prepares its reference the same three ways:
+    `trl.models.utils.prepare_fsdp` / `prepare_deepspeed`, else `prepare_model(evaluation_mode=True)`.)
+
+    * FSDP2: sharded exactly like the policy — accelerate's own `fsdp2_prepare_model` (one unit per decoder layer,
+      the embeddings and the final norm + LM head as units of their own, the plugin's mixed precision and offload),
+      so each process holds 1/N of it and gathers one layer at a time, never a whole copy. Not through
+      `accelerator.prepare_model`: that would register it in `accelerator._models`, and accelerate's FSDP clipping
+      compares the clipped parameters with every registered model's ("mixed torch.Tensor and DTensor"). (TRL shards
+      its reference as one unit, `fully_shard(model)`: a whole gathered copy during each forward.)
+    * DeepSpeed: an inference-only engine (no optimizer), ZeRO-3-partitioned under ZeRO-3, a plain copy per process
+      (stage 0) under ZeRO-1/2 — TRL's `prepare_deepspeed`.
+    * Otherwise (one process, DDP): on the device, never wrapped for gradient sync.
+    """
+    from accelerate.utils import DistributedType
+
+    if ref_model is None:
+        return None
+    ref_model.requires_grad_(False)
+    ref_model.eval()
+    if accelerator.distributed_type == DistributedType.FSDP:
+        from accelerate.utils import convert_outputs_to_fp32, get_mixed_precision_context_manager
+        from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+
+        ref_model = fsdp2_prepare_model(accelerator, ref_model)
+        if accelerator.native_amp:  # the same autocast accelerate puts around the policy's forward
+            autocast = get_mixed_precision_context_manager(accelerator.native_amp, accelerator.autocast_handler)
+            ref_model.forward = MethodType(convert_outputs_to_fp32(autocast(ref_model.forward.__func__)), ref_model)
+        return ref_model.eval()
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return deepspeed_inference_engine(accelerator, ref_model)
+    return accelerator.prepare_model(ref_model, evaluation_mode=True)
+
+
+def deepspeed_inference_engine(accelerator, model: nn.Module) -> nn.Module:
+    """TRL 1.16's `prepare_deepspeed`, step by step: the run's DeepSpeed config without its training-only parts,
+    partitioned (ZeRO-3) or not (stage 0 below ZeRO-3), wrapped by `deepspeed.initialize` with no optimizer."""
+    import deepspeed  # optional: only DeepSpeed runs get here
+
+    config = copy.deepcopy(accelerator.state.deepspeed_plugin.deepspeed_config)
+    stage = config["zero_optimization"]["stage"]
+    hidden_size = getattr(model.config, "hidden_size", None)
+    if hidden_size is not None and stage == 3:  # TRL's buckets, sized to the model
+        config.update({
+            "zero_optimization.reduce_bucket_size": hidden_size * hidden_size,
+            "zero_optimization.stage3_param_persistence_threshold": 10 * hidden_size,
+            "zero_optimization.stage3_prefetch_bucket_size": 0.9 * hidden_size * hidden_size,
+        })  # fmt: skip
+    # No optimizer is passed: drop the blocks that would build one (or a scheduler, or an offloaded Adam).
+    config.pop("optimizer", None)
+    config.pop("scheduler", None)
+    config["zero_optimization"].pop("offload_optimizer", None)
+    if stage != 3:
+        config["zero_optimization"]["stage"] = 0
+    engine, *_ = deepspeed.initialize(model=model, config=config)
+    engine.eval()
+    return engine
 
 
 def is_peft_model(model: nn.Module) -> bool:
