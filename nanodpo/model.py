@@ -6,12 +6,16 @@ so a reader sees each step.
 """
 
 import copy
+import importlib.util
 import os
+from pathlib import Path
 from types import MethodType
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, GgufConfig
 
 from nanodpo.errors import UserError
 
@@ -28,6 +32,16 @@ def check_model_options(cfg) -> None:
     """Refuse contradictory model flags before anything is loaded."""
     if not cfg.model:
         raise UserError("--model is required (a hub id such as Qwen/Qwen2.5-0.5B-Instruct, or a local folder)")
+    check_model_source(cfg.model)  # (a preset name such as nanodpo-tiny has the form of a hub id)
+    if cfg.tokenizer:
+        check_model_source(cfg.tokenizer, "--tokenizer")
+    if cfg.load_in_4bit and cfg.model.endswith(".gguf"):
+        raise UserError(
+            "--load_in_4bit with a GGUF --model: transformers loads a GGUF file through its own quantizer, which "
+            "cannot be combined with bitsandbytes; train without --load_in_4bit (the GGUF is dequantized to --dtype), "
+            "or save it as a folder first (python -c \"from transformers import AutoModelForCausalLM as M; "
+            "M.from_pretrained('DIR', gguf_file='FILE.gguf').save_pretrained('OUT')\")"
+        )
     if cfg.load_in_4bit and not cfg.use_lora:
         raise UserError("--load_in_4bit trains a LoRA adapter on frozen 4-bit weights: add --use_lora")
     if cfg.bf16 and cfg.fp16:
@@ -40,6 +54,71 @@ def check_model_options(cfg) -> None:
         raise UserError("--attn_implementation flash_attention_2 needs a CUDA GPU; use sdpa")
     if cfg.use_lora and cfg.lora_r <= 0:
         raise UserError(f"--lora_r must be positive, got {cfg.lora_r}")
+    check_sharding_options(cfg, os.environ)
+
+
+def check_sharding_options(cfg, env) -> None:
+    """Refuse a sharded setup that cannot work, before anything is loaded. `env`: what `accelerate launch` exported
+    from its config file (ACCELERATE_USE_FSDP, FSDP_VERSION, ACCELERATE_USE_DEEPSPEED, ...), which the processes'
+    accelerate plugins are built from."""
+    fsdp = env.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
+    deepspeed = env.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    zero3 = deepspeed and env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3"
+    if fsdp and env.get("FSDP_VERSION", "1") != "2":
+        raise UserError(
+            "FSDP version 1 is not supported: nanodpo shards with FSDP2 (its reference model and chunked LM head "
+            "rely on per-module units); set fsdp_version: 2 in the accelerate config (see fsdp2_full.yaml)"
+        )
+    if (fsdp or zero3) and cfg.load_in_4bit and cfg.bnb_4bit_quant_storage == "uint8":
+        storage = cfg.dtype if cfg.dtype in ("bfloat16", "float16", "float32") else "bfloat16"
+        raise UserError(
+            f"--load_in_4bit under {'FSDP2' if fsdp else 'ZeRO-3'} needs --bnb_4bit_quant_storage {storage} (a float "
+            "storage, the same as --dtype): packed uint8 4-bit weights are not sharded, every process would hold "
+            "them all"
+        )
+    if fsdp and env.get("FSDP_CPU_RAM_EFFICIENT_LOADING", "false").lower() == "true":
+        if cfg.load_in_4bit:
+            raise UserError(
+                "fsdp_cpu_ram_efficient_loading: true cannot load 4-bit weights (they are quantized while loading, "
+                "which the meta device of ranks > 0 cannot do): set it to false in the accelerate config"
+            )
+        if getattr(cfg, "precompute_ref_logps", False):
+            raise UserError(
+                "fsdp_cpu_ram_efficient_loading: true with --precompute_ref_logps: ranks > 0 hold no weights until "
+                "the model is sharded, but the reference log-probs are computed before that; set it to false in the "
+                "accelerate config (or drop --precompute_ref_logps: the reference is then sharded like the policy)"
+            )
+
+
+def check_model_source(name: str, flag: str = "--model") -> None:
+    """Refuse, before anything is loaded, a --model that is neither an existing local folder or .gguf file nor a
+    well-formed hub id (HF would answer "Repo id must be in the form 'repo_name' or 'namespace/repo_name'", which
+    hides the likely cause: a mistyped local path)."""
+    if name.endswith(".gguf"):
+        if not Path(name).is_file():
+            raise UserError(f"{flag} '{name}': no such GGUF file")
+        if importlib.util.find_spec("gguf") is None:
+            raise UserError(f"{flag} '{name}' is a GGUF file: reading it needs the gguf package (pip install gguf)")
+        return
+    if Path(name).expanduser().exists():
+        return
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        raise UserError(
+            f"{flag} '{name}': no such local folder, and not a hub id either (a hub id is NAME or ORG/NAME, e.g. "
+            "Qwen/Qwen2.5-0.5B-Instruct)"
+        ) from None
+
+
+def pretrained_location(name: str) -> tuple[str, dict]:
+    """What `from_pretrained` is given for --model: a .gguf file is (its folder, gguf_file=its name) — transformers
+    then reads the config and the tokenizer from the GGUF metadata and dequantizes every tensor (Q4_1, Q8_0, ...) to
+    the `dtype` asked for; saving writes ordinary safetensors. Any other name (a folder, a hub id) is passed as is."""
+    if name.endswith(".gguf"):
+        path = Path(name).expanduser()
+        return str(path.parent), {"gguf_file": path.name}
+    return name, {}
 
 
 def load_tokenizer(cfg):
@@ -47,7 +126,8 @@ def load_tokenizer(cfg):
     as TRL does."""
     name = cfg.tokenizer or cfg.model
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=cfg.trust_remote_code)
+        location, gguf = pretrained_location(name)
+        tokenizer = AutoTokenizer.from_pretrained(location, trust_remote_code=cfg.trust_remote_code, **gguf)
     except (OSError, ValueError) as err:
         raise UserError(f"cannot load a tokenizer from '{name}': {err}") from None
     if cfg.chat_template:
@@ -86,10 +166,19 @@ def load_pretrained(cfg, device: torch.device | None = None) -> nn.Module:
         kwargs["quantization_config"] = quant
         # bitsandbytes quantizes while loading, so the weights must land on their device right away.
         kwargs["device_map"] = {"": device if device is not None else "cpu"}
+    location, gguf = pretrained_location(cfg.model)
+    if gguf:
+        # Every tensor unpacked to a dense --dtype weight while loading (transformers would otherwise keep quantized
+        # GGUF blocks where it has a kernel for them: inference-only modules that neither train nor save).
+        kwargs["quantization_config"] = GgufConfig(dequantize=True)
     try:
-        model = AutoModelForCausalLM.from_pretrained(cfg.model, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(location, **kwargs, **gguf)
     except (OSError, ValueError) as err:
         raise UserError(f"cannot load a causal LM from --model '{cfg.model}': {err}") from None
+    if getattr(model, "hf_quantizer", None) is not None and gguf:
+        # Dense now: an ordinary model, which save_pretrained writes as safetensors (a model still marked as
+        # GGUF-quantized refuses to be saved).
+        model.hf_quantizer.remove_quantization_config(model)
     return model
 
 

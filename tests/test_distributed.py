@@ -45,10 +45,11 @@ without GPUs, the two processes never form a process group (DistributedType.NO, 
 gloo, so the FSDP2 test launches train_dpo.py through a 10-line shim that sets the accelerator's state to FSDP with
 the plugin accelerate builds from configs/accelerate/fsdp2_lora.yaml (through accelerate's own launch-argument code);
 everything after that — `fsdp2_prepare_model` (per-decoder-layer units, DTensor parameters), `no_sync`, clipping of
-sharded gradients, the LoRA reference forward with the adapter disabled, the full state dict gathered for saving — is
-accelerate's and nanodpo's real FSDP2 path. It runs with --logps_chunk_size 0: the fast log-prob path
-(nanodpo/fastpath.py) applies the LM head's weight outside the head's forward, which FSDP2 does not see (segfault
-in backward with LoRA; "mixed torch.Tensor and DTensor" when clipping without).
+sharded gradients, the reference (a frozen copy sharded like the policy, or the LoRA model with its adapter disabled),
+the chunked LM head inside the head's own FSDP unit, the full state dict gathered for saving — is accelerate's and
+nanodpo's real FSDP2 path. Four DPO configurations share one launch (full fine-tuning with an online reference and
+gradient checkpointing, full fine-tuning with precomputed reference log-probs and tied embeddings, LoRA with the
+chunked head, LoRA with the readable path), each compared with its 1-process twin.
 
 DeepSpeed cannot run without a GPU: each configs/accelerate/*.yaml is loaded by accelerate's config class and taken
 through its launch-argument code to the environment it would launch with, from which the FSDP / DeepSpeed plugins are
@@ -511,40 +512,118 @@ runpy.run_path(script, run_name="__main__")
 """
 
 
-@pytest.mark.parametrize("chunk_size", [0, None], ids=["readable", "default"])
-def test_fsdp2_lora_dpo_two_processes_match_one(workdir, tmp_path, chunk_size):
-    """LoRA DPO under FSDP2 (configs/accelerate/fsdp2_lora.yaml): sharded base + adapter, the reference is the sharded
-    model with the adapter disabled, SGD (1e-4); the saved adapter is gathered from the shards.
-
-    readable: --logps_chunk_size 0, TRL's padded batch. default: no option given — the fast path sees DTensor weights
-    and falls back (saying so) to the model's own head, in the packed prefix-shared layout; the 1-process run it is
-    compared with takes the real fast path."""
-    _, _, env = launch_env(ROOT / "configs" / "accelerate" / "fsdp2_lora.yaml")
+def fsdp_env(config: str) -> dict:
+    """The FSDP_* environment `accelerate launch --config_file configs/accelerate/CONFIG` gives its processes."""
+    _, _, env = launch_env(ROOT / "configs" / "accelerate" / config)
     assert env["ACCELERATE_USE_FSDP"] == "true" and env["FSDP_VERSION"] == "2"
-    fsdp_env = {k: v for k, v in env.items() if k.startswith("FSDP_")}
-    shim = tmp_path / "fsdp_cpu.py"
-    shim.write_text(FSDP_SHIM)
-    options = dict(
-        dataset=str(workdir / "dpo_train.jsonl"), optim="sgd", learning_rate=0.5, max_length=64, beta=0.1,
-        use_lora="true", lora_r=8, lora_alpha=16, max_steps=3,
+    return {k: v for k, v in env.items() if k.startswith("FSDP_")}
+
+
+# The FSDP2 runs share one launch, like DRIVER above: each run's main() in turn on one process group, each with its
+# own accelerate state (forced to FSDP by the shim's make_accelerator) and the FSDP_* environment of its config.
+FSDP_DRIVER = FSDP_SHIM.split("training.make_accelerator = make_accelerator")[0] + """
+training.make_accelerator = make_accelerator
+import json, os
+from accelerate.state import AcceleratorState
+import nanodpo.model
+
+_prepare_reference = nanodpo.model.prepare_reference
+
+def prepare_reference(accelerator, ref_model):  # what the run's reference became, for the test to check
+    ref_model = _prepare_reference(accelerator, ref_model)
+    params = list(ref_model.parameters())
+    local = sum(p.to_local().numel() if type(p).__name__ == "DTensor" else p.numel() for p in params)
+    facts = dict(params=len(params), dtensor_params=sum(type(p).__name__ == "DTensor" for p in params),
+                 trainable=sum(p.requires_grad for p in params),
+                 registered=any(m is ref_model for m in accelerator._models),
+                 local_fraction=round(local / sum(p.numel() for p in params), 2))
+    print("reference under fsdp2: " + json.dumps(facts), flush=True)
+    return ref_model
+
+nanodpo.model.prepare_reference = prepare_reference
+
+no_op = lambda self, group=None: None
+PartialState.destroy_process_group = AcceleratorState.destroy_process_group = no_op
+for script, argv, env in json.load(open(sys.argv[1])):
+    os.environ.update(env)
+    __import__(script).main(argv)
+    AcceleratorState._reset_state(reset_partial_state=False)
+"""
+
+
+def fsdp_dpo_runs(workdir: Path) -> dict[str, tuple[str, dict]]:
+    """DPO under FSDP2, every configuration with the chunked LM head (the default) but `lora_readable`; SGD, 3 steps.
+
+    full_online: full fine-tuning, the reference a frozen copy sharded like the policy
+        (nanodpo.model.prepare_reference), with gradient checkpointing (the chunked head inside a checkpointed model).
+    full_precomputed: full fine-tuning, reference log-probs precomputed before sharding; tied embeddings (the LM
+        head's weight is the input embedding: its one FSDP unit gets both gradients).
+    lora / lora_readable: a LoRA adapter on the sharded base, the reference the same model with the adapter off;
+        lora_readable takes TRL's padded batch and full logits (--logps_chunk_size 0).
+    """
+    dpo = dict(
+        dataset=str(workdir / "dpo_train.jsonl"), optim="sgd", learning_rate=0.5, max_length=64, beta=0.1, max_steps=3,
     )  # fmt: skip
-    if chunk_size is not None:
-        options["logps_chunk_size"] = chunk_size
-    # Without the fallback, the fast path would project through lm_head's weight outside lm_head's forward, so FSDP2
-    # would never reshard that unit nor reduce-scatter its gradient (CPU: a segfault in backward with LoRA).
+    lora = dict(use_lora="true", lora_r=8, lora_alpha=16)
+    return {
+        "full_online": ("fsdp2_full.yaml", {**dpo, "gradient_checkpointing": "true"}),
+        "full_precomputed": ("fsdp2_full.yaml", {**dpo, "model": str(workdir / "model_tied"),
+                                                 "precompute_ref_logps": "true"}),
+        "lora": ("fsdp2_lora.yaml", {**dpo, **lora}),
+        "lora_readable": ("fsdp2_lora.yaml", {**dpo, **lora, "logps_chunk_size": 0}),
+    }  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def fsdp_runs(workdir, tmp_path_factory):
+    """Every FSDP2 DPO configuration with 2 processes (one launch through the shim) and 1 process (in this process),
+    the same global batch. Returns (root folder, output of the launch)."""
+    root = tmp_path_factory.mktemp("fsdp")
+    tiny.make_model_dir(workdir / "model_tied", seed=1, tie_word_embeddings=True)
+    runs = fsdp_dpo_runs(workdir)
+    plan = []
+    for name, (config, options) in runs.items():
+        env = {**fsdp_env(config), "NANODPO_CACHE": str(root / "cache_two")}
+        plan.append(("train_dpo", to_argv(common(workdir, root / f"{name}_two", **options)), env))
+    (root / "plan.json").write_text(json.dumps(plan))
+    (root / "driver.py").write_text(FSDP_DRIVER)
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-        str(shim), str(ROOT / "train_dpo.py"), *to_argv(common(workdir, tmp_path / "two", **options)),
+        str(root / "driver.py"), str(root / "plan.json"),
     ]  # fmt: skip
-    output = run(cmd, base_env(ACCELERATE_USE_CPU="1", **fsdp_env))
-    assert output.count("fsdp2 on cpu") == 2
-    if chunk_size is None:
-        assert output.count("fast log-prob path unavailable (the weights are sharded (FSDP2 / ZeRO-3))") == 1
-    run_one("train_dpo.py", common(workdir, tmp_path / "one", gradient_accumulation_steps=4, **options))
-    assert_same_curve(train_records(tmp_path / "two"), train_records(tmp_path / "one"), rtol=1e-4, label="fsdp2 dpo")
-    two = load_file(tmp_path / "two" / "adapter_model.safetensors")
-    one = load_file(tmp_path / "one" / "adapter_model.safetensors")
-    assert two.keys() == one.keys() and len(one) > 0
-    for name, tensor in one.items():
-        torch.testing.assert_close(two[name], tensor, rtol=0, atol=1e-5, msg=name)
-    assert json.loads((tmp_path / "two" / "adapter_config.json").read_text())["r"] == 8
+    output = run(cmd, base_env(ACCELERATE_USE_CPU="1"))
+    assert output.count("fsdp2 on cpu") == 2 * len(runs)
+    assert output.count("accumulation x 2 processes)") == len(runs)
+    for name, (_, options) in runs.items():
+        run_one("train_dpo.py", common(workdir, root / f"{name}_one", gradient_accumulation_steps=4, **options),
+                env={"NANODPO_CACHE": str(root / "cache_one")})  # fmt: skip
+    return root, output
+
+
+@pytest.mark.parametrize("name", ["full_online", "full_precomputed", "lora", "lora_readable"])
+def test_fsdp2_dpo_two_processes_match_one(fsdp_runs, name):
+    """DPO under FSDP2 (configs/accelerate/fsdp2_full.yaml, fsdp2_lora.yaml) equals 1 process with the same global
+    batch: every logged value of 3 SGD steps within 1e-4 (step 1 within 1e-5), and the saved weights (gathered
+    from the shards) within 1e-5."""
+    root, output = fsdp_runs
+    assert "fast log-prob path unavailable" not in output  # the chunked head runs on sharded weights
+    two, one = root / f"{name}_two", root / f"{name}_one"
+    assert_same_curve(train_records(two), train_records(one), rtol=1e-4, label=f"fsdp2 dpo {name}")
+    saved = "adapter_model.safetensors" if name.startswith("lora") else "model.safetensors"
+    two_weights, one_weights = load_file(two / saved), load_file(one / saved)
+    if name == "full_precomputed":  # tied: the state dict gathered from the shards names the shared tensor twice
+        assert torch.equal(two_weights.pop("lm_head.weight"), two_weights["model.embed_tokens.weight"])
+    assert two_weights.keys() == one_weights.keys() and len(one_weights) > 0
+    for key, tensor in one_weights.items():
+        torch.testing.assert_close(two_weights[key], tensor, rtol=0, atol=1e-5, msg=key)
+    if name.startswith("lora"):
+        assert json.loads((two / "adapter_config.json").read_text())["r"] == 8
+
+
+def test_fsdp2_reference_is_sharded_and_frozen(fsdp_runs):
+    """The full-fine-tuning reference under FSDP2 is sharded like the policy — each process holds half of every
+    parameter (DTensor shards), none trainable — and not registered among the models accelerate trains."""
+    root, output = fsdp_runs
+    line = next(line for line in output.splitlines() if line.startswith("reference under fsdp2:"))
+    facts = json.loads(line.split(":", 1)[1])
+    assert facts == {"params": 27, "dtensor_params": 27, "trainable": 0, "registered": False, "local_fraction": 0.5}
