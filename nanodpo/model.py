@@ -12,10 +12,15 @@ from pathlib import Path
 from types import MethodType
 
 import torch
-from torch import nn
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
-from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, GgufConfig
+from torch import nn
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    GgufConfig,
+)
 
 from nanodpo.errors import UserError
 
@@ -276,7 +281,10 @@ def prepare_reference(accelerator, ref_model: nn.Module | None) -> nn.Module | N
     ref_model.requires_grad_(False)
     ref_model.eval()
     if accelerator.distributed_type == DistributedType.FSDP:
-        from accelerate.utils import convert_outputs_to_fp32, get_mixed_precision_context_manager
+        from accelerate.utils import (
+            convert_outputs_to_fp32,
+            get_mixed_precision_context_manager,
+        )
         from accelerate.utils.fsdp_utils import fsdp2_prepare_model
 
         ref_model = fsdp2_prepare_model(accelerator, ref_model)
