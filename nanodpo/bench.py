@@ -5,9 +5,14 @@
     python -m nanodpo.bench pt             # train_pt.py  vs a plain Hugging Face forward/backward/AdamW loop
     python -m nanodpo.bench dpo --quick    # a smoke run: smaller model and lengths, one repetition
     python -m nanodpo.bench demo           # the offline demo's pipeline, each stage timed (nanodpo/demo/bench.py)
+    python -m nanodpo.bench dpo --model PATH [--use_lora]   # a real model: a local folder or a .gguf file
 
-Same model for both: Qwen2 architecture with Qwen2.5's real vocabulary size (151,936 — the LM head is where most of
-the time and memory of a small model go), a small hidden size and a few layers, random init, fp32 (bf16 on GPU).
+Same model for both: by default Qwen2 architecture with Qwen2.5's real vocabulary size (151,936 — the LM head is
+where most of the time and memory of a small model go), a small hidden size and a few layers, random init, fp32 (bf16
+on GPU). `--model PATH` runs a real pretrained model instead (a GGUF file is dequantized once, by nanodpo's own
+loading, into an fp32 safetensors folder in the work directory that every run then reads); `--use_lora` trains a
+LoRA adapter (r 16, alpha 32, all linear layers) in every implementation, the plain step included.
+
 Same data: synthetic multi-turn conversations with a realistic length mix (prompts of 50-600 tokens over 1-3 rounds,
 completions of 20-400; tokenizer: the demo's byte-level BPE); same batch, steps, optimizer (AdamW) and schedule;
 sequential data order, so both train on the same pairs in the same order.
@@ -17,7 +22,10 @@ Every run is its own process (`python -m nanodpo.bench --worker ...`): peak memo
 ...) over several repetitions; medians are reported. The first optimizer step of every run is warm-up and is not
 timed. Printed per implementation: real (non-padding) tokens/s — the tokens of the sequences as TRL counts them,
 prompt included once per sequence —, optimizer steps/s, peak memory, the ratios nanodpo/TRL, and the final logged
-metrics of both (they must agree: the same training, only faster).
+metrics of both (they must agree: the same training, only faster). Peak memory is also given above its floor: what
+the training state must hold whatever the implementation — weights, gradients and AdamW's two moments of the trained
+parameters, the frozen reference copy where there is one — plus, on CPU, the RSS of a process that has only imported
+the libraries (measured): what is left is activations, logits and temporaries.
 
 For DPO it also prints the cost of one DPO step relative to a plain training step over the same real tokens
 ("plain": one HF forward+backward with labels=input_ids over the 2B sequences, padding-free, plus the AdamW update).
@@ -169,6 +177,16 @@ def hyperparameters(task: str, spec: dict) -> dict:
     }
 
 
+LORA = {"lora_r": 16, "lora_alpha": 32, "lora_dropout": 0.0}  # --use_lora: every implementation, all linear layers
+
+
+def lora_config():
+    from peft import LoraConfig
+
+    return LoraConfig(r=LORA["lora_r"], lora_alpha=LORA["lora_alpha"], lora_dropout=LORA["lora_dropout"],
+                      target_modules="all-linear", task_type="CAUSAL_LM")  # fmt: skip
+
+
 def run_nanodpo(task: str, spec: dict, precompute: bool = False) -> tuple[list[float], list[dict]]:
     """train_{task}.py's main(), with the time of every logged step recorded."""
     sys.path.insert(0, str(ROOT))
@@ -194,6 +212,8 @@ def run_nanodpo(task: str, spec: dict, precompute: bool = False) -> tuple[list[f
     }
     if task == "dpo" and precompute:
         options["precompute_ref_logps"] = "true"
+    if spec.get("use_lora"):
+        options.update(use_lora="true", **LORA)
     if task == "pt":
         options["packing_strategy"] = "bfd"
     argv = [item for key, value in options.items() for item in (f"--{key}", str(value))]
@@ -221,14 +241,17 @@ def run_trl(task: str, spec: dict) -> tuple[list[float], list[dict]]:
         output_dir=spec["out"], report_to="none", save_strategy="no", disable_tqdm=True,
         use_cpu=not torch.cuda.is_available(), gradient_checkpointing=False, **hp,
     )  # fmt: skip
+    peft_config = lora_config() if spec.get("use_lora") else None
     if task == "dpo":
         from trl import DPOConfig, DPOTrainer
 
-        trainer = DPOTrainer(model=model, args=DPOConfig(**common), train_dataset=dataset, processing_class=tokenizer)
+        trainer = DPOTrainer(model=model, args=DPOConfig(**common), train_dataset=dataset, processing_class=tokenizer,
+                             peft_config=peft_config)  # fmt: skip
     else:
         from trl import SFTConfig, SFTTrainer
 
-        trainer = SFTTrainer(model=model, args=SFTConfig(**common), train_dataset=dataset, processing_class=tokenizer)
+        trainer = SFTTrainer(model=model, args=SFTConfig(**common), train_dataset=dataset, processing_class=tokenizer,
+                             peft_config=peft_config)  # fmt: skip
     trainer.add_callback(StepTimes())
     trainer.train()
     return times, [r for r in trainer.state.log_history if "loss" in r]
@@ -291,8 +314,13 @@ def run_plain(task: str, spec: dict) -> tuple[list[float], list[dict]]:
             for rows in steps
         ]  # fmt: skip
     model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32, attn_implementation="sdpa")
+    if spec.get("use_lora"):
+        from peft import get_peft_model
+
+        model = get_peft_model(model, lora_config())
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=hyperparameters(task, spec)["learning_rate"])
+    trained = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trained, lr=hyperparameters(task, spec)["learning_rate"])
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.cuda.is_available())
     if torch.cuda.is_available():
         model.cuda()
@@ -302,7 +330,7 @@ def run_plain(task: str, spec: dict) -> tuple[list[float], list[dict]]:
         with autocast:
             loss = model(**batch).loss
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        grad_norm = torch.nn.utils.clip_grad_norm_(trained, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         times.append((time.perf_counter(), time.process_time()))
@@ -313,6 +341,13 @@ def run_plain(task: str, spec: dict) -> tuple[list[float], list[dict]]:
 def worker(args) -> None:
     spec = json.loads(args.spec)
     start = time.perf_counter()
+    if args.worker == "baseline":  # the libraries imported, nothing loaded: the RSS every CPU run starts from
+        import peft, transformers, trl  # noqa: F401, E401
+
+        from nanodpo import model  # noqa: F401
+
+        print("BENCH_RESULT " + json.dumps({"peak_mb": peak_memory_mb()}), flush=True)
+        return
     if args.worker == "nanodpo":
         times, records = run_nanodpo(args.task, spec)
     elif args.worker == "nanodpo-precomputed":
@@ -357,16 +392,60 @@ def model_flops(task: str, spec: dict, steps: list[list]) -> dict[str, list[floa
     head = config.hidden_size * config.vocab_size
     body = sum(p.numel() for name, p in model.named_parameters() if "embed_tokens" not in name and "lm_head" not in name)
     flops: dict[str, list[float]] = {}
+    trained = 4 if spec.get("use_lora") else 6  # frozen weights (LoRA): no weight-gradient matmuls
     for rows in steps:
         scored = sum(sum(1 for label in row.labels if label != -100) for row in rows)
         if task == "dpo":  # body over the unique tokens (prompt once), head over the completion tokens
             unique = sum(len(row) for row in step_units(spec, rows))
-            for name, factor in (("nanodpo", 8), ("trl", 8), ("nanodpo-precomputed", 6), ("plain", 6)):
+            factors = {"nanodpo": trained + 2, "trl": trained + 2, "nanodpo-precomputed": trained, "plain": trained}
+            for name, factor in factors.items():
                 flops.setdefault(name, []).append(factor * (body * unique + head * scored))
         else:
             for name in IMPLEMENTATIONS[task]:
-                flops.setdefault(name, []).append(6 * (body * sum(len(row) for row in rows) + head * scored))
+                flops.setdefault(name, []).append(trained * (body * sum(len(row) for row in rows) + head * scored))
     return flops
+
+
+def state_floor_mb(task: str, spec: dict) -> dict[str, float]:
+    """Per implementation, the memory its training state needs whatever the implementation (fp32 weights): the
+    weights, and for the trained parameters their gradient and AdamW's two moments (16 bytes per trained parameter
+    in all), plus a frozen reference copy of the weights for DPO with an online reference and full fine-tuning (with
+    LoRA the reference is the same weights, adapter off)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(spec["model"])
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    params = sum(p.numel() for p in model.parameters())
+    if spec.get("use_lora"):  # r·(in + out) per linear layer but the LM head ("all-linear")
+        output = model.get_output_embeddings()
+        linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not output]
+        trained = sum(LORA["lora_r"] * (m.in_features + m.out_features) for m in linears)
+    else:
+        trained = params
+    state = 4 * params + 12 * trained
+    reference = 0 if spec.get("use_lora") else 4 * params
+    names = IMPLEMENTATIONS[task] + (["nanodpo-precomputed", "plain"] if task == "dpo" else [])
+    online = {"nanodpo", "trl"} if task == "dpo" else set()
+    return {name: (state + (reference if name in online else 0)) / 2**20 for name in names}
+
+
+def local_model(path: str, workdir: Path) -> str:
+    """--model for the bench: a local folder as it is; a .gguf file loaded (dequantized to fp32) by nanodpo's own
+    loading and saved once as a safetensors folder in the work directory, which every run then reads."""
+    sys.path.insert(0, str(ROOT))
+    from nanodpo.config import DPOConfig, parse_config
+    from nanodpo.model import check_model_source, load_pretrained, load_tokenizer
+
+    check_model_source(path)
+    if not path.endswith(".gguf"):
+        return path
+    cfg = parse_config(DPOConfig, ["--model", path, "--dtype", "float32"])
+    out = workdir / "model_from_gguf"
+    load_pretrained(cfg).save_pretrained(out)
+    load_tokenizer(cfg).save_pretrained(out)
+    return str(out)
 
 
 def step_units(spec: dict, rows: list) -> list:
@@ -402,8 +481,8 @@ def run_worker(name: str, task: str, spec: dict) -> dict:
     return _run([sys.executable, "-m", "nanodpo.bench", task, "--worker", name, "--spec", json.dumps(spec)])
 
 
-def summarize(result: dict, tokens: list[int], flops: list[float], peak_tflops: float | None) -> dict:
-    """Timed steps: all but the first (warm-up)."""
+def summarize(result: dict, tokens: list[int], flops: list[float], peak_tflops: float | None, floor_mb: float) -> dict:
+    """Timed steps: all but the first (warm-up). floor_mb: the state's floor (with the libraries' RSS on CPU)."""
     times = result["times"]
     timed = len(times) - 1
     seconds = times[-1][0] - times[0][0]
@@ -414,6 +493,7 @@ def summarize(result: dict, tokens: list[int], flops: list[float], peak_tflops: 
         "step_s": seconds / timed,
         "cpu_s_per_step": cpu_seconds / timed,
         "peak_mb": result["peak_mb"],
+        "above_floor_mb": result["peak_mb"] - floor_mb,
     }
     if peak_tflops:
         summary["mfu"] = sum(flops[1 : len(times)]) / seconds / (peak_tflops * 1e12)
@@ -450,6 +530,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max_length", type=int, default=None, help="max tokens per sequence (pt: per packed row)")
     parser.add_argument("--workdir", help="keep the model, data and outputs here (default: a temporary folder)")
     parser.add_argument("--peak_tflops", type=float, help="peak TFLOPS of the device, for MFU (GPU: known ones)")
+    parser.add_argument("--model", help="a real model instead of the random one: a local folder or a .gguf file")
+    parser.add_argument("--use_lora", action="store_true", help="train a LoRA adapter (r 16, all linear layers)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -465,12 +547,16 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="nanodpo_bench_") as tmp:
         workdir = Path(args.workdir or tmp)
         workdir.mkdir(parents=True, exist_ok=True)
-        make_model_dir(workdir / "model", size)
+        if args.model:
+            model_path = local_model(args.model, workdir)
+        else:
+            make_model_dir(workdir / "model", size)
+            model_path = str(workdir / "model")
         rows_needed = size["batch"] * size["steps"] * (4 if task == "pt" else 1)
         data = write_data(workdir, task, make_rows(rows_needed, size["scale"]))
         spec = {
-            "workdir": str(workdir), "model": str(workdir / "model"), "data": str(data), "max_length": max_length,
-            **size,
+            "workdir": str(workdir), "model": model_path, "data": str(data), "max_length": max_length,
+            "use_lora": args.use_lora, **size,
         }  # fmt: skip
         os.environ["NANODPO_CACHE"] = str(workdir / "cache")
         info = step_tokens(task, spec)
@@ -479,9 +565,20 @@ def main(argv: list[str] | None = None) -> None:
         import torch
 
         device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores"
+        baseline = 0.0 if torch.cuda.is_available() else run_worker("baseline", task, spec)["peak_mb"]
+        floors = {name: mb + baseline for name, mb in state_floor_mb(task, spec).items()}
+        if args.model:
+            from transformers import AutoConfig
+
+            config = AutoConfig.from_pretrained(model_path)
+            model_text = (f"{args.model} ({config.model_type}, hidden {config.hidden_size}, "
+                          f"{config.num_hidden_layers} layers, vocab {config.vocab_size:,})")  # fmt: skip
+        else:
+            model_text = f"Qwen2 vocab {VOCAB_SIZE:,}, hidden {size['hidden']}, {size['layers']} layers, random init"
+        lora_text = f", LoRA r {LORA['lora_r']} all-linear" if args.use_lora else ", full fine-tuning"
         print(
-            f"nanodpo bench {task}: {device} | Qwen2 vocab {VOCAB_SIZE:,}, hidden {size['hidden']}, "
-            f"{size['layers']} layers, random init | {size['batch']} {'pairs' if task == 'dpo' else 'rows'} per step, "
+            f"nanodpo bench {task}: {device} | {model_text}{lora_text} | "
+            f"{size['batch']} {'pairs' if task == 'dpo' else 'rows'} per step, "
             f"{size['steps']} steps (first not timed), {size['reps']} repetitions, max_length {max_length} | "
             f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'PASSIVE')} | real tokens per step: {tokens}",
             flush=True,
@@ -495,32 +592,34 @@ def main(argv: list[str] | None = None) -> None:
             order = names if rep == 0 else IMPLEMENTATIONS[task][:: -1 if rep % 2 else 1]
             for name in order:
                 result = run_worker(name, task, spec)
-                runs[name].append(summarize(result, tokens, flops[name], peak_tflops))
+                runs[name].append(summarize(result, tokens, flops[name], peak_tflops, floors[name]))
                 last[name] = result["records"]
                 s = runs[name][-1]
                 mfu = f"  MFU {s['mfu']:.1%}" if "mfu" in s else ""
                 print(
                     f"  rep {rep + 1} {name:20s} {s['tokens_per_s']:9.0f} tok/s  {s['step_s']:7.2f} s/step  "
-                    f"{s['cpu_s_per_step']:7.2f} CPU s/step  peak {s['peak_mb']:8.0f} MB{mfu}",
+                    f"{s['cpu_s_per_step']:7.2f} CPU s/step  peak {s['peak_mb']:8.0f} MB "
+                    f"({s['above_floor_mb']:6.0f} above the floor of {floors[name]:.0f}){mfu}",
                     flush=True,
                 )
-        report(task, names, runs, last)
+        report(task, names, runs, last, floors)
 
 
-def report(task: str, names: list[str], runs: dict, last: dict) -> None:
+def report(task: str, names: list[str], runs: dict, last: dict, floors: dict) -> None:
     med = {name: {k: statistics.median(r[k] for r in runs[name]) for k in runs[name][0]} for name in names}
     base = IMPLEMENTATIONS[task][1]
     memory = "peak CUDA MB" if _cuda() else "peak RSS MB"
     print(
         f"\n{'implementation':22s} {'tokens/s':>10s} {'steps/s':>9s} {'CPU s/step':>11s} {memory:>13s} "
-        f"{'tokens/s ratio':>15s} {'CPU-time ratio':>15s} {'memory ratio':>13s}"
+        f"{'tokens/s ratio':>15s} {'CPU-time ratio':>15s} {'memory ratio':>13s} {'floor MB':>9s} {'above floor':>12s}"
     )
     for name in names:
         m = med[name]
         print(
             f"{name:22s} {m['tokens_per_s']:10.0f} {m['steps_per_s']:9.3f} {m['cpu_s_per_step']:11.2f} "
             f"{m['peak_mb']:13.0f} {m['tokens_per_s'] / med[base]['tokens_per_s']:14.2f}x "
-            f"{med[base]['cpu_s_per_step'] / m['cpu_s_per_step']:14.2f}x {m['peak_mb'] / med[base]['peak_mb']:12.2f}x"
+            f"{med[base]['cpu_s_per_step'] / m['cpu_s_per_step']:14.2f}x {m['peak_mb'] / med[base]['peak_mb']:12.2f}x "
+            f"{floors[name]:9.0f} {m['above_floor_mb']:12.0f}"
         )
     print(f"(medians over repetitions; ratios relative to {base}: tokens/s and memory ours/theirs, CPU time theirs/ours)")
     if "mfu" in med[names[0]]:

@@ -1,0 +1,205 @@
+"""The GPU suite: what a CPU cannot run — bf16 on CUDA, bitsandbytes 4-bit (QLoRA), flash-attention's varlen kernel,
+FSDP2 over NCCL on 2 GPUs, and the bench's CUDA numbers (tokens/s, MFU, peak memory) against TRL.
+
+Run it on any CUDA machine, from the repository root, with one command:
+
+    pytest -m gpu tests/gpu -v -s            # -s shows the measured numbers (bench table, FSDP2 gaps)
+
+Without CUDA every test here is skipped with the reason (the default `pytest` run collects and skips them). Tests
+that need more are skipped with theirs: flash-attention when `flash_attn` does not import (pip install flash-attn
+--no-build-isolation), the FSDP2 test below 2 GPUs.
+
+Reviewed against the libraries' documentation (November 2026):
+  * bf16: `Accelerator(mixed_precision="bf16")` autocasts the forward (train_*.py --bf16); weights stay fp32.
+  * QLoRA: transformers' `BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=
+    bfloat16)`; the quantized model must be placed on its GPU while loading (`device_map`), which
+    nanodpo.model.load_pretrained does; `prepare_model_for_kbit_training`'s steps are nanodpo's
+    `prepare_for_kbit_training`. (bitsandbytes' FSDP-QLoRA guide: a float `bnb_4bit_quant_storage` for sharding.)
+  * flash-attention varlen: transformers' padding-free path — one row [1, N] with `position_ids` restarting at 0 per
+    sequence and the precomputed `cu_seq_lens_q/k`, `max_length_q/k` (what `DataCollatorWithFlattening(
+    return_flash_attn_kwargs=True)` gives), no attention_mask; nanodpo.packing.collate_packed builds exactly that.
+  * FSDP2: accelerate's `fsdp_version: 2` config (configs/accelerate/fsdp2_full.yaml) under `accelerate launch`,
+    NCCL; the global batch kept equal between 2 processes and 1 (per_device × accumulation × processes).
+"""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+import tiny  # noqa: E402
+from nanodpo.tracking import read_metrics  # noqa: E402
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not torch.cuda.is_available(),
+        reason="no CUDA device: the GPU suite (bf16, bnb 4-bit, flash-attention varlen, FSDP2 over NCCL, the CUDA "
+        "bench) runs on a CUDA machine with `pytest -m gpu tests/gpu`",
+    ),
+]
+
+
+def env() -> dict:
+    e = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+    e["PYTHONPATH"] = os.pathsep.join([str(ROOT), e.get("PYTHONPATH", "")])
+    return e
+
+
+def run(cmd: list[str], timeout: int = 900) -> str:
+    done = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-6000:]
+    return done.stdout + done.stderr
+
+
+def train(script: str, options: dict, launcher: list[str] | None = None) -> str:
+    argv = [item for key, value in options.items() for item in (f"--{key}", str(value))]
+    return run([*(launcher or [sys.executable]), str(ROOT / script), *argv])
+
+
+def records(out: Path) -> list[dict]:
+    return [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gpu")
+    tiny.make_model_dir(root / "model", seed=0)
+    tiny.write_jsonl(root / "dpo.jsonl", tiny.preference_rows(16))
+    tiny.write_jsonl(root / "sft.jsonl", [{"prompt": r["prompt"], "completion": r["chosen"]}
+                                          for r in tiny.preference_rows(16)])  # fmt: skip
+    return root
+
+
+def common(workdir: Path, out: Path, **overrides) -> dict:
+    options = {
+        "model": str(workdir / "model"), "output_dir": str(out), "per_device_train_batch_size": 2,
+        "gradient_accumulation_steps": 2, "max_steps": 4, "learning_rate": 1e-3, "max_length": 64,
+        "lr_scheduler_type": "constant", "logging_steps": 1, "train_sampling_strategy": "sequential", "seed": 0,
+        "report_to": "jsonl", "disable_tqdm": "true",
+    }  # fmt: skip
+    return {**options, **overrides}
+
+
+def assert_close_curves(ours: list[dict], ref: list[dict], keys: tuple[str, ...], rtol: float, label: str) -> None:
+    assert [r["step"] for r in ours] == [r["step"] for r in ref] and ours
+    worst = 0.0
+    for a, b in zip(ours, ref):
+        for key in keys:
+            gap = abs(a[key] - b[key]) / max(abs(b[key]), 1e-2)
+            worst = max(worst, gap)
+            assert gap <= rtol, f"{label} step {a['step']} {key}: {a[key]} vs {b[key]}"
+    print(f"{label}: largest relative gap {worst:.1e}")
+
+
+def test_bf16_dpo_and_sft_track_fp32(workdir, tmp_path):
+    """--bf16 on CUDA (autocast, fp32 weights) trains DPO and SFT like fp32 does: the same curves to bf16 precision
+    (2e-2 relative on loss and log-probs over 4 steps), finite, the loss going down."""
+    for script, data, keys in (("train_dpo.py", "dpo.jsonl", ("loss", "logps/chosen", "logps/rejected")),
+                               ("train_sft.py", "sft.jsonl", ("loss",))):  # fmt: skip
+        name = script.removeprefix("train_").removesuffix(".py")
+        opts = dict(dataset=str(workdir / data))
+        train(script, common(workdir, tmp_path / f"{name}_bf16", bf16="true", **opts))
+        train(script, common(workdir, tmp_path / f"{name}_fp32", **opts))
+        bf16, fp32 = records(tmp_path / f"{name}_bf16"), records(tmp_path / f"{name}_fp32")
+        assert_close_curves(bf16, fp32, keys, rtol=2e-2, label=f"{name} bf16 vs fp32")
+        assert bf16[-1]["loss"] < bf16[0]["loss"]
+
+
+def test_qlora_dpo(workdir, tmp_path):
+    """QLoRA DPO: bitsandbytes NF4 base (Linear4bit on the GPU), a LoRA adapter, bf16 compute; the reference is the
+    same 4-bit model with the adapter off. 4 steps: finite, the loss going down, an adapter saved."""
+    bnb = pytest.importorskip("bitsandbytes")
+    out = tmp_path / "qlora"
+    train("train_dpo.py", common(workdir, out, dataset=str(workdir / "dpo.jsonl"), load_in_4bit="true",
+                                 use_lora="true", bf16="true", learning_rate=5e-3, bnb_4bit_quant_type="nf4",
+                                 bnb_4bit_compute_dtype="bfloat16"))  # fmt: skip
+    steps = records(out)
+    assert len(steps) == 4 and all(torch.isfinite(torch.tensor(r["loss"])) for r in steps)
+    assert steps[-1]["loss"] < steps[0]["loss"]
+    assert (out / "adapter_model.safetensors").exists()
+    # the policy really was 4-bit: load it the way nanodpo does and look
+    from nanodpo.config import DPOConfig, parse_config
+    from nanodpo.model import load_policy
+
+    cfg = parse_config(DPOConfig, ["--model", str(workdir / "model"), "--load_in_4bit", "true", "--use_lora", "true"])
+    policy = load_policy(cfg, torch.device("cuda"))
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in policy.modules())
+
+
+def test_flash_attention_varlen_packed_equals_unpacked(workdir, tmp_path):
+    """flash_attention_2's varlen kernel: documents packed into one row [1, N] (position_ids and cu_seq_lens, no
+    padding) give each document's log-probs as when it runs alone; and a DPO step in the padding-free layout equals
+    the padded batch's. bf16 (flash-attention has no fp32 kernel): within 2e-2."""
+    pytest.importorskip("flash_attn", reason="flash_attn does not import (pip install flash-attn --no-build-isolation)")
+    from transformers import AutoModelForCausalLM
+
+    from nanodpo.packing import Document, collate_packed, pack_documents
+    from nanodpo.training import lm_token_stats
+
+    model = AutoModelForCausalLM.from_pretrained(workdir / "model", dtype=torch.bfloat16,
+                                                 attn_implementation="flash_attention_2").cuda()  # fmt: skip
+    g = torch.Generator().manual_seed(0)
+    lengths = (9, 33, 17, 60)
+    docs = [Document(torch.randint(3, 500, (n,), generator=g).tolist(), [0] * 4 + [1] * (n - 4)) for n in lengths]
+
+    def logps(rows):
+        batch = collate_packed(rows, "flash_attention_2", 0)
+        batch = {k: v.cuda() if torch.is_tensor(v) else v for k, v in batch.items()}
+        with torch.no_grad():
+            stats = lm_token_stats(model, batch)
+        return stats.logps[stats.mask.bool()].float()
+
+    packed = logps(pack_documents(docs, 128))
+    alone = torch.cat([logps(pack_documents([doc], 128)) for doc in docs])
+    assert packed.shape == alone.shape
+    torch.testing.assert_close(packed, alone, rtol=2e-2, atol=2e-2)
+
+    layouts = {"padded": dict(padding_free="false", prefix_sharing="false"),
+               "padding_free": dict(padding_free="true", prefix_sharing="false")}  # fmt: skip
+    for name, layout in layouts.items():
+        train("train_dpo.py", common(workdir, tmp_path / name, dataset=str(workdir / "dpo.jsonl"), bf16="true",
+                                     attn_implementation="flash_attention_2", max_steps=1, **layout))  # fmt: skip
+    keys = ("loss", "logps/chosen", "logps/rejected")
+    padding_free, padded = records(tmp_path / "padding_free"), records(tmp_path / "padded")
+    assert_close_curves(padding_free, padded, keys, rtol=2e-2, label="flash varlen vs padded")
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason=f"FSDP2 needs 2 GPUs, found {torch.cuda.device_count()}")
+def test_fsdp2_dpo_two_gpus_equal_one(workdir, tmp_path):
+    """Full-fine-tuning DPO under configs/accelerate/fsdp2_full.yaml on 2 GPUs (NCCL) with an online reference
+    (sharded like the policy) and the chunked LM head, against 1 GPU with twice the accumulation: the same global
+    batch and examples. fp32, SGD: step 1 within 1e-4, 3 steps within 1e-3 (GPU reductions are not ordered the same
+    across process counts; CPU/gloo gives 1e-6, tests/test_distributed.py)."""
+    options = dict(dataset=str(workdir / "dpo.jsonl"), optim="sgd", learning_rate=0.5, max_steps=3)
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                str(ROOT / "configs/accelerate/fsdp2_full.yaml"), "--num_processes", "2", "--mixed_precision", "no"]
+    out = train("train_dpo.py", common(workdir, tmp_path / "two", **options), launcher)  # fmt: skip
+    assert "accumulation x 2 processes)" in out
+    train("train_dpo.py", common(workdir, tmp_path / "one", gradient_accumulation_steps=4, **options))
+    two, one = records(tmp_path / "two"), records(tmp_path / "one")
+    keys = ("loss", "grad_norm", "logps/chosen", "logps/rejected", "rewards/margins")
+    assert_close_curves(two[:1], one[:1], keys, rtol=1e-4, label="fsdp2 2 GPUs vs 1, step 1")
+    assert_close_curves(two, one, keys, rtol=1e-3, label="fsdp2 2 GPUs vs 1")
+
+
+def test_bench_dpo_on_cuda_prints_tokens_per_s_mfu_and_peak_memory_vs_trl(tmp_path):
+    """`python -m nanodpo.bench dpo --quick` on CUDA: every implementation's tokens/s, MFU (known GPUs; else pass
+    --peak_tflops) and peak CUDA memory, nanodpo's final metrics agreeing with TRL's."""
+    out = run([sys.executable, "-m", "nanodpo.bench", "dpo", "--quick", "--workdir", str(tmp_path)], timeout=1800)
+    print(out[-4000:])
+    assert "peak CUDA MB" in out
+    for name in ("nanodpo", "trl", "nanodpo-precomputed", "plain"):
+        assert re.search(rf"^{re.escape(name)}\s+\d+\s", out, re.M), name
+    if "MFU" not in out:
+        pytest.fail(f"no MFU printed: {torch.cuda.get_device_name()} is not in nanodpo.bench.PEAK_TFLOPS")
+    assert re.search(r"-> agree \(largest relative gap", out)
