@@ -7,6 +7,9 @@ of up to 512 tokens per optimizer step (2 micro-batches of 2 pairs), an online r
 step. The readable path (`--logps_chunk_size 0`) holds the padded batch's full fp32 logits and log-softmax
 (4 sequences x 512 x 151,936 x 4 bytes = 1.2 GB each); the chunked path never more than two chunks of 256 tokens.
 The chunked process's peak must be at most 0.7x the readable one's (measured: see the printed line with -s).
+
+The same measurement checks the memory plan's logits formula (nanodpo/memplan.py `logits_bytes`): the readable
+peak above the chunked one is predicted from the padded micro-batch's token count within 25%.
 """
 
 import json
@@ -19,7 +22,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from nanodpo.bench import make_model_dir, make_rows, write_data  # noqa: E402
+from nanodpo.bench import VOCAB_SIZE, make_model_dir, make_rows, write_data  # noqa: E402
+from nanodpo.memplan import logits_bytes  # noqa: E402
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,3 +59,22 @@ def test_chunked_head_peak_rss_at_most_0_7_of_readable(tmp_path):
     chunked = peak_rss_mb([*common, "--output_dir", str(tmp_path / "chunked")], tmp_path)
     print(f"peak RSS per process: readable {readable:.0f} MB, chunked {chunked:.0f} MB, ratio {chunked / readable:.2f}")
     assert chunked <= 0.7 * readable, (chunked, readable)
+
+    tokens = max(padded_micro_batch_tokens(common))
+    predicted = (logits_bytes(VOCAB_SIZE, tokens, "readable", autocast_bf16=False)
+                 - logits_bytes(VOCAB_SIZE, tokens, "chunked")) / 2**20  # fmt: skip
+    print(f"readable peak above chunked: measured {readable - chunked:.0f} MB, memory plan {predicted:.0f} MB")
+    assert abs((readable - chunked) - predicted) <= 0.25 * predicted
+
+
+def padded_micro_batch_tokens(argv: list[str]) -> list[int]:
+    """[chosen; rejected] positions of each readable-path micro-batch (2 pairs, padded to the longest)."""
+    from nanodpo.config import DPOConfig, parse_config
+    from nanodpo.dpo_data import PreferenceCollator, load_preference_data
+    from nanodpo.model import load_tokenizer
+
+    cfg = parse_config(DPOConfig, argv + ["--output_dir", "unused"])
+    tokenizer = load_tokenizer(cfg)
+    examples = load_preference_data(cfg, tokenizer)
+    collate = PreferenceCollator(tokenizer.pad_token_id, cfg.max_length, cfg.truncation_mode)
+    return [collate(examples[i : i + 2])["input_ids"].numel() for i in range(0, len(examples), 2)]
