@@ -424,7 +424,8 @@ def state_floor_mb(task: str, spec: dict) -> dict[str, float]:
         trained = sum(LORA["lora_r"] * (m.in_features + m.out_features) for m in linears)
     else:
         trained = params
-    state = 4 * params + 12 * trained
+    adapter = 4 * trained if spec.get("use_lora") else 0  # the LoRA matrices' own fp32 weights
+    state = 4 * params + adapter + 12 * trained
     reference = 0 if spec.get("use_lora") else 4 * params
     names = IMPLEMENTATIONS[task] + (["nanodpo-precomputed", "plain"] if task == "dpo" else [])
     online = {"nanodpo", "trl"} if task == "dpo" else set()

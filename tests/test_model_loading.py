@@ -157,3 +157,23 @@ def test_sharded_setups_that_cannot_work_are_refused():
     check_sharding_options(full, fsdp2)
     check_sharding_options(SimpleNamespace(**{**vars(qlora), "bnb_4bit_quant_storage": "bfloat16"}), zero3)
     check_sharding_options(qlora, {})  # one GPU: uint8 storage is fine
+
+
+def test_bench_reads_a_gguf_once_into_a_safetensors_folder(tiny_gguf, tmp_path):
+    """`python -m nanodpo.bench ... --model FILE.gguf`: the file is dequantized once (nanodpo's loading) into a
+    folder every run reads; the training-state floor counts weights + gradients + AdamW (+ the online reference)."""
+    from nanodpo.bench import local_model, state_floor_mb
+
+    path, model, _ = tiny_gguf
+    folder = local_model(str(path), tmp_path)
+    saved = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(saved.state_dict()[name], tensor), name
+    assert local_model(folder, tmp_path) == folder  # a folder is used as it is
+    params = sum(p.numel() for p in model.parameters()) / 2**20
+    full = state_floor_mb("dpo", {"model": folder})
+    assert full["plain"] == pytest.approx(16 * params) and full["nanodpo"] == pytest.approx(20 * params)
+    lora = state_floor_mb("dpo", {"model": folder, "use_lora": True})
+    linears = [m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and name != "lm_head"]
+    adapter = sum(16 * (m.in_features + m.out_features) for m in linears) / 2**20  # r 16, all linear layers
+    assert lora["nanodpo"] == lora["plain"] == pytest.approx(4 * params + 16 * adapter)  # no reference copy
