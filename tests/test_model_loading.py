@@ -177,3 +177,43 @@ def test_bench_reads_a_gguf_once_into_a_safetensors_folder(tiny_gguf, tmp_path):
     linears = [m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and name != "lm_head"]
     adapter = sum(16 * (m.in_features + m.out_features) for m in linears) / 2**20  # r 16, all linear layers
     assert lora["nanodpo"] == lora["plain"] == pytest.approx(4 * params + 16 * adapter)  # no reference copy
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_reference_engine_is_inference_only(stage, monkeypatch):
+    """Under DeepSpeed the reference becomes an engine without optimizer (TRL 1.16's `prepare_deepspeed`): the run's
+    config minus optimizer, scheduler and optimizer offload; ZeRO-3 keeps partitioning it (buckets sized to the
+    model), ZeRO-1/2 hold a plain copy (stage 0). DeepSpeed itself needs a GPU: `deepspeed.initialize` is recorded."""
+    from nanodpo.model import prepare_reference
+
+    seen = {}
+
+    class Engine(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.module = model
+
+    def initialize(model, config):
+        seen["config"] = config
+        return Engine(model), None, None, None
+
+    monkeypatch.setitem(sys.modules, "deepspeed", SimpleNamespace(initialize=initialize))
+    run_config = {
+        "zero_optimization": {"stage": stage, "offload_optimizer": {"device": "cpu"}},
+        "optimizer": {"type": "AdamW"}, "scheduler": {"type": "WarmupLR"}, "gradient_accumulation_steps": 4,
+    }  # fmt: skip
+    from accelerate.utils import DistributedType
+
+    accelerator = SimpleNamespace(distributed_type=DistributedType.DEEPSPEED,
+                                  state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(deepspeed_config=run_config)))
+    model = tiny.make_model(tiny.make_tokenizer())
+    engine = prepare_reference(accelerator, model)
+    assert isinstance(engine, Engine) and not engine.training
+    assert not any(p.requires_grad for p in model.parameters())
+    config = seen["config"]
+    assert "optimizer" not in config and "scheduler" not in config
+    assert "offload_optimizer" not in config["zero_optimization"]
+    assert config["gradient_accumulation_steps"] == 4
+    assert config["zero_optimization"]["stage"] == (3 if stage == 3 else 0)
+    assert ("zero_optimization.stage3_prefetch_bucket_size" in config) == (stage == 3)
+    assert run_config["zero_optimization"]["offload_optimizer"] == {"device": "cpu"}  # the run's own config untouched
