@@ -1,8 +1,10 @@
-"""Loading models and tokenizers: dtype, attention kernel, 4-bit (QLoRA), LoRA, and the frozen reference model.
+"""Loading models and tokenizers: dtype, attention kernel, 4-bit (QLoRA), LoRA, GGUF files, and the frozen reference
+model — placed for the run's distribution (sharded under FSDP2 / ZeRO-3: `prepare_reference`).
 
-HF `transformers` is used only to load (`AutoModelForCausalLM`, `AutoTokenizer`, `BitsAndBytesConfig`); `peft` wraps
-the model with LoRA. What `peft.prepare_model_for_kbit_training` does is spelled out in `prepare_for_kbit_training`
-so a reader sees each step.
+HF `transformers` is used only to load (`AutoModelForCausalLM`, `AutoTokenizer`, `BitsAndBytesConfig`, `GgufConfig`);
+`peft` wraps the model with LoRA. What `peft.prepare_model_for_kbit_training` does is spelled out in
+`prepare_for_kbit_training` so a reader sees each step. Setups that cannot work are refused before anything loads
+(`check_model_options`, `check_sharding_options`, `check_model_source`).
 """
 
 import copy
@@ -100,7 +102,7 @@ def check_model_source(name: str, flag: str = "--model") -> None:
     well-formed hub id (HF would answer "Repo id must be in the form 'repo_name' or 'namespace/repo_name'", which
     hides the likely cause: a mistyped local path)."""
     if name.endswith(".gguf"):
-        if not Path(name).is_file():
+        if not Path(name).expanduser().is_file():
             raise UserError(f"{flag} '{name}': no such GGUF file")
         if importlib.util.find_spec("gguf") is None:
             raise UserError(f"{flag} '{name}' is a GGUF file: reading it needs the gguf package (pip install gguf)")
