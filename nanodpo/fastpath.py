@@ -289,7 +289,7 @@ class ChunkedLabelLogps(torch.autograd.Function):
                         grad_params[1].index_add_(0, y, g.to(params[1].dtype))
                         grad_params[1].sub_(((g * scale).to(dtype) @ e).to(params[1].dtype))
                     continue
-                # any other head (LoRA: base + B@A·scale, dropout): autograd through one chunk's module call
+                # any other head (LoRA: base + B@A·scale, dropout): autograd through one chunk of its forward
                 with torch.enable_grad():
                     h_leaf = h.detach().requires_grad_(want_hidden)
                     logits = project.raw(h_leaf)

@@ -109,7 +109,7 @@ def test_large_logits_take_the_shifted_path(tokenizer):
 
 @pytest.mark.parametrize("targets", [["q_proj", "lm_head"], ["q_proj", "v_proj"]], ids=["lora_lm_head", "lora_body"])
 def test_lora_equal_to_readable_path(tokenizer, targets):
-    """LoRA on the LM head: the head is base + B@A·scale, called as a module per chunk (not read as .weight)."""
+    """LoRA on the LM head: the head is base + B@A·scale, its forward run per chunk (not read as .weight)."""
     model = with_lora(tiny.make_model(tokenizer), targets)
     batch = make_batch(len(tokenizer), seed=1)
     ref, ref_grads = stats_and_grads(model, *batch, chunk_size=0)
