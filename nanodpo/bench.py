@@ -31,6 +31,8 @@ import json
 import math
 import os
 import random
+import resource
+import runpy
 import shutil
 import statistics
 import subprocess
@@ -39,8 +41,18 @@ import tempfile
 import time
 from pathlib import Path
 
+from nanodpo import tracking
+from nanodpo.config import DPOConfig, PTConfig, SFTConfig, parse_config
+from nanodpo.demo import TOKENIZER_DIR
+from nanodpo.demo.bench import main as demo_main
+from nanodpo.dpo_data import PreferenceCollator, load_preference_data
+from nanodpo.dpo_packing import sequences_of, shared_unit
+from nanodpo.model import load_tokenizer
+from nanodpo.packing import Document, PackedRow, _make_row, collate_packed, pack_documents
+from nanodpo.pt_data import load_documents
+from nanodpo.sft_data import load_sft_data
+
 ROOT = Path(__file__).resolve().parents[1]
-TOKENIZER_DIR = Path(__file__).resolve().parent / "assets" / "tokenizer"
 VOCAB_SIZE = 151_936  # Qwen2.5
 
 SIZES = {
@@ -142,8 +154,6 @@ def write_data(workdir: Path, task: str, rows: list[dict]) -> Path:
 
 
 def peak_memory_mb() -> float:
-    import resource
-
     import torch
 
     if torch.cuda.is_available():
@@ -171,9 +181,6 @@ def hyperparameters(task: str, spec: dict) -> dict:
 
 def run_nanodpo(task: str, spec: dict, precompute: bool = False) -> tuple[list[float], list[dict]]:
     """train_{task}.py's main(), with the time of every logged step recorded."""
-    sys.path.insert(0, str(ROOT))
-    from nanodpo import tracking
-
     times, records = [], []
     original = tracking.Tracker.log
 
@@ -197,8 +204,8 @@ def run_nanodpo(task: str, spec: dict, precompute: bool = False) -> tuple[list[f
     if task == "pt":
         options["packing_strategy"] = "bfd"
     argv = [item for key, value in options.items() for item in (f"--{key}", str(value))]
-    module = __import__(f"train_{task}")
-    module.main(argv)
+    script = runpy.run_path(str(ROOT / f"train_{task}.py"))  # the script's definitions (its __main__ block stays off)
+    script["main"](argv)
     return times, records
 
 
@@ -238,17 +245,9 @@ def step_rows(task: str, spec: dict) -> list[list]:
     """Every optimizer step's sequences as the nanodpo run sees them (token ids, truncated): for dpo, the 2B
     sequences of the step's pairs as one padding-free row (a PackedRow, one document per sequence); for pt, the
     step's packed rows; for sft, the step's documents (one per row)."""
-    sys.path.insert(0, str(ROOT))
-    from nanodpo.config import DPOConfig, PTConfig, SFTConfig, parse_config
-    from nanodpo.model import load_tokenizer
-    from nanodpo.packing import Document, _make_row, pack_documents
-
     batch, steps = spec["batch"], spec["steps"]
     argv = ["--model", spec["model"], "--dataset", spec["data"], "--max_length", str(spec["max_length"])]
     if task == "dpo":
-        from nanodpo.dpo_data import PreferenceCollator, load_preference_data
-        from nanodpo.dpo_packing import sequences_of
-
         cfg = parse_config(DPOConfig, argv)
         examples = load_preference_data(cfg, load_tokenizer(cfg))
         collate = PreferenceCollator(0, cfg.max_length)
@@ -261,16 +260,12 @@ def step_rows(task: str, spec: dict) -> list[list]:
             steps_out.append([_make_row(list(zip(sequences, labels)))])  # labels: the completion tokens
         return steps_out
     if task == "sft":
-        from nanodpo.sft_data import load_sft_data
-
         cfg = parse_config(SFTConfig, argv)
         docs = load_sft_data(cfg, load_tokenizer(cfg))
         cut = cfg.max_length
         return [[_make_row([(d.input_ids[:cut], d.labels()[:cut])]) for d in docs[i : i + batch]] for i in range(0, batch * steps, batch)]
-    import train_pt
-
     cfg = parse_config(PTConfig, argv)
-    docs = train_pt.load_documents(cfg, load_tokenizer(cfg), "train")
+    docs = load_documents(cfg, load_tokenizer(cfg), "train")
     rows = pack_documents([Document(d.input_ids) for d in docs], cfg.max_length, "bfd", cfg.packing_overflow)
     return [rows[i : i + batch] for i in range(0, batch * steps, batch)]
 
@@ -280,8 +275,6 @@ def run_plain(task: str, spec: dict) -> tuple[list[float], list[dict]]:
     gradient clipping, AdamW. Packed rows get a 4D block-causal mask (sdpa): documents stay isolated."""
     import torch
     from transformers import AutoModelForCausalLM
-
-    from nanodpo.packing import PackedRow, collate_packed
 
     steps = step_rows(task, spec)
     if task == "dpo":  # the plain step scores every token (labels = input_ids; not a document's first one)
@@ -371,8 +364,6 @@ def model_flops(task: str, spec: dict, steps: list[list]) -> dict[str, list[floa
 
 def step_units(spec: dict, rows: list) -> list:
     """The prefix-shared units of one DPO step (its 2B sequences are the documents of `rows[0]`)."""
-    from nanodpo.dpo_packing import shared_unit
-
     row = rows[0]
     sequences, start = [], 0
     for n in row.seq_lens:
@@ -436,8 +427,6 @@ def default_peak_tflops() -> float | None:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["demo"]:  # the offline demo's pipeline, timed stage by stage (nanodpo/demo/bench.py)
-        from nanodpo.demo.bench import main as demo_main
-
         return demo_main(argv[1:])
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("task", choices=["dpo", "sft", "pt"])

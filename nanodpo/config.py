@@ -70,10 +70,12 @@ class TrainConfig:
     print_trainable_parameters: bool = opt(True, "Print trainable / total parameter counts at start.")
     gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory.")
     disable_dropout: bool = opt(True, "Set every dropout probability in the model to 0 (as TRL does by default).")
-    logps_chunk_size: int = opt(
-        256,
-        "Fast log-prob path: the LM head is applied only at scored tokens, this many at a time, so the "
-        "[batch, seq, vocab] logits never exist. 0 = the readable path (full logits; nanodpo/logps.py).",
+    logps: str = opt(
+        "chunked",
+        "How token log-probs are computed (nanodpo/logps.py), the same numbers either way: chunked applies the LM "
+        "head only at scored tokens, a chunk at a time, so the [batch, seq, vocab] logits never exist; readable "
+        "takes the model's full logits, then log_softmax + gather.",
+        ("chunked", "readable"),
     )
     # --- data ---
     dataset: list[str] = opt([], "Training data: hub ids or local files/folders (json, jsonl, jsonl.gz, parquet, csv).")
@@ -168,15 +170,13 @@ class DPOConfig(TrainConfig):
         False, "Compute the reference log-probs once before training (cached on disk), then free the reference."
     )
     precompute_ref_batch_size: int | None = opt(None, "Batch size for --precompute_ref_logps (default: eval batch).")
-    padding_free: bool | None = opt(
-        None,
-        "Pack the sequences of a micro-batch's pairs into rows without padding (per-sequence positions, each "
-        "sequence isolated). Default (none): on unless --logps_chunk_size 0.",
-    )
-    prefix_sharing: bool | None = opt(
-        None,
-        "One unit per pair: prompt + chosen + rejected, the prompt computed once (rejected sees the prompt, not "
-        "chosen). Default (none): on unless --logps_chunk_size 0; flash_attention_2 falls back to padding-free.",
+    batch_layout: str = opt(
+        "prefix_shared",
+        "How a micro-batch's pairs are laid out (nanodpo/dpo_packing.py), the same numbers either way: padded "
+        "[chosen; rejected] rows (TRL's batch); padding_free: the sequences packed into rows without padding, each "
+        "isolated; prefix_shared: packed, and each pair's prompt computed once for both answers (flash_attention_2 "
+        "falls back to padding_free).",
+        ("prefix_shared", "padding_free", "padded"),
     )
     max_tokens_per_batch: int | None = opt(
         None,

@@ -16,8 +16,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import tiny  # noqa: E402
 from nanodpo.fastpath import ChunkedLabelLogps, fast_token_stats, label_stats  # noqa: E402
-from nanodpo.logps import token_stats  # noqa: E402
-from nanodpo.training import lm_token_stats  # noqa: E402
+from nanodpo.logps import token_logps, token_stats  # noqa: E402
+from nanodpo.training import lm_model_inputs  # noqa: E402
 
 FIELDS = ("logps", "mask", "entropy", "mean_logits", "log_sum_sq_probs")
 
@@ -223,8 +223,8 @@ def test_gradient_checkpointing_and_fallback(tokenizer):
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_lm_token_stats_packed_rows(tokenizer, attn):
-    """PT/SFT's forward point on packed rows (block-causal mask, HF labels with -100)."""
+def test_lm_packed_rows_both_paths(tokenizer, attn):
+    """PT/SFT's log-probs on packed rows (block-causal mask, HF labels with -100): chunked equals readable."""
     from nanodpo.packing import Document, collate_packed, pack_documents
 
     model = tiny.make_model(tokenizer)
@@ -235,11 +235,11 @@ def test_lm_token_stats_packed_rows(tokenizer, attn):
         for n in (9, 14, 5, 21, 11)
     ]
     batch = collate_packed(pack_documents(docs, 32), attn, tokenizer.pad_token_id)
-    ref = lm_token_stats(model, batch, chunk_size=0)
+    ref = token_logps(model, lm_model_inputs(batch), "readable")
     ref.logps.sum().backward()
     ref_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
-    ours = lm_token_stats(model, batch, chunk_size=4)
+    ours = token_logps(model, lm_model_inputs(batch), "chunked", chunk_size=4)
     ours.logps.sum().backward()
     for field in ("logps", "mask", "entropy", "mean_logits"):
         torch.testing.assert_close(getattr(ours, field), getattr(ref, field), rtol=1e-5, atol=1e-5, msg=field)

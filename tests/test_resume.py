@@ -2,6 +2,7 @@
 SIGTERM saves and exits, a kill inside a checkpoint write leaves the previous checkpoint loadable, a full disk is a
 clear error, non-finite steps are skipped and then stop the run, and checkpoints are rotated and validated."""
 
+import dataclasses
 import json
 import os
 import random
@@ -194,18 +195,18 @@ def test_full_disk_at_save_time_is_a_clear_error(data, tmp_path, monkeypatch):
 def test_nonfinite_steps_are_skipped_then_stop_the_run(data, tmp_path, monkeypatch):
     import train_dpo
 
-    real_step = train_dpo.dpo_step
+    real_forward = train_dpo.dpo_forward
     calls = {"n": 0}
 
     def poisoned(*args, **kwargs):
-        loss, metrics = real_step(*args, **kwargs)
+        out, policy_stats = real_forward(*args, **kwargs)
         calls["n"] += 1
         micro = calls["n"]  # 2 micro-batches per optimizer step: step k = micro-batches 2k-1, 2k
         if micro in (5, 6) or micro >= 11:  # step 3 once, then steps 6, 7, 8 ... in a row
-            loss = loss * float("nan")
-        return loss, metrics
+            out = dataclasses.replace(out, loss=out.loss * float("nan"))
+        return out, policy_stats
 
-    monkeypatch.setattr(train_dpo, "dpo_step", poisoned)
+    monkeypatch.setattr(train_dpo, "dpo_forward", poisoned)
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as exit_info:
         in_process("dpo", data, out, "--logging_steps", "1", "--max_nonfinite_steps", "3", "--max_steps", "20")
