@@ -40,8 +40,12 @@ from nanodpo.config import DPOConfig, config_to_dict, parse_config
 from nanodpo.demo.stages import main_or_demo
 from nanodpo.dpo import check_dpo_options, dpo_loss, dpo_metrics, dpo_pair_stats, pair_stats_metrics
 from nanodpo.dpo_data import load_preference_data
-from nanodpo.dpo_packing import batch_padding_fraction, make_preference_collator, make_token_budget_loader
-from nanodpo.dpo_packing import preference_model_inputs
+from nanodpo.dpo_packing import (
+    batch_padding_fraction,
+    make_preference_collator,
+    make_token_budget_loader,
+    preference_model_inputs,
+)
 from nanodpo.errors import exit_on_user_error
 from nanodpo.faults import GracefulStop
 from nanodpo.logps import token_logps

@@ -233,7 +233,8 @@ def update_best(cfg, state: RunState, eval_record: dict) -> None:
     if not name or name not in eval_record:
         return
     value = eval_record[name]
-    better = state.best_metric is None or (value > state.best_metric if cfg.greater_is_better else value < state.best_metric)
+    best = state.best_metric
+    better = best is None or (value > best if cfg.greater_is_better else value < best)
     if better:
         state.best_metric = value
         state.best_checkpoint = str(Path(cfg.output_dir) / f"checkpoint-{state.step}")
@@ -349,7 +350,9 @@ def load_checkpoint(accelerator, model, optimizer, scheduler, cfg, path: Path, g
         rng_file = path / "rng_state_0.pth"
     _set_rng_state(torch.load(rng_file, weights_only=True))
     saved.world_size = accelerator.num_processes
-    accelerator.print(f"resumed from {path} at step {saved.step} (epoch {saved.epoch}, step {saved.steps_in_epoch} of it)")
+    accelerator.print(
+        f"resumed from {path} at step {saved.step} (epoch {saved.epoch}, step {saved.steps_in_epoch} of it)"
+    )
     return saved
 
 

@@ -253,7 +253,7 @@ def make_preference_collator(cfg, pad_token_id: int):
     """The collator train_dpo.py uses for --batch_layout: padded rows, or packed (and prefix-shared) ones."""
     layout = resolve_layout(cfg)
     if layout == "padded":
-        return PreferenceCollator(pad_token_id=pad_token_id, max_length=cfg.max_length, truncation_mode=cfg.truncation_mode)
+        return PreferenceCollator(pad_token_id, max_length=cfg.max_length, truncation_mode=cfg.truncation_mode)
     return PackedPreferenceCollator(
         pad_token_id=pad_token_id,
         max_length=cfg.max_length,

@@ -13,6 +13,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAn
 
 from nanodpo.demo import TOKENIZER_DIR, tiny_model_config
 from nanodpo.errors import UserError
+from nanodpo.sft_data import resolve_chat_template
 
 # Architectures nanodpo ships (no weights: pretrain them with train_pt.py --from_scratch), with their tokenizer.
 PRESETS = {"nanodpo-tiny": (tiny_model_config, TOKENIZER_DIR)}
@@ -31,7 +32,7 @@ def check_model_options(cfg) -> None:
     if not cfg.model:
         raise UserError("--model is required (a hub id such as Qwen/Qwen2.5-0.5B-Instruct, or a local folder)")
     if cfg.model in PRESETS and not getattr(cfg, "from_scratch", False):
-        raise UserError(f"--model {cfg.model} is a preset architecture without weights: add --from_scratch (train_pt.py)")
+        raise UserError(f"--model {cfg.model} is a preset architecture without weights: add --from_scratch")
     if cfg.load_in_4bit and not cfg.use_lora:
         raise UserError("--load_in_4bit trains a LoRA adapter on frozen 4-bit weights: add --use_lora")
     if cfg.bf16 and cfg.fp16:
@@ -42,8 +43,6 @@ def check_model_options(cfg) -> None:
         raise UserError("--bf16 is not supported by this GPU; use --fp16")
     if cfg.attn_implementation == "flash_attention_2" and not torch.cuda.is_available():
         raise UserError("--attn_implementation flash_attention_2 needs a CUDA GPU; use sdpa")
-    if cfg.use_lora and cfg.lora_r <= 0:
-        raise UserError(f"--lora_r must be positive, got {cfg.lora_r}")
 
 
 def load_tokenizer(cfg):
@@ -57,8 +56,6 @@ def load_tokenizer(cfg):
     except (OSError, ValueError) as err:
         raise UserError(f"cannot load a tokenizer from '{name}': {err}") from None
     if cfg.chat_template:
-        from nanodpo.sft_data import resolve_chat_template
-
         # Set on the tokenizer itself, so every stage renders with it and it is saved with the model.
         tokenizer.chat_template = resolve_chat_template(tokenizer, cfg.chat_template)
     if tokenizer.pad_token is None:

@@ -5,7 +5,8 @@ Three sources, chosen in train_dpo.py:
     second copy of the model is needed (`peft`'s `disable_adapter()` context).
   * Full fine-tuning: a frozen copy of the starting weights (`nanodpo.model.load_reference`).
   * `--precompute_ref_logps`: one pass over the data before training with the untrained policy (whose weights are
-    the reference), cached on disk; no reference model is ever loaded. `--reference_free`: none — log π_ref is taken as 0.
+    the reference), cached on disk; no reference model is ever loaded.
+  * `--reference_free`: none — log π_ref is taken as 0.
 
 The cache key hashes the tokenized data, a fingerprint of the reference weights and every setting that changes a
 log-prob (max_length, truncation, LD-DPO's α, dtype, attention kernel), so a rerun with the same inputs reuses it
@@ -111,7 +112,9 @@ def precompute_reference_logps(
         policy.eval()
         for batch in loader:
             inputs = preference_model_inputs(policy, batch)
-            ref_chosen, ref_rejected = compute_reference_logps(policy, ref_model, inputs, cfg.ld_alpha, accelerator, cfg.logps)
+            ref_chosen, ref_rejected = compute_reference_logps(
+                policy, ref_model, inputs, cfg.ld_alpha, accelerator, cfg.logps
+            )
             ref_chosen, ref_rejected = accelerator.gather_for_metrics((ref_chosen, ref_rejected))
             chosen.append(ref_chosen.float().cpu())
             rejected.append(ref_rejected.float().cpu())

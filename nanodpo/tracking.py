@@ -63,6 +63,7 @@ class Tracker:
         run_name = cfg.run_name or self.output_dir.name
         if "jsonl" in self.report_to:
             self.jsonl = (self.output_dir / "metrics.jsonl").open("a", encoding="utf-8")
+        # wandb and tensorboard are imported only when asked for: each takes seconds to import.
         if "wandb" in self.report_to:
             import wandb
 

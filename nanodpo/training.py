@@ -30,7 +30,9 @@ def make_accelerator(cfg) -> Accelerator:
     micro-batch but the last, so an optimizer step's gradient is the mean of its micro-batch gradients.
     """
     mixed_precision = "bf16" if cfg.bf16 else "fp16" if cfg.fp16 else "no"
-    accelerator = Accelerator(gradient_accumulation_steps=cfg.gradient_accumulation_steps, mixed_precision=mixed_precision)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps, mixed_precision=mixed_precision
+    )
     deepspeed_plugin = accelerator.state.deepspeed_plugin
     if deepspeed_plugin is not None:
         # DeepSpeed clips inside engine.step (accelerator.clip_grad_norm_ then only reads the norm back). Left "auto",
@@ -332,9 +334,10 @@ def evaluate_lm(model, eval_examples: list, collate_fn, cfg, accelerator) -> dic
         stats = token_logps(model, lm_model_inputs(batch), cfg.logps)
         if rows:
             sums += torch.tensor(
-                [float(-stats.logps.sum()), float(stats.mask.sum()), float(stats.entropy.sum()), float(stats.is_top1.sum())],
+                [float(-stats.logps.sum()), float(stats.mask.sum()), float(stats.entropy.sum()),
+                 float(stats.is_top1.sum())],
                 dtype=torch.float64,
-            )
+            )  # fmt: skip
     model.train(was_training)
     nll, targets, entropy, hits = accelerator.reduce(sums.to(accelerator.device), reduction="sum").tolist()
     targets = max(targets, 1.0)

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 
 from nanodpo.chat import Chat, adapter_base, generate_answer, generate_tokens, load_for_chat, main, render_prompt
 from nanodpo.errors import UserError
-from tests.tiny import make_model_dir, make_tokenizer
+from tests import tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
@@ -34,14 +34,14 @@ def make_adapter(base_dir, adapter_dir, seed=1):
             if "lora_B" in name:
                 param.copy_(torch.randn(param.shape, generator=gen) * 0.5)
     peft_model.save_pretrained(adapter_dir)
-    make_tokenizer(adapter_dir)
+    tiny.make_tokenizer(adapter_dir)
     return adapter_dir
 
 
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("chat")
-    base = make_model_dir(root / "base", seed=0)
+    base = tiny.make_model_dir(root / "base", seed=0)
     adapter = make_adapter(base, root / "adapter")
     return SimpleNamespace(root=root, base=base, adapter=adapter)
 
@@ -122,7 +122,7 @@ def test_base_override_and_user_errors(dirs, tmp_path):
         load_for_chat(tmp_path / "empty")
     with pytest.raises(UserError, match="no adapter_config.json"):
         adapter_base(tmp_path / "empty")
-    tokenizer = make_tokenizer()
+    tokenizer = tiny.make_tokenizer()
     tokenizer.chat_template = None
     with pytest.raises(UserError, match="no chat template"):
         render_prompt(tokenizer, HELLO)
@@ -151,7 +151,9 @@ def test_prompt_and_compare(dirs, base_model, adapter_model):
 
 def test_repl_system_prompt_history_and_clear(dirs, base_model):
     model, tokenizer = base_model
-    stdin = io.StringIO("/system Be brief.\nHello\nMore please\n/system\n/clear\nHello\n/system -\nHello\n/quit\nnot read\n")
+    stdin = io.StringIO(
+        "/system Be brief.\nHello\nMore please\n/system\n/clear\nHello\n/system -\nHello\n/quit\nnot read\n"
+    )
     out = io.StringIO()
     main(["--model", str(dirs.base), "--max_new_tokens", "6", "--system", "Be kind."], stdin=stdin, out=out)
     text = out.getvalue()

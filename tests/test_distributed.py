@@ -69,11 +69,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import tiny  # noqa: E402
-from nanodpo.tracking import read_metrics  # noqa: E402
+from nanodpo.tracking import read_metrics
+from tests import tiny
 
 pytestmark = pytest.mark.slow
 
@@ -516,7 +513,8 @@ def test_fsdp2_lora_dpo_two_processes_match_one(workdir, tmp_path, layout):
     """LoRA DPO under FSDP2 (configs/accelerate/fsdp2_lora.yaml): sharded base + adapter, the reference is the sharded
     model with the adapter disabled, SGD (1e-4); the saved adapter is gathered from the shards.
 
-    readable: --logps readable --batch_layout padded, TRL's batch. default: no option given — the fast path sees DTensor weights
+    readable: --logps readable --batch_layout padded, TRL's batch. default: no option given — the chunked path sees
+    DTensor weights
     and falls back (saying so) to the model's own head, in the packed prefix-shared layout; the 1-process run it is
     compared with takes the real fast path."""
     _, _, env = launch_env(ROOT / "configs" / "accelerate" / "fsdp2_lora.yaml")

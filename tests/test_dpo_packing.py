@@ -5,21 +5,16 @@ free, prefix-shared, both; sdpa and eager; keep_start and keep_end truncation â€
 loss, metrics and gradients within 1e-5 (fp32), for the policy and the no_grad reference, online and precomputed.
 """
 
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import tiny  # noqa: E402
-import train_dpo  # noqa: E402
-from nanodpo.config import DPOConfig, parse_config  # noqa: E402
-from nanodpo.data import Row  # noqa: E402
-from nanodpo.dpo_data import PreferenceCollator, build_examples  # noqa: E402
-from nanodpo.dpo_packing import (  # noqa: E402
+import train_dpo
+from nanodpo.config import DPOConfig, parse_config
+from nanodpo.data import Row
+from nanodpo.dpo import dpo_metrics
+from nanodpo.dpo_data import PreferenceCollator, build_examples
+from nanodpo.dpo_packing import (
     PackedPreferenceCollator,
     TokenBudgetBatchSampler,
     make_preference_collator,
@@ -28,11 +23,11 @@ from nanodpo.dpo_packing import (  # noqa: E402
     resolve_layout,
     shared_unit,
 )
-from nanodpo.errors import UserError  # noqa: E402
-from nanodpo.dpo import dpo_metrics  # noqa: E402
-from nanodpo.logps import token_logps  # noqa: E402
-from nanodpo.reference import compute_reference_logps  # noqa: E402
-from nanodpo.tracking import read_metrics  # noqa: E402
+from nanodpo.errors import UserError
+from nanodpo.logps import token_logps
+from nanodpo.reference import compute_reference_logps
+from nanodpo.tracking import read_metrics
+from tests import tiny
 
 LAYOUTS = {"padding_free": (False, True), "prefix_shared": (True, False), "prefix_shared_packed": (True, True)}
 
@@ -210,8 +205,9 @@ def test_lora_reference_adapter_disabled_in_packed_layout(tokenizer, examples):
     accelerator = Accelerator(cpu=True)
     padded = PreferenceCollator(tokenizer.pad_token_id, 48)(examples)
     packed = PackedPreferenceCollator(tokenizer.pad_token_id, 48)(examples)
-    expected = compute_reference_logps(policy, None, preference_model_inputs(policy, padded), None, accelerator, "readable")
-    got = compute_reference_logps(policy, None, preference_model_inputs(policy, packed), None, accelerator, "chunked")
+    padded_inputs, packed_inputs = preference_model_inputs(policy, padded), preference_model_inputs(policy, packed)
+    expected = compute_reference_logps(policy, None, padded_inputs, None, accelerator, "readable")
+    got = compute_reference_logps(policy, None, packed_inputs, None, accelerator, "chunked")
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     adapter_on = policy_stats(policy, packed, "chunked", chunk_size=8)

@@ -15,13 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import tiny  # noqa: E402
-from nanodpo.checkpoint import checkpoints_in  # noqa: E402
-from nanodpo.errors import UserError  # noqa: E402
-from nanodpo.tracking import read_metrics  # noqa: E402
+from nanodpo.checkpoint import checkpoints_in
+from nanodpo.errors import UserError
+from nanodpo.tracking import read_metrics
+from tests import tiny
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("fresh_accelerate_state")]
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,13 +31,15 @@ def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("resume")
     tiny.make_model_dir(root / "model", seed=5)
     tiny.write_jsonl(root / "dpo.jsonl", tiny.preference_rows(12, "explicit"))
+    thanks = [{"role": "user", "content": "Thanks"}, {"role": "assistant", "content": "You are welcome!"}]
     chats = [
         {"messages": [{"role": "user", "content": f"What is {i} + {i}?"}, {"role": "assistant", "content": f"{2 * i}."}]
-         + ([{"role": "user", "content": "Thanks"}, {"role": "assistant", "content": "You are welcome!"}] if i % 2 else [])}
+         + (thanks if i % 2 else [])}
         for i in range(20)
     ]  # fmt: skip
     tiny.write_jsonl(root / "sft.jsonl", chats)
-    tiny.write_jsonl(root / "pt.jsonl", [{"text": f"Document {i}: " + "the fox runs. " * (1 + i % 5)} for i in range(40)])
+    documents = [{"text": f"Document {i}: " + "the fox runs. " * (1 + i % 5)} for i in range(40)]
+    tiny.write_jsonl(root / "pt.jsonl", documents)
     return root
 
 
@@ -248,7 +247,8 @@ def test_save_total_limit_keeps_the_newest_and_the_best(data, tmp_path, monkeypa
     out = tmp_path / "out"
     tiny.write_jsonl(tmp_path / "eval.jsonl", tiny.preference_rows(4, "explicit"))
     in_process("dpo", data, out, "--save_total_limit", "1", "--eval_dataset", str(tmp_path / "eval.jsonl"),
-               "--eval_steps", "2", "--metric_for_best_model", "eval_rewards/margins", "--greater_is_better")  # fmt: skip
+               "--eval_steps", "2", "--metric_for_best_model", "eval_rewards/margins",
+               "--greater_is_better")  # fmt: skip
     state = json.loads((checkpoints_in(out)[-1] / "trainer_state.json").read_text())
     kept = sorted(p.name for p in checkpoints_in(out))
     assert "checkpoint-6" in kept  # the newest

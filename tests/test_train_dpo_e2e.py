@@ -8,18 +8,14 @@ the same 8 pairs in both), and log every step. Tolerances (see the foundation is
 """
 
 import math
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import tiny  # noqa: E402
-import train_dpo  # noqa: E402
-from nanodpo.tracking import read_metrics  # noqa: E402
+import train_dpo
+from nanodpo.tracking import read_metrics
+from tests import tiny
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("fresh_accelerate_state")]
 

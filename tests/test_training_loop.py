@@ -13,15 +13,12 @@ from transformers import (
     get_linear_schedule_with_warmup,
 )
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import tiny  # noqa: E402
-import train_dpo  # noqa: E402
-from nanodpo.config import DPOConfig, parse_config  # noqa: E402
-from nanodpo.model import decay_parameter_groups  # noqa: E402
-from nanodpo.tracking import read_metrics  # noqa: E402
-from nanodpo.training import count_training_steps, make_scheduler  # noqa: E402
+import train_dpo
+from nanodpo.config import DPOConfig, parse_config
+from nanodpo.model import decay_parameter_groups
+from nanodpo.tracking import read_metrics
+from nanodpo.training import count_training_steps, make_scheduler
+from tests import tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")

@@ -42,7 +42,9 @@ def demo_argv(stage: str) -> list[str]:
     if previous is not None:
         name, command = previous
         if not (DEMO_DIR / name / "config.json").is_file():
-            raise UserError(f"the demo's {stage} stage starts from {DEMO_DIR / name}, which is missing: run `{command}` first")
+            raise UserError(
+                f"the demo's {stage} stage starts from {DEMO_DIR / name}, which is missing: run `{command}` first"
+            )
     print(f"demo: {stage} stage with {path.relative_to(ROOT)} (any flag you add overrides it)")
     return ["--config", str(path)]
 
