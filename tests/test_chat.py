@@ -11,9 +11,18 @@ from types import SimpleNamespace
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, DynamicCache
 
-from nanodpo.chat import Chat, adapter_base, generate_answer, generate_tokens, load_for_chat, main, render_prompt
+from nanodpo.chat import (
+    Chat,
+    adapter_base,
+    generate_answer,
+    generate_tokens,
+    load_for_chat,
+    main,
+    new_kv_cache,
+    render_prompt,
+)
 from nanodpo.errors import UserError
 from tests import tiny
 
@@ -68,6 +77,23 @@ def test_greedy_equals_hf_generate(base_model):
         expected = expected[:-1]
     assert ids == expected and len(ids) > 0
     assert generate_answer(model, tokenizer, HELLO, 12) == tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+
+def test_kv_cache_goes_under_the_name_the_forward_takes(base_model, adapter_model):
+    """transformers 5.24 renamed forward's `past_key_values` to `cache` and warns on the old name at every call: the
+    cache is made once and passed under whichever name the model's forward has (also through a peft wrapper)."""
+    for model, _ in (base_model, adapter_model):
+        ((name, cache),) = new_kv_cache(model).items()
+        assert name == "past_key_values"  # transformers 5.23, the version pinned by the test extra
+        assert isinstance(cache, DynamicCache) and cache.get_seq_length() == 0
+
+    class RenamedForward(torch.nn.Module):  # the 5.24 signature
+        config = base_model[0].config
+
+        def forward(self, input_ids=None, attention_mask=None, cache=None, use_cache=None):
+            raise AssertionError("not called")
+
+    assert list(new_kv_cache(RenamedForward())) == ["cache"]
 
 
 def test_stops_at_eos(base_model):
