@@ -1,7 +1,8 @@
-"""The pieces every training loop shares: accelerator, data order, optimizer, learning-rate schedule, step counting.
+"""The pieces every training loop shares: accelerator, data order, optimizer, learning-rate schedule, the optimizer
+step's micro-batches and their gradient sync — and PT/SFT's token-mean pieces (model inputs, token counts, eval).
 
-The loops themselves live in train_pt.py, train_sft.py and train_dpo.py, top to bottom; what is here is what would
-otherwise be pasted three times.
+The loops themselves live in train_pt.py, train_sft.py and train_dpo.py, top to bottom, and call these by name;
+what is here is what would otherwise be pasted three times.
 """
 
 import contextlib
@@ -25,9 +26,9 @@ from nanodpo.packing import PackedRow, collate_packed
 def make_accelerator(cfg) -> Accelerator:
     """One process, DDP, FSDP or DeepSpeed: whatever `accelerate launch` was configured with.
 
-    The accelerator owns gradient accumulation: inside `accelerator.accumulate(model)`, `accelerator.backward(loss)`
-    divides the loss by `gradient_accumulation_steps` and (under DDP) skips the gradient all-reduce on every
-    micro-batch but the last, so an optimizer step's gradient is the mean of its micro-batch gradients.
+    It knows --gradient_accumulation_steps: `accelerator.backward(loss)` divides the loss by it (DeepSpeed: its engine
+    does), so an optimizer step's gradient is the mean of its micro-batch gradients; `gradient_sync` below skips the
+    all-reduce on every micro-batch but the last.
     """
     mixed_precision = "bf16" if cfg.bf16 else "fp16" if cfg.fp16 else "no"
     accelerator = Accelerator(
