@@ -40,8 +40,8 @@ import inspect
 import torch
 from torch import nn
 
-from nanodpo.logps import TokenStats
 from nanodpo.model import is_main_process
+from nanodpo.token_stats import TokenStats
 
 DEFAULT_CHUNK_SIZE = 256  # tokens per LM-head chunk: 256 x 151,936 fp32 logits = 156 MB per buffer (two at most)
 

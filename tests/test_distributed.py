@@ -8,9 +8,9 @@ examples in every optimizer step, in the same micro-batches:
   * train_dpo.py: accelerate shards the batch sampler batch by batch — process i gets batches i, i+2, i+4, ... —
     so step 1 of the 2-process run is micro-batches {0, 2, ..., 2a-2} on process 0 and {1, 3, ..., 2a-1} on
     process 1: batches 0 .. 2a-1, exactly the 2a micro-batches of step 1 of the 1-process run.
-  * train_sft.py / train_pt.py: the loader yields one step's b·a rows per process (rows 0 .. ab-1 to process 0,
-    ab .. 2ab-1 to process 1), which the step splits into micro-batches of b: again the 2a micro-batches of b rows
-    that one process with accumulation 2a makes of rows 0 .. 2ab-1.
+  * train_sft.py / train_pt.py: the same loader of micro-batches of b rows, so again step 1 is micro-batches
+    0 .. 2a-1, rows 0 .. 2ab-1; its loss, the token mean over the whole step, does not depend on which process
+    holds which micro-batch.
 The data sizes are multiples of the global batch, so no step is ever a partial one (accelerate pads a short last batch
 of a multi-process run with copies of the first examples; one process would run it short).
 
@@ -18,7 +18,7 @@ So the gradient of every step is the same mean over the same micro-batches, only
 and so are the logged values: each micro-batch's metrics are computed on its own process and every process's
 micro-batches enter the logged mean (nanodpo.training.gather_metrics) — rewards, accuracies and log-probs are then the
 mean over all pairs of the step, token metrics the mean of the micro-batches' token means, as with one process.
-SFT/PT losses are the token mean over the whole step on all processes (nanodpo.training.lm_optimizer_step).
+SFT/PT losses are the token mean over the whole step on all processes (train_sft.py's loop, training.step_targets).
 
 Tolerances (relative; values near 0 are compared on a scale of 0.01):
   * step 1 (same weights): loss, every metric and grad_norm within 1e-5;
@@ -70,11 +70,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import tiny  # noqa: E402
-from nanodpo.tracking import read_metrics  # noqa: E402
+from nanodpo.tracking import read_metrics
+from tests import tiny
 
 pytestmark = pytest.mark.slow
 
@@ -559,7 +556,7 @@ def fsdp_dpo_runs(workdir: Path) -> dict[str, tuple[str, dict]]:
     full_precomputed: full fine-tuning, reference log-probs precomputed before sharding; tied embeddings (the LM
         head's weight is the input embedding: its one FSDP unit gets both gradients).
     lora / lora_readable: a LoRA adapter on the sharded base, the reference the same model with the adapter off;
-        lora_readable takes TRL's padded batch and full logits (--logps_chunk_size 0).
+        lora_readable takes TRL's padded batch and full logits (--logps readable --batch_layout padded).
     """
     dpo = dict(
         dataset=str(workdir / "dpo_train.jsonl"), optim="sgd", learning_rate=0.5, max_length=64, beta=0.1, max_steps=3,
@@ -570,7 +567,7 @@ def fsdp_dpo_runs(workdir: Path) -> dict[str, tuple[str, dict]]:
         "full_precomputed": ("fsdp2_full.yaml", {**dpo, "model": str(workdir / "model_tied"),
                                                  "precompute_ref_logps": "true"}),
         "lora": ("fsdp2_lora.yaml", {**dpo, **lora}),
-        "lora_readable": ("fsdp2_lora.yaml", {**dpo, **lora, "logps_chunk_size": 0}),
+        "lora_readable": ("fsdp2_lora.yaml", {**dpo, **lora, "logps": "readable", "batch_layout": "padded"}),
     }  # fmt: skip
 
 

@@ -4,8 +4,9 @@ Each path runs train_dpo.py in a process of its own (peak RSS, `ru_maxrss`, is a
 the same model and data: Qwen2 with Qwen2.5's vocabulary of 151,936 (hidden 64, 2 layers, random init, fp32, so
 the LM head's [tokens, 151,936] logits dominate as they do for a real model at these lengths), 4 preference pairs
 of up to 512 tokens per optimizer step (2 micro-batches of 2 pairs), an online reference (full fine-tuning), one
-step. The readable path (`--logps_chunk_size 0`) holds the padded batch's full fp32 logits and log-softmax
-(4 sequences x 512 x 151,936 x 4 bytes = 1.2 GB each); the chunked path never more than two chunks of 256 tokens.
+step. The readable path (`--logps readable --batch_layout padded`) holds the padded batch's full fp32 logits and
+log-softmax (4 sequences x 512 x 151,936 x 4 bytes = 1.2 GB each); the chunked path never more than two chunks of 256
+tokens.
 The chunked process's peak must be at most 0.7x the readable one's (measured: see the printed line with -s).
 
 The same measurement checks the memory plan's logits formula (nanodpo/memplan.py `logits_bytes`): the readable
@@ -20,10 +21,8 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from nanodpo.bench import VOCAB_SIZE, make_model_dir, make_rows, write_data  # noqa: E402
-from nanodpo.memplan import logits_bytes  # noqa: E402
+from nanodpo.bench import VOCAB_SIZE, make_model_dir, make_rows, write_data
+from nanodpo.memplan import logits_bytes
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,7 +54,8 @@ def test_chunked_head_peak_rss_at_most_0_7_of_readable(tmp_path):
         "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2", "--disable_tqdm", "true",
         "--train_sampling_strategy", "sequential",
     ]  # fmt: skip
-    readable = peak_rss_mb([*common, "--output_dir", str(tmp_path / "readable"), "--logps_chunk_size", "0"], tmp_path)
+    readable = peak_rss_mb([*common, "--output_dir", str(tmp_path / "readable"), "--logps", "readable",
+                            "--batch_layout", "padded"], tmp_path)  # fmt: skip
     chunked = peak_rss_mb([*common, "--output_dir", str(tmp_path / "chunked")], tmp_path)
     print(f"peak RSS per process: readable {readable:.0f} MB, chunked {chunked:.0f} MB, ratio {chunked / readable:.2f}")
     assert chunked <= 0.7 * readable, (chunked, readable)

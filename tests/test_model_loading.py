@@ -16,13 +16,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import tiny  # noqa: E402
-from nanodpo.config import DPOConfig, parse_config  # noqa: E402
-from nanodpo.errors import UserError  # noqa: E402
-from nanodpo.model import check_model_options, check_sharding_options, load_pretrained, load_tokenizer  # noqa: E402
+from nanodpo.config import DPOConfig, parse_config
+from nanodpo.errors import UserError
+from nanodpo.model import check_model_options, check_sharding_options, load_pretrained, load_tokenizer
+from tests import tiny
 
 gguf = pytest.importorskip("gguf", reason="the gguf package (pip install -e .[test]) writes the test's GGUF file")
 

@@ -31,12 +31,10 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
+from nanodpo.tracking import read_metrics
+from tests import tiny
 
-import tiny  # noqa: E402
-from nanodpo.tracking import read_metrics  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]
 
 pytestmark = [
     pytest.mark.gpu,
@@ -164,8 +162,7 @@ def test_flash_attention_varlen_packed_equals_unpacked(workdir, tmp_path):
     assert packed.shape == alone.shape
     torch.testing.assert_close(packed, alone, rtol=2e-2, atol=2e-2)
 
-    layouts = {"padded": dict(padding_free="false", prefix_sharing="false"),
-               "padding_free": dict(padding_free="true", prefix_sharing="false")}  # fmt: skip
+    layouts = {"padded": dict(batch_layout="padded"), "padding_free": dict(batch_layout="padding_free")}
     for name, layout in layouts.items():
         train("train_dpo.py", common(workdir, tmp_path / name, dataset=str(workdir / "dpo.jsonl"), bf16="true",
                                      dtype="bfloat16", attn_implementation="flash_attention_2", max_steps=1,
