@@ -25,7 +25,8 @@ prompt included once per sequence —, optimizer steps/s, peak memory, the ratio
 metrics of both (they must agree: the same training, only faster). Peak memory is also given above its floor: what
 the training state must hold whatever the implementation — weights, gradients and AdamW's two moments of the trained
 parameters, the frozen reference copy where there is one — plus, on CPU, the RSS of a process that has only imported
-the libraries (measured): what is left is activations, logits and temporaries.
+the libraries the implementations use between them (torch, transformers, peft, trl, nanodpo; measured, the same for
+all): what is left is activations, logits, temporaries and whatever an implementation imports beyond the others.
 
 For DPO it also prints the cost of one DPO step relative to a plain training step over the same real tokens
 ("plain": one HF forward+backward with labels=input_ids over the 2B sequences, padding-free, plus the AdamW update).
