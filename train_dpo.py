@@ -46,8 +46,22 @@ from nanodpo.checkpoint import (
     update_best,
 )
 from nanodpo.config import DPOConfig, config_to_dict, parse_config
-from nanodpo.dpo import check_dpo_options, dpo_loss, dpo_metrics, dpo_pair_stats, pair_stats_metrics
-from nanodpo.dpo_data import load_preference_data
+from nanodpo.dpo import (
+    REFERENCE_FREE_LOSS_TYPES,
+    check_dpo_options,
+    combine_process_metrics,
+    dpo_loss,
+    dpo_metrics,
+    dpo_pair_stats,
+    family_loss_type,
+    kto_metrics,
+    kto_micro_batch_loss,
+    kto_row_stats,
+    kto_stats_metrics,
+    needs_reference,
+    pair_stats_metrics,
+)
+from nanodpo.dpo_data import UnpairedCollator, load_preference_data, load_unpaired_data, with_chosen_prompt_scored
 from nanodpo.dpo_packing import batch_padding_fraction, make_preference_collator, make_token_budget_loader
 from nanodpo.demo.stages import after_stage, demo_argv
 from nanodpo.errors import UserError, exit_on_user_error
@@ -71,10 +85,13 @@ from nanodpo.training import (
 def dpo_forward(policy, ref_model, batch: dict, cfg, accelerator):
     """One micro-batch: policy forward on [chosen; rejected], reference log-probs, loss. Returns (DPOOutput,
     the policy's TokenStats)."""
+    # orpo's NLL term scores the chosen prompt tokens too (TRL's ORPOTrainer does); every other loss, the completions.
+    scored = with_chosen_prompt_scored(batch) if family_loss_type(cfg) == "orpo" else batch
     policy_stats = forward_token_stats(
-        policy, batch, with_metrics=True, with_sum_sq=cfg.use_weighting, chunk_size=cfg.logps_chunk_size
+        policy, scored, with_metrics=True, with_sum_sq=cfg.use_weighting, chunk_size=cfg.logps_chunk_size
     )
-    if cfg.reference_free:
+    completion_mask = batch["completion_mask"][:, 1:].to(policy_stats.logps.dtype)
+    if not needs_reference(cfg):
         ref_chosen_logps = ref_rejected_logps = None
     elif "ref_chosen_logps" in batch:  # --precompute_ref_logps
         ref_chosen_logps, ref_rejected_logps = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
@@ -82,11 +99,30 @@ def dpo_forward(policy, ref_model, batch: dict, cfg, accelerator):
         ref_chosen_logps, ref_rejected_logps = compute_reference_logps(
             policy, ref_model, batch, cfg.ld_alpha, accelerator, chunk_size=cfg.logps_chunk_size
         )
-    return dpo_loss(policy_stats, policy_stats.mask, ref_chosen_logps, ref_rejected_logps, cfg), policy_stats
+    return dpo_loss(policy_stats, completion_mask, ref_chosen_logps, ref_rejected_logps, cfg), policy_stats
+
+
+def kto_forward(policy, ref_model, batch: dict, cfg, accelerator):
+    """One KTO micro-batch, laid out [rows; mismatched rows] like a [chosen; rejected] batch: policy forward,
+    reference log-probs of both halves, loss. Returns (KTOOutput, the policy's TokenStats)."""
+    policy_stats = forward_token_stats(policy, batch, with_metrics=True, chunk_size=cfg.logps_chunk_size)
+    ref_logps, ref_mismatched_logps = compute_reference_logps(
+        policy, ref_model, batch, None, accelerator, chunk_size=cfg.logps_chunk_size
+    )
+    several = accelerator is not None and accelerator.num_processes > 1
+    mean_over_processes = (lambda value: accelerator.reduce(value, "mean")) if several else None
+    completion_mask = batch["completion_mask"][:, 1:].to(policy_stats.logps.dtype)
+    out = kto_micro_batch_loss(
+        policy_stats, completion_mask, ref_logps, ref_mismatched_logps, batch["label"], cfg, mean_over_processes
+    )
+    return out, policy_stats
 
 
 def dpo_step(policy, ref_model, batch: dict, cfg, accelerator) -> tuple[torch.Tensor, dict[str, float]]:
     """One micro-batch: the loss (with grad) and this process's metrics of it."""
+    if family_loss_type(cfg) == "kto":
+        out, policy_stats = kto_forward(policy, ref_model, batch, cfg, accelerator)
+        return out.loss, {**kto_metrics(out, policy_stats), "padding_fraction": batch_padding_fraction(batch)}
     out, policy_stats = dpo_forward(policy, ref_model, batch, cfg, accelerator)
     return out.loss, {**dpo_metrics(out, policy_stats), "padding_fraction": batch_padding_fraction(batch)}
 
@@ -99,13 +135,18 @@ def evaluate(policy, ref_model, eval_loader, cfg, accelerator) -> dict[str, floa
     `eval_loader` is prepared: every process runs the same number of batches (FSDP/ZeRO-3 forwards are collective), the
     last ones padded with copies of the first pairs, which `gather_for_metrics` drops again.
     """
+    kto = family_loss_type(cfg) == "kto"
     pair_stats = []
     with eval_mode(policy):
         for batch in eval_loader:
-            out, policy_stats = dpo_forward(policy, ref_model, batch, cfg, accelerator)
-            pair_stats.append(accelerator.gather_for_metrics(dpo_pair_stats(out, policy_stats)))
+            if kto:  # per row: rows, not pairs
+                out, policy_stats = kto_forward(policy, ref_model, batch, cfg, accelerator)
+                pair_stats.append(accelerator.gather_for_metrics(kto_row_stats(out, policy_stats)))
+            else:
+                out, policy_stats = dpo_forward(policy, ref_model, batch, cfg, accelerator)
+                pair_stats.append(accelerator.gather_for_metrics(dpo_pair_stats(out, policy_stats)))
     stats = {name: torch.cat([s[name] for s in pair_stats]).cpu() for name in pair_stats[0]}
-    return pair_stats_metrics(stats, prefix="eval_")
+    return kto_stats_metrics(stats, prefix="eval_") if kto else pair_stats_metrics(stats, prefix="eval_")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -125,11 +166,15 @@ def main(argv: list[str] | None = None) -> None:
     # 2. Tokenizer and data: read, validate and tokenize every row before any model is loaded, so bad data fails
     #    in seconds, with the file, row and field named.
     tokenizer = load_tokenizer(cfg)
-    train_examples = load_preference_data(cfg, tokenizer, split="train")
-    eval_examples = load_preference_data(cfg, tokenizer, split="eval")
+    # kto trains on unpaired rows, collated in the pairs' [chosen; rejected] shape (nanodpo/dpo_data.py).
+    load_data = load_unpaired_data if family_loss_type(cfg) == "kto" else load_preference_data
+    train_examples = load_data(cfg, tokenizer, split="train")
+    eval_examples = load_data(cfg, tokenizer, split="eval")
     # Padding-free, prefix-shared rows by default (nanodpo/dpo_packing.py); the padded [chosen; rejected] batch
     # with --logps_chunk_size 0 or --padding_free false --prefix_sharing false. The numbers are the same.
     collator = make_preference_collator(cfg, tokenizer.pad_token_id)
+    if family_loss_type(cfg) == "kto":
+        collator = UnpairedCollator(collator)
 
     # ------------------------------------------------------------------------------------------------------------
     # 3. The policy and the reference policy.
@@ -137,7 +182,9 @@ def main(argv: list[str] | None = None) -> None:
     #    copy — unless --precompute_ref_logps (step 4 scores the data with the untrained policy, whose weights are
     #    the reference) or --reference_free.
     policy = load_policy(cfg, accelerator.device)
-    needs_ref_model = not (cfg.reference_free or cfg.precompute_ref_logps or is_peft_model(policy))
+    needs_ref_model = needs_reference(cfg) and not (cfg.precompute_ref_logps or is_peft_model(policy))
+    if family_loss_type(cfg) in REFERENCE_FREE_LOSS_TYPES:
+        accelerator.print(f"loss type {cfg.loss_type[0]} is reference-free: no reference model is loaded")
     ref_model = load_reference(cfg, accelerator.device) if needs_ref_model else None
     if ref_model is not None:
         # evaluation_mode: placed on the device, never wrapped for gradient sync.
@@ -243,9 +290,13 @@ def main(argv: list[str] | None = None) -> None:
                     if update_ok:
                         optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
-            state.num_tokens += int(accelerator.gather(batch["attention_mask"].sum()).sum().item())
+            attention_mask = batch["attention_mask"]
+            if "label" in batch:  # kto: the rows, not their mismatched copies (as TRL counts)
+                attention_mask = attention_mask[: len(batch["label"])]
+            state.num_tokens += int(accelerator.gather(attention_mask.sum()).sum().item())
             # Every process's micro-batch enters the logged means (the same log as one process with n× accumulation).
-            for process_metrics in gather_metrics(accelerator, {"loss": loss.item(), **metrics}):
+            per_process = gather_metrics(accelerator, {"loss": loss.item(), **metrics})
+            for process_metrics in combine_process_metrics(cfg, per_process):
                 train_means.add(process_metrics)
             if not accelerator.sync_gradients:
                 continue
@@ -267,16 +318,14 @@ def main(argv: list[str] | None = None) -> None:
                 if state.nonfinite_total:
                     record["nonfinite_steps_skipped"] = state.nonfinite_total
                 tracker.log(record, step)
-                progress.set_postfix(loss=f"{record['loss']:.4f}", margin=f"{record['rewards/margins']:.3f}")
+                progress.set_postfix(loss=f"{record['loss']:.4f}", margin=f"{record.get('rewards/margins', 0.0):.3f}")
             if eval_loader is not None and ((cfg.eval_steps and step % cfg.eval_steps == 0) or last_step):
                 eval_record = evaluate(policy, ref_model, eval_loader, cfg, accelerator)
                 tracker.log({**eval_record, "epoch": step / steps_per_epoch}, step)
                 update_best(cfg, state, eval_record)
-                accelerator.print(
-                    f"step {step}: eval_loss {eval_record['eval_loss']:.4f} "
-                    f"eval_rewards/accuracies {eval_record['eval_rewards/accuracies']:.3f} "
-                    f"eval_rewards/margins {eval_record['eval_rewards/margins']:.4f}"
-                )
+                shown = [n for n in ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins", "eval_kl")
+                         if n in eval_record]  # fmt: skip
+                accelerator.print(f"step {step}: " + " ".join(f"{n} {eval_record[n]:.4f}" for n in shown))
             state.pending_metrics = {name: list(values) for name, values in train_means.values.items()}
             save_or_stop(
                 accelerator, policy, optimizer, scheduler, tokenizer, cfg, state, stop, tracker, last_step,
