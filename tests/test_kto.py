@@ -1,0 +1,257 @@
+"""KTO (nanodpo/dpo.py row `kto`, nanodpo/dpo_data.py unpaired rows) against TRL 1.16's KTOTrainer.
+
+  * unpairing preference rows equals TRL's `unpair_preference_dataset` (its order included: blocks of 1000 pairs);
+  * token ids and the mismatched (KL) completions equal those of KTOTrainer's prepared dataset;
+  * bad rows are refused with file, row and field named;
+  * one step on the padded batch equals the padding-free and prefix-shared layouts (1e-5);
+  * train_dpo.py --loss_type kto end to end against KTOTrainer (loss_type "kto"), fp32, with and without gradient
+    accumulation, on rows whose labels are mixed and, in one micro-batch, all desirable (so `rewards/rejected` is
+    absent there, as TRL logs it): step 1 within 1e-5 relative, the 10-step AdamW curve within 1e-3 (values near 0
+    on a scale of 0.01). Measured: `pytest -s` prints the worst differences.
+"""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import tiny  # noqa: E402
+import train_dpo  # noqa: E402
+from nanodpo.config import DPOConfig, parse_config  # noqa: E402
+from nanodpo.data import Row  # noqa: E402
+from nanodpo.dpo import kto_loss  # noqa: E402
+from nanodpo.dpo_data import (  # noqa: E402
+    PreferenceCollator,
+    UnpairedCollator,
+    build_unpaired_examples,
+    load_unpaired_data,
+    prepare_unpaired_row,
+    unpair_rows,
+)
+from nanodpo.dpo_packing import PackedPreferenceCollator  # noqa: E402
+from nanodpo.errors import UserError  # noqa: E402
+from nanodpo.tracking import read_metrics  # noqa: E402
+
+trl = pytest.importorskip("trl")
+
+STEPS = 10
+COMPARED = ["loss", "kl", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected",
+            "logits/chosen", "logits/rejected", "entropy"]  # fmt: skip
+
+
+def unpaired_rows(n: int = 24, kind: str = "explicit") -> list[dict]:
+    """Rows 0-3 all desirable (a micro-batch without an undesirable row), then mixed labels."""
+    rows = []
+    for i, pair in enumerate(tiny.preference_rows(n, kind)):
+        label = i < 4 or i % 3 != 0
+        rows.append({"prompt": pair["prompt"], "completion": pair["chosen" if label else "rejected"], "label": label})
+    return rows
+
+
+def config(**overrides) -> DPOConfig:
+    argv = []
+    for key, value in overrides.items():
+        argv += [f"--{key}", str(value)]
+    return parse_config(DPOConfig, argv)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data
+
+
+@pytest.mark.parametrize("kind", ["explicit", "conversational"])
+def test_unpairing_matches_trl(kind):
+    from datasets import Dataset
+    from trl.data_utils import unpair_preference_dataset
+
+    pairs = tiny.preference_rows(1003, kind)  # more than one block of 1000: TRL's order is per block
+    for i, pair in enumerate(pairs):
+        pair["id"] = i  # an extra column is carried to both rows
+    theirs = unpair_preference_dataset(Dataset.from_list(pairs)).to_list()
+    ours = unpair_rows([Row(pair, "pairs.jsonl", i + 1) for i, pair in enumerate(pairs)])
+    assert len(ours) == len(theirs) == 2006
+    for (row, prompt, completion, label), expected in zip(ours, theirs):
+        assert (prompt, completion, label, row.data["id"]) == (
+            expected["prompt"], expected["completion"], expected["label"], expected["id"]
+        )  # fmt: skip
+
+
+def kto_trainer(train_rows, tmp_path: Path, model_dir: Path, accumulation: int = 1, max_steps: int = STEPS, **options):
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import KTOConfig, KTOTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    args = KTOConfig(
+        output_dir=str(tmp_path / "trl"), per_device_train_batch_size=4, gradient_accumulation_steps=accumulation,
+        max_steps=max_steps, learning_rate=1e-3, lr_scheduler_type="constant", logging_steps=1,
+        train_sampling_strategy="sequential", max_length=64, seed=0, report_to="none", bf16=False, use_cpu=True,
+        save_strategy="no", disable_tqdm=True, beta=0.1, loss_type="kto", **options,
+    )  # fmt: skip
+    return KTOTrainer(model=model, args=args, train_dataset=Dataset.from_list(train_rows), processing_class=tokenizer)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return tiny.make_model_dir(tmp_path_factory.mktemp("kto") / "model", seed=0)
+
+
+@pytest.mark.parametrize("kind", ["explicit", "conversational"])
+def test_token_ids_and_mismatched_completions_match_trl(kind, model_dir, tmp_path):
+    rows = unpaired_rows(10, kind)
+    trainer = kto_trainer(rows, tmp_path, model_dir)
+    prepared = trainer.train_dataset
+    tokenizer = trainer.processing_class
+    examples, _ = build_unpaired_examples(
+        [prepare_unpaired_row(Row(r, "rows.jsonl", i + 1)) for i, r in enumerate(rows)], tokenizer, max_length=64
+    )
+    assert [ex["prompt_ids"] for ex in examples] == prepared["prompt_ids"]
+    assert [ex["completion_ids"] for ex in examples] == prepared["completion_ids"]
+    # TRL's KL completions, rotated within each batch of 4 rows, are the second half of our batches.
+    collate = UnpairedCollator(PreferenceCollator(tokenizer.pad_token_id, 64))
+    for start in range(0, len(examples), 4):
+        batch = collate(examples[start : start + 4])
+        trl_batch = trainer.data_collator([prepared[i] for i in range(start, min(start + 4, len(examples)))])
+        rows_ids, mismatched_ids = batch["input_ids"].chunk(2)
+        for ours, theirs, mask in ((rows_ids, trl_batch["input_ids"], trl_batch["attention_mask"]),
+                                   (mismatched_ids, trl_batch["KL_input_ids"], trl_batch["KL_attention_mask"])):
+            width = theirs.shape[1]
+            assert torch.equal(ours[:, :width] * mask, theirs * mask)  # fmt: skip
+        assert torch.equal(batch["label"], trl_batch["label"])
+
+
+def write_rows(tmp_path: Path, rows: list) -> Path:
+    path = tmp_path / "rows.jsonl"
+    with path.open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write((row if isinstance(row, str) else __import__("json").dumps(row)) + "\n")
+    return path
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ({"prompt": "Hi", "completion": " Hello."}, r"row 2, field 'label': missing"),
+        ({"prompt": "Hi", "completion": " Hello.", "label": "yes"}, r"row 2, field 'label': expected true"),
+        ({"prompt": "Hi", "completion": " Hello.", "label": 1}, r"row 2, field 'label': expected true"),
+        ({"prompt": "Hi", "label": True}, r"row 2, field 'completion': missing"),
+        ({"prompt": "Hi", "completion": "", "label": True}, r"row 2, field 'completion': is an empty string"),
+        ({"prompt": "Hi", "completion": [{"role": "assistant", "content": "x"}], "label": True},
+         r"row 2, field 'completion': is a list of messages but 'prompt' is a string"),
+        ({"prompt": "Hi", "chosen": " a", "rejected": " b"}, r"row 2: a preference pair .* --unpair_preference_data"),
+    ],
+)  # fmt: skip
+def test_bad_rows_are_refused(tmp_path, bad, message):
+    path = write_rows(tmp_path, [{"prompt": "Hi", "completion": " Hi!", "label": True}, bad])
+    cfg = config(dataset=str(path), loss_type="kto")
+    with pytest.raises(UserError, match=f"rows.jsonl, {message}"):
+        load_unpaired_data(cfg, tiny.make_tokenizer())
+
+
+def test_unpair_flag_reads_pairs(tmp_path):
+    path = tiny.write_jsonl(tmp_path / "pairs.jsonl", tiny.preference_rows(3, "implicit"))
+    cfg = config(dataset=str(path), loss_type="kto", unpair_preference_data="true")
+    examples = load_unpaired_data(cfg, tiny.make_tokenizer())
+    assert [ex["label"] for ex in examples] == [True, True, True, False, False, False]
+    assert examples[0]["prompt_ids"] == examples[3]["prompt_ids"]  # the prompt extracted from chosen/rejected
+    assert examples[0]["origin"] == examples[3]["origin"] == f"{path}, row 1"
+
+
+def test_kto_loss_by_hand():
+    """β = 0.5, z_ref = 0.2: desirable ρ = 1 -> λ_D·(1 - σ(0.4)); undesirable ρ = -1 -> λ_U·(1 - σ(0.6))."""
+    losses, chosen_rewards, rejected_rewards = kto_loss(
+        torch.tensor([-9.0]), torch.tensor([-11.0]), torch.tensor([-10.0]), torch.tensor([-10.0]), torch.tensor(0.2),
+        beta=0.5, desirable_weight=2.0, undesirable_weight=3.0,
+    )  # fmt: skip
+    expected = torch.tensor([2.0 * (1 - torch.sigmoid(torch.tensor(0.4))), 3.0 * (1 - torch.sigmoid(torch.tensor(0.6)))])
+    torch.testing.assert_close(losses, expected)
+    assert chosen_rewards.item() == pytest.approx(0.5) and rejected_rewards.item() == pytest.approx(-0.5)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Every layout gives the same step
+
+
+LAYOUTS = {"padding_free": (False, True), "prefix_shared": (True, False), "prefix_shared_packed": (True, True)}
+
+
+def test_layouts_equal_padded_batch():
+    tokenizer = tiny.make_tokenizer()
+    rows = unpaired_rows(6, "conversational")
+    for i, row in enumerate(rows):
+        row["label"] = i % 3 != 1
+    examples, _ = build_unpaired_examples(
+        [prepare_unpaired_row(Row(r, "mem", i + 1)) for i, r in enumerate(rows)], tokenizer, max_length=96
+    )
+    policy = tiny.make_model(tokenizer, seed=1)
+    reference = tiny.make_model(tokenizer, seed=2).eval()
+    cfg = config(loss_type="kto", max_length=96, undesirable_weight=1.5)
+    padded = UnpairedCollator(PreferenceCollator(tokenizer.pad_token_id, 96))(examples)
+    cfg.logps_chunk_size = 0
+    ref_loss, ref_metrics = train_dpo.dpo_step(policy, reference, padded, cfg, accelerator=None)
+    ref_loss.backward()
+    ref_grads = {n: p.grad.clone() for n, p in policy.named_parameters()}
+    assert ref_metrics["rows/chosen"] == 4 and ref_metrics["rows/rejected"] == 2
+    cfg.logps_chunk_size = 16
+    for layout, (share, pack) in LAYOUTS.items():
+        pairs = PackedPreferenceCollator(tokenizer.pad_token_id, 96, "keep_start", "sdpa", share, pack)
+        batch = UnpairedCollator(pairs)(examples)
+        policy.zero_grad(set_to_none=True)
+        loss, metrics = train_dpo.dpo_step(policy, reference, batch, cfg, accelerator=None)
+        loss.backward()
+        assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-5), layout
+        for name, value in ref_metrics.items():
+            if name != "padding_fraction":
+                assert metrics[name] == pytest.approx(value, rel=1e-5, abs=1e-5), (layout, name)
+        for name, param in policy.named_parameters():
+            torch.testing.assert_close(param.grad, ref_grads[name], rtol=1e-4, atol=1e-6, msg=f"{layout} {name}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# End to end against KTOTrainer
+
+
+def assert_curves_close(ours, theirs, rtol, first_step_rtol=1e-5) -> dict:
+    assert len(ours) == len(theirs) == STEPS
+    worst = {"step 1": 0.0, "curve": 0.0}
+    for i, (a, b) in enumerate(zip(ours, theirs)):
+        assert a["step"] == b["step"] == i + 1
+        assert sorted(k for k in COMPARED if k in a) == sorted(k for k in COMPARED if k in b), f"step {i + 1}"
+        for key in [k for k in COMPARED if k in b] + (["grad_norm"] if i == 0 else []):
+            scale = max(abs(b[key]), 1e-2)
+            if key == "rewards/margins":  # a difference: rounding is relative to what it is the difference of
+                scale = max(scale, abs(b["rewards/chosen"]) + abs(b["rewards/rejected"]))
+            rel = abs(a[key] - b[key]) / scale
+            tol = first_step_rtol if i == 0 else rtol
+            worst["step 1" if i == 0 else "curve"] = max(worst["step 1" if i == 0 else "curve"], rel)
+            assert rel <= tol, f"step {i + 1} {key}: nanodpo {a[key]} vs TRL {b[key]} (relative {rel:.1e})"
+    return worst
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("fresh_accelerate_state")
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_curve_matches_trl(model_dir, tmp_path, accumulation):
+    rows = unpaired_rows(24)
+    path = tiny.write_jsonl(tmp_path / "rows.jsonl", rows)
+    out = tmp_path / "nano"
+    train_dpo.main([
+        "--model", str(model_dir), "--dataset", str(path), "--output_dir", str(out), "--loss_type", "kto",
+        "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", str(accumulation),
+        "--max_steps", str(STEPS), "--learning_rate", "1e-3", "--lr_scheduler_type", "constant",
+        "--logging_steps", "1", "--train_sampling_strategy", "sequential", "--max_length", "64", "--seed", "0",
+        "--report_to", "jsonl", "--disable_tqdm", "true", "--beta", "0.1", "--undesirable_weight", "1.33",
+    ])  # fmt: skip
+    ours = [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+    trainer = kto_trainer(rows, tmp_path, model_dir, accumulation, undesirable_weight=1.33)
+    trainer.train()
+    theirs = [r for r in trainer.state.log_history if "loss" in r]
+    worst = assert_curves_close(ours, theirs, rtol=1e-3)
+    print(f"kto accumulation {accumulation}: max relative difference to TRL", worst)
+    assert "rewards/rejected" not in ours[0] if accumulation == 1 else "rewards/rejected" in ours[0]
+    assert ours[-1]["loss"] < ours[0]["loss"]
