@@ -10,6 +10,7 @@
     on a scale of 0.01). Measured: `pytest -s` prints the worst differences.
 """
 
+import json
 import sys
 from pathlib import Path
 
@@ -80,7 +81,7 @@ def test_unpairing_matches_trl(kind):
         )  # fmt: skip
 
 
-def kto_trainer(train_rows, tmp_path: Path, model_dir: Path, accumulation: int = 1, max_steps: int = STEPS, **options):
+def kto_trainer(train_rows, tmp_path: Path, model_dir: Path, accumulation=1, max_steps=STEPS, eval_rows=None, **options):
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import KTOConfig, KTOTrainer
@@ -93,7 +94,11 @@ def kto_trainer(train_rows, tmp_path: Path, model_dir: Path, accumulation: int =
         train_sampling_strategy="sequential", max_length=64, seed=0, report_to="none", bf16=False, use_cpu=True,
         save_strategy="no", disable_tqdm=True, beta=0.1, loss_type="kto", **options,
     )  # fmt: skip
-    return KTOTrainer(model=model, args=args, train_dataset=Dataset.from_list(train_rows), processing_class=tokenizer)
+    eval_dataset = Dataset.from_list(eval_rows) if eval_rows else None
+    return KTOTrainer(
+        model=model, args=args, train_dataset=Dataset.from_list(train_rows), eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+    )  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +134,7 @@ def write_rows(tmp_path: Path, rows: list) -> Path:
     path = tmp_path / "rows.jsonl"
     with path.open("w", encoding="utf-8") as f:
         for row in rows:
-            f.write((row if isinstance(row, str) else __import__("json").dumps(row)) + "\n")
+            f.write(json.dumps(row) + "\n")
     return path
 
 
@@ -168,7 +173,8 @@ def test_kto_loss_by_hand():
         torch.tensor([-9.0]), torch.tensor([-11.0]), torch.tensor([-10.0]), torch.tensor([-10.0]), torch.tensor(0.2),
         beta=0.5, desirable_weight=2.0, undesirable_weight=3.0,
     )  # fmt: skip
-    expected = torch.tensor([2.0 * (1 - torch.sigmoid(torch.tensor(0.4))), 3.0 * (1 - torch.sigmoid(torch.tensor(0.6)))])
+    sigmoid = torch.sigmoid(torch.tensor([0.4, 0.6]))
+    expected = torch.tensor([2.0, 3.0]) * (1 - sigmoid)
     torch.testing.assert_close(losses, expected)
     assert chosen_rewards.item() == pytest.approx(0.5) and rejected_rewards.item() == pytest.approx(-0.5)
 
@@ -237,8 +243,10 @@ def assert_curves_close(ours, theirs, rtol, first_step_rtol=1e-5) -> dict:
 @pytest.mark.usefixtures("fresh_accelerate_state")
 @pytest.mark.parametrize("accumulation", [1, 2])
 def test_curve_matches_trl(model_dir, tmp_path, accumulation):
-    rows = unpaired_rows(24)
+    all_rows = unpaired_rows(28)
+    rows, eval_rows = all_rows[:24], all_rows[24:]  # 4 held-out rows: one eval batch, mismatched as TRL does
     path = tiny.write_jsonl(tmp_path / "rows.jsonl", rows)
+    eval_path = tiny.write_jsonl(tmp_path / "eval.jsonl", eval_rows)
     out = tmp_path / "nano"
     train_dpo.main([
         "--model", str(model_dir), "--dataset", str(path), "--output_dir", str(out), "--loss_type", "kto",
@@ -246,12 +254,26 @@ def test_curve_matches_trl(model_dir, tmp_path, accumulation):
         "--max_steps", str(STEPS), "--learning_rate", "1e-3", "--lr_scheduler_type", "constant",
         "--logging_steps", "1", "--train_sampling_strategy", "sequential", "--max_length", "64", "--seed", "0",
         "--report_to", "jsonl", "--disable_tqdm", "true", "--beta", "0.1", "--undesirable_weight", "1.33",
+        "--eval_dataset", str(eval_path), "--per_device_eval_batch_size", "4",
     ])  # fmt: skip
-    ours = [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
-    trainer = kto_trainer(rows, tmp_path, model_dir, accumulation, undesirable_weight=1.33)
+    records = read_metrics(out / "metrics.jsonl")
+    ours = [r for r in records if "loss" in r]
+    trainer = kto_trainer(
+        rows, tmp_path, model_dir, accumulation, eval_rows=eval_rows, undesirable_weight=1.33,
+        eval_strategy="steps", eval_steps=STEPS, per_device_eval_batch_size=4,
+    )  # fmt: skip
     trainer.train()
     theirs = [r for r in trainer.state.log_history if "loss" in r]
     worst = assert_curves_close(ours, theirs, rtol=1e-3)
+    our_eval = next(r for r in records if "eval_loss" in r)
+    their_eval = next(r for r in trainer.state.log_history if "eval_loss" in r)
+    for key in COMPARED:
+        name = f"eval_{key}"
+        assert (name in our_eval) == (name in their_eval), name
+        if name in their_eval:
+            scale = max(abs(their_eval[name]), 1e-2)
+            worst["eval"] = max(worst.get("eval", 0.0), abs(our_eval[name] - their_eval[name]) / scale)
+            assert our_eval[name] == pytest.approx(their_eval[name], rel=1e-3, abs=1e-5), name
     print(f"kto accumulation {accumulation}: max relative difference to TRL", worst)
     assert "rewards/rejected" not in ours[0] if accumulation == 1 else "rewards/rejected" in ours[0]
     assert ours[-1]["loss"] < ours[0]["loss"]

@@ -194,6 +194,7 @@ def workdir(tmp_path_factory):
     root = tmp_path_factory.mktemp("family_e2e")
     tiny.make_model_dir(root / "model", seed=0)
     tiny.write_jsonl(root / "train.jsonl", tiny.preference_rows(16, "explicit"))
+    tiny.write_jsonl(root / "eval.jsonl", tiny.preference_rows(22, "explicit")[16:])  # 6 held-out pairs, one batch
     return root
 
 
@@ -224,6 +225,8 @@ def trl_trainer(workdir: Path, out: Path, loss_type: str, accumulation: int, max
     tokenizer = AutoTokenizer.from_pretrained(workdir / "model")
     model = AutoModelForCausalLM.from_pretrained(workdir / "model", dtype=torch.float32)
     dataset = load_dataset("json", data_files=str(workdir / "train.jsonl"), split="train")
+    eval_dataset = load_dataset("json", data_files=str(workdir / "eval.jsonl"), split="train")
+    options.update(eval_strategy="steps", eval_steps=max_steps, per_device_eval_batch_size=8)
     common = dict(
         output_dir=str(out), per_device_train_batch_size=4, gradient_accumulation_steps=accumulation,
         max_steps=max_steps, learning_rate=1e-3, lr_scheduler_type="constant", logging_steps=1,
@@ -234,12 +237,16 @@ def trl_trainer(workdir: Path, out: Path, loss_type: str, accumulation: int, max
         from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
         args = ORPOConfig(**common, **options)
-        return ORPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+        return ORPOTrainer(
+            model=model, args=args, train_dataset=dataset, eval_dataset=eval_dataset, processing_class=tokenizer
+        )
     from trl.experimental.cpo import CPOConfig, CPOTrainer
 
     trl_loss_type = "simpo" if loss_type == "simpo" else "sigmoid"
     args = CPOConfig(**common, loss_type=trl_loss_type, **options)
-    return CPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+    return CPOTrainer(
+        model=model, args=args, train_dataset=dataset, eval_dataset=eval_dataset, processing_class=tokenizer
+    )
 
 
 def assert_curves_close(ours, theirs, keys, rtol, first_step_rtol=1e-5) -> dict:
@@ -267,12 +274,27 @@ def assert_curves_close(ours, theirs, keys, rtol, first_step_rtol=1e-5) -> dict:
 @pytest.mark.parametrize("loss_type", FAMILY)
 def test_curve_matches_trl(workdir, tmp_path, loss_type, accumulation):
     options = OPTIONS[loss_type]
-    ours = run_nanodpo(
-        workdir, tmp_path / "nano", loss_type=loss_type, gradient_accumulation_steps=accumulation, **options
-    )
+    out = tmp_path / "nano"
+    train_dpo.main(
+        nanodpo_args(
+            workdir, out, loss_type=loss_type, gradient_accumulation_steps=accumulation,
+            eval_dataset=workdir / "eval.jsonl", per_device_eval_batch_size=8, **options,
+        )
+    )  # fmt: skip
+    records = read_metrics(out / "metrics.jsonl")
+    ours = [r for r in records if "loss" in r]
     trainer = trl_trainer(workdir, tmp_path / "trl", loss_type, accumulation, **options)
     trainer.train()
     theirs = [r for r in trainer.state.log_history if "loss" in r]
     worst = assert_curves_close(ours, theirs, COMPARED[loss_type], rtol=1e-3)
+    # The evaluation after step 10 (one batch of 6 pairs), under TRL's eval_ names.
+    our_eval = next(r for r in records if "eval_loss" in r)
+    their_eval = next(r for r in trainer.state.log_history if "eval_loss" in r)
+    for key in COMPARED[loss_type]:
+        name = f"eval_{key}"
+        scale = max(abs(their_eval[name]), 1e-2, *(abs(their_eval[f"eval_rewards/{s}"]) for s in ("chosen", "rejected")
+                                                 if key == "rewards/margins"))  # fmt: skip
+        worst["eval"] = max(worst.get("eval", 0.0), abs(our_eval[name] - their_eval[name]) / scale)
+        assert our_eval[name] == pytest.approx(their_eval[name], rel=1e-3, abs=1e-5 * scale), name
     print(f"{loss_type} accumulation {accumulation}: max relative difference to TRL", worst)
     assert ours[-1]["loss"] < ours[0]["loss"]  # it trained
