@@ -81,7 +81,7 @@ def test_unpairing_matches_trl(kind):
         )  # fmt: skip
 
 
-def kto_trainer(train_rows, tmp_path: Path, model_dir: Path, accumulation=1, max_steps=STEPS, eval_rows=None, **options):
+def kto_trainer(train_rows, tmp_path: Path, model_dir: Path, accumulation=1, eval_rows=None, **options):
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import KTOConfig, KTOTrainer
@@ -90,7 +90,7 @@ def kto_trainer(train_rows, tmp_path: Path, model_dir: Path, accumulation=1, max
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     args = KTOConfig(
         output_dir=str(tmp_path / "trl"), per_device_train_batch_size=4, gradient_accumulation_steps=accumulation,
-        max_steps=max_steps, learning_rate=1e-3, lr_scheduler_type="constant", logging_steps=1,
+        max_steps=STEPS, learning_rate=1e-3, lr_scheduler_type="constant", logging_steps=1,
         train_sampling_strategy="sequential", max_length=64, seed=0, report_to="none", bf16=False, use_cpu=True,
         save_strategy="no", disable_tqdm=True, beta=0.1, loss_type="kto", **options,
     )  # fmt: skip

@@ -150,6 +150,42 @@ def test_refused_family_options(overrides, message):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Pairs whose chosen equals their rejected
+
+
+def test_identical_pairs_are_counted_in_one_notice(tmp_path, capsys):
+    from nanodpo.dpo_data import load_preference_data
+
+    rows = tiny.preference_rows(5)
+    for i in (1, 3):
+        rows[i]["rejected"] = rows[i]["chosen"]
+    path = tiny.write_jsonl(tmp_path / "pairs.jsonl", rows)
+    load_preference_data(config(dataset=path), tiny.make_tokenizer())
+    printed = capsys.readouterr().out
+    assert printed.count("notice:") == 1
+    assert f"notice: 2 of 5 train pairs have the same chosen and rejected completion (e.g. {path}, row 2)" in printed
+    load_preference_data(config(dataset=tiny.write_jsonl(tmp_path / "ok.jsonl", rows[:1])), tiny.make_tokenizer())
+    assert "notice" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "simpo", "cpo", "orpo"])
+def test_identical_pair_has_zero_preference_gradient(loss_type):
+    """What the notice says: a loss on the chosen - rejected difference gets no gradient from such a pair."""
+    from nanodpo.dpo import chosen_nll, dpo_loss
+    from nanodpo.logps import TokenStats
+
+    token_logps = torch.tensor([[-1.0, -2.0, -0.5]] * 2, requires_grad=True)  # chosen row == rejected row
+    mask = torch.ones(2, 3)
+    cfg = config(loss_type=loss_type, **({"cpo_alpha": 0.0} if loss_type == "cpo" else {}))
+    ref = None if loss_type in FAMILY else torch.tensor([-4.0])
+    out = dpo_loss(TokenStats(logps=token_logps, mask=mask), mask, ref, ref, cfg)
+    preference_term = out.loss - (chosen_nll(token_logps, mask) if loss_type == "orpo" else 0.0)
+    (grad,) = torch.autograd.grad(preference_term, token_logps)
+    # The two rows are the same tokens, so each weight's gradient is their two gradients' sum: it cancels.
+    assert grad.abs().sum() > 0 and torch.count_nonzero(grad[0] + grad[1]) == 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Every layout gives the same step
 
 
