@@ -58,15 +58,16 @@ loss_type     loss of a micro-batch                                         sour
 simpo         mean[-log σ(β·(ℓ(y_w) - ℓ(y_l)) - γ)] + α·NLL(y_w)            SimPO, Meng et al. 2024, Eq. 6;
               (ε > 0: smoothed as cDPO)  no π_ref; γ = --simpo_gamma,       CPOTrainer(loss_type="simpo")
               α = --cpo_alpha (default 0)
-cpo           mean[-log σ(β·(log π_θ(y_w|x) - log π_θ(y_l|x)))] + α·NLL(y_w) CPO, Xu et al. 2024, Eq. 3 + Eq. 5;
-              (ε > 0: smoothed as cDPO)  no π_ref; α = --cpo_alpha          CPOTrainer(loss_type="sigmoid")
-              (default 1)
-orpo          NLL(y_w) - λ·mean[log σ(log odds(y_w) - log odds(y_l))],      ORPO, Hong et al. 2024, Eq. 6-7;
-              odds(y) = e^ℓ(y) / (1 - e^ℓ(y)); no π_ref; λ = --beta          ORPOTrainer
+cpo           mean[-log σ(β·(log π_θ(y_w|x) - log π_θ(y_l|x)))]             CPO, Xu et al. 2024 (§3: L_prefer +
+              + α·NLL(y_w); (ε > 0: smoothed as cDPO)  no π_ref;            L_NLL); CPOTrainer(loss_type="sigmoid")
+              α = --cpo_alpha (default 1)
+orpo          NLL(y_w) - λ·mean[log σ(log odds(y_w) - log odds(y_l))],      ORPO, Hong et al. 2024, Eq. 4, 6, 7;
+              odds(y) = e^ℓ(y) / (1 - e^ℓ(y)); no π_ref; λ = --beta         ORPOTrainer
 kto           mean over rows of  λ_D·(1 - σ(β·(ρ(y) - z_ref)))  (y desirable) KTO, Ethayarajh et al. 2024, Eq. 7;
                             or   λ_U·(1 - σ(β·(z_ref - ρ(y))))  (undesirable) KTOTrainer(loss_type="kto")
-              z_ref = max(0, mean over the micro-batch of ρ(y'_i | x_i)), y'_i = y_{i-1}: the KL reference point,
-              estimated from mismatched pairs (no gradient); λ_D, λ_U = --desirable_weight, --undesirable_weight
+              z_ref = max(0, mean over the micro-batch (and processes) of ρ(y'_i|x_i)), y'_i = y_{i-1}: the KL
+              reference point, estimated on mismatched pairs, without gradient; λ_D, λ_U = --desirable_weight,
+              --undesirable_weight
 
 Modifiers (losses with π_ref only)
 ==================================
@@ -107,9 +108,9 @@ Differences from TRL 1.16 (everything else is tested equal to `DPOTrainer._compu
   * `rpo_alpha` and `reference_free` were removed from TRL at 0.29; nanodpo keeps them (see above).
   * `sft` together with `use_weighting` crashes in TRL 1.16 (an in-place multiply on an expanded tensor); here the
     NLL term is weighted like every other term: NLL × mean over pairs of the WPO weights.
-  * `ipo` / `sigmoid_norm` / `simpo` / `orpo` divide by the number of scored completion tokens (the shifted mask).
-    TRL's DPOTrainer counts the unshifted completion mask; the two agree unless a completion starts at position 0
-    (empty prompt), where that first token has no prediction and so no log-prob.
+  * `ipo` / `sigmoid_norm` divide by the number of scored completion tokens (the shifted mask, as simpo and orpo
+    do in TRL too). TRL's DPOTrainer counts the unshifted completion mask; the two agree unless a completion starts
+    at position 0 (empty prompt), where that first token has no prediction and so no log-prob.
   * cpo / simpo log `nll_loss` even with --cpo_alpha 0 (TRL logs 0 there), and every family loss logs `logits/*`
     as DPO does, the mean over completion tokens (TRL's CPO/ORPO trainers average the logits over every position,
     prompt and padding included).
