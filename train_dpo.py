@@ -5,7 +5,8 @@ log-probability relative to a frozen reference π_ref more than the rejected one
 
     loss = -log σ( β·[log π_θ(y_w|x) − log π_ref(y_w|x)] − β·[log π_θ(y_l|x) − log π_ref(y_l|x)] )
 
-The math of this loss and its variants is in nanodpo/dpo.py; this file is the loop around it.
+The math of this loss and its variants is in nanodpo/dpo.py; this file is the loop around it. The same loop trains
+the rest of the preference family: `--loss_type simpo|cpo|orpo` (no reference model) and `kto` (unpaired rows).
 
 Usage
 -----
@@ -226,6 +227,7 @@ def main(argv: list[str] | None = None) -> None:
     # Stepped by hand once per optimizer step (not prepared: accelerate would step it once per process).
     scheduler = make_scheduler(optimizer, cfg, total_steps)
     global_batch = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes
+    unit = "rows" if family_loss_type(cfg) == "kto" else "pairs"
     if cfg.max_tokens_per_batch:  # the pair count of a micro-batch varies: say what a step is made of
         micro = cfg.gradient_accumulation_steps * accelerator.num_processes
         batch_text = (
@@ -235,11 +237,11 @@ def main(argv: list[str] | None = None) -> None:
         )
     else:
         batch_text = (
-            f"{global_batch} pairs ({cfg.per_device_train_batch_size} per device x "
+            f"{global_batch} {unit} ({cfg.per_device_train_batch_size} per device x "
             f"{cfg.gradient_accumulation_steps} accumulation x {accelerator.num_processes} processes)"
         )
     accelerator.print(
-        f"train pairs: {len(train_examples)} | eval pairs: {len(eval_examples) if eval_examples else 0} | "
+        f"train {unit}: {len(train_examples)} | eval {unit}: {len(eval_examples) if eval_examples else 0} | "
         f"global batch: {batch_text} | optimizer steps: {total_steps}"
     )
 

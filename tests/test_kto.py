@@ -277,3 +277,33 @@ def test_curve_matches_trl(model_dir, tmp_path, accumulation):
     print(f"kto accumulation {accumulation}: max relative difference to TRL", worst)
     assert "rewards/rejected" not in ours[0] if accumulation == 1 else "rewards/rejected" in ours[0]
     assert ours[-1]["loss"] < ours[0]["loss"]
+
+
+@pytest.mark.slow
+def test_sigkill_and_resume_is_bit_exact(model_dir, tmp_path):
+    """As tests/test_resume.py for DPO: killed mid-accumulation after the first checkpoint, resumed from it, every
+    logged number equals the uninterrupted run's (logging every 3 steps, so an interval spans the checkpoint, and
+    some intervals have no undesirable row)."""
+    import signal
+    import subprocess
+
+    from test_resume import KILL_AT_BACKWARD, ROOT, comparable, run_to_end
+
+    path = tiny.write_jsonl(tmp_path / "rows.jsonl", unpaired_rows(16))
+
+    def args(out: Path) -> list[str]:
+        return [
+            "train_dpo.py", "--model", str(model_dir), "--dataset", str(path), "--output_dir", str(out),
+            "--loss_type", "kto", "--max_steps", "6", "--logging_steps", "3", "--save_steps", "2",
+            "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2", "--learning_rate", "1e-3",
+            "--max_length", "64", "--disable_tqdm", "--seed", "7", "--train_sampling_strategy", "random",
+        ]  # fmt: skip
+
+    run_to_end(args(tmp_path / "straight"))
+    expected = comparable(tmp_path / "straight")
+    out = tmp_path / "killed"
+    result = subprocess.run([sys.executable, "-c", KILL_AT_BACKWARD, "7", *args(out)], cwd=ROOT, capture_output=True,
+                            text=True, timeout=600)  # fmt: skip
+    assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
+    run_to_end([*args(out), "--resume_from_checkpoint", "latest"])
+    assert comparable(out) == expected
