@@ -310,12 +310,13 @@ def check_family_options(cfg) -> None:
         for name in ("desirable_weight", "undesirable_weight"):
             if not getattr(cfg, name) > 0:
                 raise UserError(f"--{name} must be > 0 (got {getattr(cfg, name)}).")
-        if cfg.per_device_train_batch_size < 2:
-            raise UserError(
-                f"--per_device_train_batch_size {cfg.per_device_train_batch_size} is too small for kto: its KL "
-                "reference point is estimated from the other rows of each micro-batch (row i's prompt with row "
-                "i-1's completion), so a micro-batch needs at least 2 rows"
-            )
+        for flag in ("per_device_train_batch_size", "per_device_eval_batch_size"):
+            if getattr(cfg, flag) < 2:
+                raise UserError(
+                    f"--{flag} {getattr(cfg, flag)} is too small for kto: its KL reference point is estimated from "
+                    "the other rows of each micro-batch (row i's prompt with row i-1's completion), so a micro-batch "
+                    "needs at least 2 rows"
+                )
         if cfg.max_tokens_per_batch is not None:
             raise UserError(
                 "--max_tokens_per_batch is not supported with kto: a micro-batch filled to a token budget may hold "

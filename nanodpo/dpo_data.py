@@ -340,6 +340,14 @@ def load_unpaired_data(cfg, tokenizer, split: str = "train") -> list[dict] | Non
         truncation_mode=getattr(cfg, "truncation_mode", "keep_start"),
         max_prompt_length=getattr(cfg, "max_prompt_length", None),
     )
+    batch_size = cfg.per_device_train_batch_size if split == "train" else cfg.per_device_eval_batch_size
+    if len(examples) % batch_size == 1:
+        flag = "--max_samples" if split == "train" else "--max_eval_samples"
+        raise UserError(
+            f"{len(examples)} {split} rows in batches of {batch_size} leave a last batch of 1 row, too few to estimate "
+            f"kto's KL reference point (from the other rows of its batch); use {flag} {len(examples) - 1} or another "
+            "batch size"
+        )
     desirable = sum(ex["label"] for ex in examples)
     print(
         f"unpaired data ({split}): {stats.summary()}; {desirable} desirable, {len(examples) - desirable} undesirable"

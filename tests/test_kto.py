@@ -158,6 +158,12 @@ def test_bad_rows_are_refused(tmp_path, bad, message):
         load_unpaired_data(cfg, tiny.make_tokenizer())
 
 
+def test_a_last_batch_of_one_row_is_refused(tmp_path):
+    path = tiny.write_jsonl(tmp_path / "rows.jsonl", unpaired_rows(9))
+    with pytest.raises(UserError, match="9 train rows in batches of 4 leave a last batch of 1 row.*--max_samples 8"):
+        load_unpaired_data(config(dataset=str(path), per_device_train_batch_size=4), tiny.make_tokenizer())
+
+
 def test_unpair_flag_reads_pairs(tmp_path):
     path = tiny.write_jsonl(tmp_path / "pairs.jsonl", tiny.preference_rows(3, "implicit"))
     cfg = config(dataset=str(path), loss_type="kto", unpair_preference_data="true")

@@ -140,6 +140,7 @@ def test_simpo_by_hand():
         ({"loss_type": "orpo", "label_smoothing": 0.1}, "--label_smoothing applies to simpo and cpo only"),
         ({"loss_type": "cpo", "desirable_weight": 2.0}, "--desirable_weight applies to kto only"),
         ({"loss_type": "kto", "per_device_train_batch_size": 1}, "at least 2 rows"),
+        ({"loss_type": "kto", "per_device_eval_batch_size": 1}, "--per_device_eval_batch_size 1 is too small"),
         ({"loss_type": "kto", "precompute_ref_logps": "true"}, "micro-batch's mismatched rows"),
         ({"loss_type": "kto", "max_tokens_per_batch": 100}, "--max_tokens_per_batch is not supported with kto"),
     ],
