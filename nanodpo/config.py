@@ -151,7 +151,7 @@ class DPOConfig(TrainConfig):
     loss_weights: list[float] | None = opt(None, "Weight of each --loss_type (default 1.0 each).")
     label_smoothing: float = opt(
         0.0,
-        "ε: label-noise rate for robust, exo_pair, aot, aot_unpaired — and conservative DPO for sigmoid "
+        "ε: label-noise rate for robust, exo_pair, aot, aot_unpaired, simpo, cpo — and conservative DPO for sigmoid "
         "(TRL 1.16 ignores it there; nanodpo applies it like TRL <= 0.28 and the DPO authors' code).",
     )
     f_divergence_type: str = opt(
