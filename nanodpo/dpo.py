@@ -126,6 +126,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from nanodpo.config import DPOConfig
 from nanodpo.errors import UserError
 from nanodpo.logps import TokenStats
 
@@ -191,8 +192,7 @@ def check_dpo_options(cfg) -> None:
     if set(cfg.loss_type) & set(FAMILY_LOSS_TYPES):
         check_family_options(cfg)
         return
-    for name in ("simpo_gamma", "cpo_alpha", "desirable_weight", "undesirable_weight", "unpair_preference_data"):
-        default = DPO_FAMILY_DEFAULTS[name]
+    for name, default in DPO_FAMILY_DEFAULTS.items():
         if getattr(cfg, name, default) != default:
             raise UserError(f"--{name} applies to the family losses (simpo, cpo, orpo, kto), not to --loss_type "
                             f"{' '.join(cfg.loss_type)}")
@@ -253,11 +253,11 @@ def check_dpo_options(cfg) -> None:
         raise UserError(f"--discopop_tau must be > 0 for loss type discopop (got {cfg.discopop_tau}).")
 
 
-# Defaults of the family's options (nanodpo/config.py): any other value with a DPO loss type is refused.
+# The family's options and their defaults (nanodpo/config.py): any other value with a DPO loss type is refused.
 DPO_FAMILY_DEFAULTS = {
-    "simpo_gamma": 0.5, "cpo_alpha": None, "desirable_weight": 1.0, "undesirable_weight": 1.0,
-    "unpair_preference_data": False,
-}  # fmt: skip
+    name: DPOConfig.__dataclass_fields__[name].default
+    for name in ("simpo_gamma", "cpo_alpha", "desirable_weight", "undesirable_weight", "unpair_preference_data")
+}
 
 
 def check_family_options(cfg) -> None:
