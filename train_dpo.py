@@ -52,15 +52,12 @@ from nanodpo.dpo import (
     check_dpo_options,
     combine_process_metrics,
     dpo_loss,
-    dpo_metrics,
-    dpo_pair_stats,
+    eval_metrics,
+    eval_stats,
     family_loss_type,
-    kto_metrics,
     kto_micro_batch_loss,
-    kto_row_stats,
-    kto_stats_metrics,
+    micro_batch_metrics,
     needs_reference,
-    pair_stats_metrics,
 )
 from nanodpo.dpo_data import UnpairedCollator, load_preference_data, load_unpaired_data, with_chosen_prompt_scored
 from nanodpo.dpo_packing import batch_padding_fraction, make_preference_collator, make_token_budget_loader
@@ -85,7 +82,9 @@ from nanodpo.training import (
 
 def dpo_forward(policy, ref_model, batch: dict, cfg, accelerator):
     """One micro-batch: policy forward on [chosen; rejected], reference log-probs, loss. Returns (DPOOutput,
-    the policy's TokenStats)."""
+    the policy's TokenStats); for kto (KTOOutput, TokenStats)."""
+    if family_loss_type(cfg) == "kto":
+        return kto_forward(policy, ref_model, batch, cfg, accelerator)
     # orpo's NLL term scores the chosen prompt tokens too (TRL's ORPOTrainer does); every other loss, the completions.
     scored = with_chosen_prompt_scored(batch) if family_loss_type(cfg) == "orpo" else batch
     policy_stats = forward_token_stats(
@@ -121,11 +120,8 @@ def kto_forward(policy, ref_model, batch: dict, cfg, accelerator):
 
 def dpo_step(policy, ref_model, batch: dict, cfg, accelerator) -> tuple[torch.Tensor, dict[str, float]]:
     """One micro-batch: the loss (with grad) and this process's metrics of it."""
-    if family_loss_type(cfg) == "kto":
-        out, policy_stats = kto_forward(policy, ref_model, batch, cfg, accelerator)
-        return out.loss, {**kto_metrics(out, policy_stats), "padding_fraction": batch_padding_fraction(batch)}
     out, policy_stats = dpo_forward(policy, ref_model, batch, cfg, accelerator)
-    return out.loss, {**dpo_metrics(out, policy_stats), "padding_fraction": batch_padding_fraction(batch)}
+    return out.loss, {**micro_batch_metrics(out, policy_stats), "padding_fraction": batch_padding_fraction(batch)}
 
 
 @torch.no_grad()
@@ -136,18 +132,13 @@ def evaluate(policy, ref_model, eval_loader, cfg, accelerator) -> dict[str, floa
     `eval_loader` is prepared: every process runs the same number of batches (FSDP/ZeRO-3 forwards are collective), the
     last ones padded with copies of the first pairs, which `gather_for_metrics` drops again.
     """
-    kto = family_loss_type(cfg) == "kto"
     pair_stats = []
     with eval_mode(policy):
         for batch in eval_loader:
-            if kto:  # per row: rows, not pairs
-                out, policy_stats = kto_forward(policy, ref_model, batch, cfg, accelerator)
-                pair_stats.append(accelerator.gather_for_metrics(kto_row_stats(out, policy_stats)))
-            else:
-                out, policy_stats = dpo_forward(policy, ref_model, batch, cfg, accelerator)
-                pair_stats.append(accelerator.gather_for_metrics(dpo_pair_stats(out, policy_stats)))
+            out, policy_stats = dpo_forward(policy, ref_model, batch, cfg, accelerator)
+            pair_stats.append(accelerator.gather_for_metrics(eval_stats(out, policy_stats)))  # kto: per row
     stats = {name: torch.cat([s[name] for s in pair_stats]).cpu() for name in pair_stats[0]}
-    return kto_stats_metrics(stats, prefix="eval_") if kto else pair_stats_metrics(stats, prefix="eval_")
+    return eval_metrics(stats, prefix="eval_")
 
 
 def main(argv: list[str] | None = None) -> None:

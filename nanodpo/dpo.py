@@ -1020,3 +1020,23 @@ def combine_process_metrics(cfg, per_process: list[dict[str, float]]) -> list[di
         if name not in record and not name.startswith(("sum/", "rows/")):
             record[name] = total[name] / len(per_process)
     return [record]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# What the loop calls, whatever the loss
+
+
+def micro_batch_metrics(out: "DPOOutput | KTOOutput", policy: TokenStats) -> dict[str, float]:
+    """This process's logged values of one micro-batch: `dpo_metrics`, or kto's sums and counts (`kto_metrics`,
+    reduced over the processes by `combine_process_metrics`)."""
+    return kto_metrics(out, policy) if isinstance(out, KTOOutput) else dpo_metrics(out, policy)
+
+
+def eval_stats(out: "DPOOutput | KTOOutput", policy: TokenStats) -> dict[str, torch.Tensor]:
+    """Per-pair (`dpo_pair_stats`) or, for kto, per-row (`kto_row_stats`) values to gather over an eval set."""
+    return kto_row_stats(out, policy) if isinstance(out, KTOOutput) else dpo_pair_stats(out, policy)
+
+
+def eval_metrics(stats: dict[str, torch.Tensor], prefix: str = "eval_") -> dict[str, float]:
+    """The gathered `eval_stats` of a whole eval set reduced to its metrics."""
+    return kto_stats_metrics(stats, prefix) if "label" in stats else pair_stats_metrics(stats, prefix)
