@@ -23,53 +23,31 @@ Usage
 Sections: 1. options  2. tokenizer and data (packing)  3. model  4. optimizer and schedule  5. the loop
 """
 
-import sys
 import time
 
-from tqdm.auto import tqdm
+import torch
 
-from nanodpo.checkpoint import (
-    RunState,
-    check_output_dir,
-    load_checkpoint,
-    resolve_resume,
-    save_or_stop,
-    truncate_metrics,
-    update_best,
-)
+from nanodpo import training
+from nanodpo.checkpoint import check_output_dir, save_checkpoint, save_model, start_or_resume, stop_early, update_best
 from nanodpo.config import SFTConfig, config_to_dict, parse_config
-from nanodpo.demo.stages import after_stage, demo_argv
+from nanodpo.demo.stages import main_or_demo
 from nanodpo.errors import exit_on_user_error
 from nanodpo.faults import GracefulStop
+from nanodpo.logps import token_logps
 from nanodpo.model import check_model_options, load_policy, load_tokenizer
-from nanodpo.packing import collate_packed, pack_documents, packing_efficiency, padding_fraction
+from nanodpo.packing import pack_documents, packing_efficiency, padding_fraction
 from nanodpo.sft_data import load_sft_data
-from nanodpo.tracking import MetricMeans, make_tracker
-from nanodpo.training import (
-    epoch_batches,
-    collate_rows,
-    count_training_steps,
-    evaluate_lm,
-    lm_optimizer_step,
-    make_accelerator,
-    make_optimizer,
-    make_scheduler,
-    seed_everything,
-    step_loader,
-)
+from nanodpo.tracking import MetricMeans, make_tracker, train_record
 
 
 def main(argv: list[str] | None = None) -> None:
     # ------------------------------------------------------------------------------------------------------------
     # 1. Options.
-    demo = argv is None and len(sys.argv) == 1  # no arguments: run this script's stage of the offline demo
-    if demo:
-        argv = demo_argv("sft")
     cfg = parse_config(SFTConfig, argv, description=__doc__)
     check_model_options(cfg)
     check_output_dir(cfg)
-    accelerator = make_accelerator(cfg)
-    seed_everything(cfg.seed)
+    accelerator = training.make_accelerator(cfg)
+    training.seed_everything(cfg.seed)
 
     # ------------------------------------------------------------------------------------------------------------
     # 2. Tokenizer and data: every row normalised, checked and tokenized (with its loss mask) before the model loads.
@@ -93,91 +71,82 @@ def main(argv: list[str] | None = None) -> None:
         accelerator.print(f"padding fraction {layout_stats['padding_fraction']:.1%}")
 
     def collate(examples):
-        return collate_rows(examples, cfg, tokenizer.pad_token_id)
+        return training.collate_rows(examples, cfg, tokenizer.pad_token_id)
 
     # ------------------------------------------------------------------------------------------------------------
     # 3. Model (full, LoRA or QLoRA).
     model = load_policy(cfg, accelerator.device)
 
     # ------------------------------------------------------------------------------------------------------------
-    # 4. Optimizer, data order, schedule. The loader yields one optimizer step's examples per process.
-    train_loader, _ = step_loader(train_examples, cfg)
-    optimizer = make_optimizer(model, cfg)
+    # 4. Optimizer, data order, schedule; resume.
+    train_loader = training.make_train_loader(train_examples, collate, cfg)
+    optimizer = training.make_optimizer(model, cfg)
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
-    total_steps, steps_per_epoch = count_training_steps(cfg, len(train_loader) * cfg.gradient_accumulation_steps)
-    scheduler = make_scheduler(optimizer, cfg, total_steps)
-    global_batch = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes
-    accelerator.print(
-        f"train rows: {len(train_examples)} | global batch: {global_batch} rows ({cfg.per_device_train_batch_size} per "
-        f"device x {cfg.gradient_accumulation_steps} accumulation x {accelerator.num_processes} processes) | "
-        f"optimizer steps: {total_steps}"
-    )
-    state = RunState(world_size=accelerator.num_processes, global_batch=global_batch)
-    resume_path = resolve_resume(cfg)
-    if resume_path is not None:
-        state = load_checkpoint(accelerator, model, optimizer, scheduler, cfg, resume_path, global_batch)
-        truncate_metrics(cfg.output_dir, state.step, accelerator.is_main_process)
+    total_steps, steps_per_epoch = training.count_training_steps(cfg, len(train_loader))
+    scheduler = training.make_scheduler(optimizer, cfg, total_steps)  # stepped by hand, once per optimizer step
+    step_text = training.describe_step(cfg, accelerator, "rows")
+    accelerator.print(f"train rows: {len(train_examples)} | {step_text} | optimizer steps: {total_steps}")
+    state = start_or_resume(accelerator, model, optimizer, scheduler, cfg)
+    steps = training.optimizer_steps(accelerator, train_loader, cfg.gradient_accumulation_steps, state)
     tracker = make_tracker(cfg, accelerator.is_main_process, config_to_dict(cfg))
 
     # ------------------------------------------------------------------------------------------------------------
-    # 5. The loop: one step = one batch from the loader, split into micro-batches by `lm_optimizer_step`, which
-    #    scales every micro-batch's gradient to the token mean of the whole step.
+    # 5. The loop. One optimizer step = gradient_accumulation_steps micro-batches on each process.
     model.train()
-    train_means = MetricMeans()
-    train_means.values.update(state.pending_metrics)
-    stop = GracefulStop()
-    progress = tqdm(
-        total=total_steps, initial=state.step, disable=not accelerator.is_main_process or cfg.disable_tqdm, desc="sft"
-    )
+    train_means = MetricMeans(state.pending_metrics)  # the logging interval's values, saved with every checkpoint
     start_time = time.perf_counter()
-    while state.step < total_steps:
-        # On resume, skip the steps of this epoch that the checkpoint had already trained on.
-        for step_examples in epoch_batches(accelerator, train_loader, state.epoch, skip=state.steps_in_epoch):
-            loss, grad_norm, real_tokens, update_ok = lm_optimizer_step(
-                model, optimizer, step_examples, collate, cfg, accelerator, train_means
-            )
-            state.num_tokens += real_tokens
-            state.finish_step(update_ok, scheduler)
-            step = state.step
-            last_step = step == total_steps
+    # The `with` closes the tracker and progress bar and restores the signal handlers, however the loop ends.
+    with tracker, GracefulStop() as stop, training.progress_bar(cfg, state, total_steps, "sft") as progress:
+        for epoch, batches in steps:
+            # The step's loss is the mean NLL over ALL its target tokens (module docstring), so they are counted
+            # first; × processes × accumulation undoes DDP's mean over processes and backward's division.
+            num_targets = training.step_targets(accelerator, batches)
+            scale = accelerator.num_processes * accelerator.gradient_accumulation_steps / num_targets
+            step_nll = torch.zeros((), device=accelerator.device)
+            for i, batch in enumerate(batches):
+                with training.gradient_sync(accelerator, model, last_micro_batch=i == len(batches) - 1):
+                    stats = token_logps(model, training.lm_model_inputs(batch), cfg.logps)
+                    nll_sum = -stats.logps.sum()
+                    accelerator.backward(nll_sum * scale)
+                step_nll += nll_sum.detach()
+                train_means.add(*training.gather_metrics(accelerator, training.lm_metrics(stats)))  # all processes'
+            grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), training.clip_norm(cfg)))
+            # A NaN/inf would poison the weights for good: such an update is skipped (and counted).
+            if update_ok := training.updates_are_finite(accelerator, step_nll, grad_norm):
+                optimizer.step()
+                scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            # ---- one optimizer step is done ----
+            loss = float(accelerator.reduce(step_nll, "sum")) / num_targets
+            state.num_tokens += training.step_tokens(accelerator, batches)
+            state.finish_step(epoch, update_ok)
+            step, last_step = state.step, state.step == total_steps
             train_means.add({"loss": loss})
             progress.update(1)
-
             if step % cfg.logging_steps == 0 or last_step or not update_ok:
-                record = train_means.pop_means()
-                record.update(
-                    grad_norm=grad_norm,
-                    learning_rate=scheduler.get_last_lr()[0],
-                    num_tokens=state.num_tokens,
-                    epoch=step / steps_per_epoch,
-                    **layout_stats,  # how much of each batch is real tokens (packing) or padding (no packing)
-                )
-                if state.nonfinite_total:
-                    record["nonfinite_steps_skipped"] = state.nonfinite_total
+                # layout_stats: how much of each batch is real tokens (packing) or padding (no packing)
+                learning_rate = scheduler.get_last_lr()[0]
+                record = train_record(train_means, state, grad_norm=grad_norm, learning_rate=learning_rate,
+                                      epoch=step / steps_per_epoch, **layout_stats)  # fmt: skip
                 tracker.log(record, step)
                 progress.set_postfix(loss=f"{record['loss']:.4f}")
             if eval_examples and ((cfg.eval_steps and step % cfg.eval_steps == 0) or last_step):
-                eval_record = evaluate_lm(model, eval_examples, collate, cfg, accelerator)
+                eval_record = training.evaluate_lm(model, eval_examples, collate, cfg, accelerator)
                 tracker.log({**eval_record, "epoch": step / steps_per_epoch}, step)
                 update_best(cfg, state, eval_record)
                 accelerator.print(f"step {step}: eval_loss {eval_record['eval_loss']:.4f}")
-            state.pending_metrics = {name: list(values) for name, values in train_means.values.items()}
-            save_or_stop(
-                accelerator, model, optimizer, scheduler, tokenizer, cfg, state, stop, tracker, last_step, loss, grad_norm
-            )
             if last_step:
                 break
-        else:
-            state.epoch += 1
-            state.steps_in_epoch = 0
-    stop.restore()
-    progress.close()
-    tracker.close()
-    accelerator.print(f"done: {state.step} steps in {time.perf_counter() - start_time:.1f}s, model saved to {cfg.output_dir}")
+            if cfg.save_steps and step % cfg.save_steps == 0:
+                save_checkpoint(accelerator, model, optimizer, scheduler, tokenizer, cfg, state)
+            stop_early(accelerator, model, optimizer, scheduler, tokenizer, cfg, state, stop, loss, grad_norm)
+
+    accelerator.print(f"done: {state.step} steps in {time.perf_counter() - start_time:.1f}s")
+    save_model(accelerator, model, tokenizer, cfg, cfg.output_dir)  # the final model, into OUTPUT_DIR
+    accelerator.print(f"model saved to {cfg.output_dir}")
     accelerator.end_training()
-    if demo and accelerator.is_main_process:
-        after_stage("sft", cfg)
 
 
 if __name__ == "__main__":
-    exit_on_user_error(main)
+    exit_on_user_error(main_or_demo, main, "sft")  # no arguments at all: this script's stage of the offline demo

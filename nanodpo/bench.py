@@ -31,6 +31,8 @@ import json
 import math
 import os
 import random
+import resource
+import runpy
 import shutil
 import statistics
 import subprocess
@@ -39,8 +41,29 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+from datasets import load_dataset
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    TrainerCallback,
+)
+
+from nanodpo import tracking
+from nanodpo.config import DPOConfig, PTConfig, SFTConfig, parse_config
+from nanodpo.demo import TOKENIZER_DIR
+from nanodpo.demo.bench import main as demo_main
+from nanodpo.dpo_data import PreferenceCollator, load_preference_data
+from nanodpo.dpo_packing import sequences_of, shared_unit
+from nanodpo.model import load_tokenizer
+from nanodpo.packing import Document, PackedRow, _make_row, collate_packed, pack_documents
+from nanodpo.pt_data import load_documents
+from nanodpo.sft_data import load_sft_data
+
 ROOT = Path(__file__).resolve().parents[1]
-TOKENIZER_DIR = Path(__file__).resolve().parent / "assets" / "tokenizer"
 VOCAB_SIZE = 151_936  # Qwen2.5
 
 SIZES = {
@@ -61,9 +84,6 @@ COMPARED = {
 
 
 def make_model_dir(path: Path, size: dict) -> None:
-    import torch
-    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
-
     tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
     torch.manual_seed(0)
     config = Qwen2Config(
@@ -85,7 +105,6 @@ def make_model_dir(path: Path, size: dict) -> None:
 
 def word_pieces() -> list[str]:
     """Vocabulary pieces that decode to plain letters (so random text re-tokenizes to about as many tokens)."""
-    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(TOKENIZER_DIR)
     pieces = [tokenizer.decode([i]) for i in range(len(tokenizer))]
@@ -142,18 +161,12 @@ def write_data(workdir: Path, task: str, rows: list[dict]) -> Path:
 
 
 def peak_memory_mb() -> float:
-    import resource
-
-    import torch
-
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
 def hyperparameters(task: str, spec: dict) -> dict:
-    import torch
-
     gpu = torch.cuda.is_available()
     return {
         "per_device_train_batch_size": spec["batch"],
@@ -171,9 +184,6 @@ def hyperparameters(task: str, spec: dict) -> dict:
 
 def run_nanodpo(task: str, spec: dict, precompute: bool = False) -> tuple[list[float], list[dict]]:
     """train_{task}.py's main(), with the time of every logged step recorded."""
-    sys.path.insert(0, str(ROOT))
-    from nanodpo import tracking
-
     times, records = [], []
     original = tracking.Tracker.log
 
@@ -197,16 +207,12 @@ def run_nanodpo(task: str, spec: dict, precompute: bool = False) -> tuple[list[f
     if task == "pt":
         options["packing_strategy"] = "bfd"
     argv = [item for key, value in options.items() for item in (f"--{key}", str(value))]
-    module = __import__(f"train_{task}")
-    module.main(argv)
+    script = runpy.run_path(str(ROOT / f"train_{task}.py"))  # the script's definitions (its __main__ block stays off)
+    script["main"](argv)
     return times, records
 
 
 def run_trl(task: str, spec: dict) -> tuple[list[float], list[dict]]:
-    import torch
-    from datasets import load_dataset
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
-
     times = []
 
     class StepTimes(TrainerCallback):
@@ -221,6 +227,7 @@ def run_trl(task: str, spec: dict) -> tuple[list[float], list[dict]]:
         output_dir=spec["out"], report_to="none", save_strategy="no", disable_tqdm=True,
         use_cpu=not torch.cuda.is_available(), gradient_checkpointing=False, **hp,
     )  # fmt: skip
+    # trl is imported here: it is the comparison, installed with the test extra only (pip install -e ".[test]").
     if task == "dpo":
         from trl import DPOConfig, DPOTrainer
 
@@ -238,17 +245,9 @@ def step_rows(task: str, spec: dict) -> list[list]:
     """Every optimizer step's sequences as the nanodpo run sees them (token ids, truncated): for dpo, the 2B
     sequences of the step's pairs as one padding-free row (a PackedRow, one document per sequence); for pt, the
     step's packed rows; for sft, the step's documents (one per row)."""
-    sys.path.insert(0, str(ROOT))
-    from nanodpo.config import DPOConfig, PTConfig, SFTConfig, parse_config
-    from nanodpo.model import load_tokenizer
-    from nanodpo.packing import Document, _make_row, pack_documents
-
     batch, steps = spec["batch"], spec["steps"]
     argv = ["--model", spec["model"], "--dataset", spec["data"], "--max_length", str(spec["max_length"])]
     if task == "dpo":
-        from nanodpo.dpo_data import PreferenceCollator, load_preference_data
-        from nanodpo.dpo_packing import sequences_of
-
         cfg = parse_config(DPOConfig, argv)
         examples = load_preference_data(cfg, load_tokenizer(cfg))
         collate = PreferenceCollator(0, cfg.max_length)
@@ -261,16 +260,13 @@ def step_rows(task: str, spec: dict) -> list[list]:
             steps_out.append([_make_row(list(zip(sequences, labels)))])  # labels: the completion tokens
         return steps_out
     if task == "sft":
-        from nanodpo.sft_data import load_sft_data
-
         cfg = parse_config(SFTConfig, argv)
         docs = load_sft_data(cfg, load_tokenizer(cfg))
         cut = cfg.max_length
-        return [[_make_row([(d.input_ids[:cut], d.labels()[:cut])]) for d in docs[i : i + batch]] for i in range(0, batch * steps, batch)]
-    import train_pt
-
+        rows = [_make_row([(d.input_ids[:cut], d.labels()[:cut])]) for d in docs]
+        return [rows[i : i + batch] for i in range(0, batch * steps, batch)]
     cfg = parse_config(PTConfig, argv)
-    docs = train_pt.load_documents(cfg, load_tokenizer(cfg), "train")
+    docs = load_documents(cfg, load_tokenizer(cfg), "train")
     rows = pack_documents([Document(d.input_ids) for d in docs], cfg.max_length, "bfd", cfg.packing_overflow)
     return [rows[i : i + batch] for i in range(0, batch * steps, batch)]
 
@@ -278,10 +274,6 @@ def step_rows(task: str, spec: dict) -> list[list]:
 def run_plain(task: str, spec: dict) -> tuple[list[float], list[dict]]:
     """A plain HF training loop over the same rows: forward with labels (HF's own loss over full logits), backward,
     gradient clipping, AdamW. Packed rows get a 4D block-causal mask (sdpa): documents stay isolated."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from nanodpo.packing import PackedRow, collate_packed
 
     steps = step_rows(task, spec)
     if task == "dpo":  # the plain step scores every token (labels = input_ids; not a document's first one)
@@ -346,16 +338,12 @@ def model_flops(task: str, spec: dict, steps: list[list]) -> dict[str, list[floa
     forward, where N·T counts the body's parameters over the tokens it runs on (each prompt once) and the LM head's
     (hidden × vocab) over the tokens it scores (DPO, SFT: completion tokens; PT: all). The same work for nanodpo and
     TRL (the same training), so their MFU ratio is their speed ratio; recomputation is not counted."""
-    import torch
-    from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(spec["model"])
     with torch.device("meta"):
-        from transformers import AutoModelForCausalLM
-
         model = AutoModelForCausalLM.from_config(config)
     head = config.hidden_size * config.vocab_size
-    body = sum(p.numel() for name, p in model.named_parameters() if "embed_tokens" not in name and "lm_head" not in name)
+    body = sum(p.numel() for name, p in model.named_parameters() if not ("embed_tokens" in name or "lm_head" in name))
     flops: dict[str, list[float]] = {}
     for rows in steps:
         scored = sum(sum(1 for label in row.labels if label != -100) for row in rows)
@@ -371,8 +359,6 @@ def model_flops(task: str, spec: dict, steps: list[list]) -> dict[str, list[floa
 
 def step_units(spec: dict, rows: list) -> list:
     """The prefix-shared units of one DPO step (its 2B sequences are the documents of `rows[0]`)."""
-    from nanodpo.dpo_packing import shared_unit
-
     row = rows[0]
     sequences, start = [], 0
     for n in row.seq_lens:
@@ -425,7 +411,6 @@ PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "A800
 
 def default_peak_tflops() -> float | None:
     """Dense bf16 peak of the GPU, for MFU (None on CPU or an unknown GPU: pass --peak_tflops)."""
-    import torch
 
     if not torch.cuda.is_available():
         return None
@@ -436,8 +421,6 @@ def default_peak_tflops() -> float | None:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["demo"]:  # the offline demo's pipeline, timed stage by stage (nanodpo/demo/bench.py)
-        from nanodpo.demo.bench import main as demo_main
-
         return demo_main(argv[1:])
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("task", choices=["dpo", "sft", "pt"])
@@ -476,7 +459,6 @@ def main(argv: list[str] | None = None) -> None:
         info = step_tokens(task, spec)
         tokens, flops = info["tokens"], info["flops"]
         peak_tflops = args.peak_tflops or default_peak_tflops()
-        import torch
 
         device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU, {os.cpu_count()} cores"
         print(
@@ -522,7 +504,8 @@ def report(task: str, names: list[str], runs: dict, last: dict) -> None:
             f"{m['peak_mb']:13.0f} {m['tokens_per_s'] / med[base]['tokens_per_s']:14.2f}x "
             f"{med[base]['cpu_s_per_step'] / m['cpu_s_per_step']:14.2f}x {m['peak_mb'] / med[base]['peak_mb']:12.2f}x"
         )
-    print(f"(medians over repetitions; ratios relative to {base}: tokens/s and memory ours/theirs, CPU time theirs/ours)")
+    print(f"(medians over repetitions; ratios relative to {base}: tokens/s and memory ours/theirs, "
+          "CPU time theirs/ours)")
     if "mfu" in med[names[0]]:
         print("MFU (model FLOPs: 6·N·T trained + 2·N·T reference; LM head over the scored tokens): " + ", ".join(
             f"{name} {med[name]['mfu']:.1%}" for name in names
@@ -552,8 +535,6 @@ def report(task: str, names: list[str], runs: dict, last: dict) -> None:
 
 
 def _cuda() -> bool:
-    import torch
-
     return torch.cuda.is_available()
 
 

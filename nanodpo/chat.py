@@ -33,14 +33,20 @@ From Python (the demo uses these):
 """
 
 import argparse
+import inspect
 import json
 import re
 import sys
+import warnings
 from pathlib import Path
 
 import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+from transformers.utils import logging
 
 from nanodpo.errors import UserError, exit_on_user_error
+from nanodpo.sft_data import resolve_chat_template
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -49,8 +55,6 @@ DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, 
 
 
 def _load_tokenizer(path: str):
-    from transformers import AutoTokenizer
-
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as err:
@@ -61,8 +65,6 @@ def _load_tokenizer(path: str):
 
 
 def _load_model(path: str, dtype: str, what: str):
-    from transformers import AutoModelForCausalLM
-
     try:
         return AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
     except (OSError, ValueError) as err:
@@ -104,8 +106,6 @@ def load_for_chat(path: str | Path, base: str | None = None, dtype: str = "auto"
     if not folder.exists() and not _could_be_hub_id(path):
         raise UserError(f"{path}: no such folder")
     if folder.is_dir() and (folder / "adapter_config.json").is_file():
-        from peft import PeftModel
-
         base_name = adapter_base(folder, base)
         base_model = _load_model(base_name, dtype, "the base model")
         model = PeftModel.from_pretrained(base_model, path)
@@ -163,6 +163,18 @@ def next_token(logits: torch.Tensor, temperature: float, top_p: float, generator
 
 
 @torch.no_grad()
+def new_kv_cache(model) -> dict:
+    """A fresh KV cache, as the keyword argument the model's forward takes it (`**new_kv_cache(model)`).
+
+    The cache is made here, once, and the model fills it in place on every forward, so it is never read back from
+    the output. transformers renamed the argument (and the output field) from `past_key_values` to `cache` in 5.24;
+    the old name still works there but warns on every call, so the name is taken from the forward's signature.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft wraps the HF model
+    name = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+    return {name: DynamicCache(config=model.config)}
+
+
 def generate_tokens(
     model,
     tokenizer,
@@ -181,12 +193,11 @@ def generate_tokens(
     max_positions = getattr(model.config, "max_position_embeddings", None) or float("inf")
     length = input_ids.shape[1]
     answer: list[int] = []
-    past = None  # the KV cache: keys/values of every token so far, so each step only runs the newest token
+    kv_cache = new_kv_cache(model)  # keys/values of every token so far, so each step only runs the newest token
     for _ in range(max_new_tokens):
         if length >= max_positions:
             break
-        out = model(input_ids=input_ids, past_key_values=past, use_cache=True)
-        past = out.past_key_values
+        out = model(input_ids=input_ids, use_cache=True, **kv_cache)
         token = next_token(out.logits[0, -1], temperature, top_p, generator)
         if token in stops:
             break
@@ -355,18 +366,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 def _load(path: str, base: str | None, args):
     model, tokenizer = load_for_chat(path, base=base, dtype=args.dtype, device=args.device)
     if args.chat_template:
-        from nanodpo.sft_data import resolve_chat_template
-
         tokenizer.chat_template = resolve_chat_template(tokenizer, args.chat_template)
     return model, tokenizer
 
 
 def _quiet() -> None:
     """A chat shows answers only: no weight-loading progress bars, no library deprecation notices."""
-    import warnings
-
-    from transformers.utils import logging
-
     logging.disable_progress_bar()
     warnings.filterwarnings("ignore", category=FutureWarning)
 

@@ -29,14 +29,18 @@ import os
 import random
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
+from peft import set_peft_model_state_dict
 from safetensors.torch import load_file
 
 from nanodpo.config import config_to_dict, save_config
 from nanodpo.errors import UserError
+from nanodpo.faults import EXIT_INTERRUPTED, EXIT_NONFINITE, nonfinite_message
 from nanodpo.model import is_main_process
 
 TRAINER_STATE = "trainer_state.json"
@@ -66,10 +70,11 @@ class RunState:
     best_metric: float | None = None
     best_checkpoint: str | None = None
 
-    def finish_step(self, update_ok: bool, scheduler) -> None:
-        """Count an optimizer step; a skipped (non-finite) update does not advance the learning-rate schedule."""
+    def finish_step(self, epoch: int, update_ok: bool) -> None:
+        """Count an optimizer step of `epoch` (the data position) and whether its update was skipped (non-finite)."""
+        if epoch != self.epoch:
+            self.epoch, self.steps_in_epoch = epoch, 0
         if update_ok:
-            scheduler.step()
             self.nonfinite_in_a_row = 0
         else:
             self.nonfinite_in_a_row += 1
@@ -228,18 +233,11 @@ def update_best(cfg, state: RunState, eval_record: dict) -> None:
     if not name or name not in eval_record:
         return
     value = eval_record[name]
-    better = state.best_metric is None or (value > state.best_metric if cfg.greater_is_better else value < state.best_metric)
+    best = state.best_metric
+    better = best is None or (value > best if cfg.greater_is_better else value < best)
     if better:
         state.best_metric = value
         state.best_checkpoint = str(Path(cfg.output_dir) / f"checkpoint-{state.step}")
-
-
-def save_if_due(accelerator, model, optimizer, scheduler, tokenizer, cfg, state: RunState, last_step: bool) -> None:
-    """checkpoint-<step>/ every --save_steps; the final model into OUTPUT_DIR on the last step."""
-    if last_step:
-        save_model(accelerator, model, tokenizer, cfg, cfg.output_dir)
-    elif cfg.save_steps and state.step % cfg.save_steps == 0:
-        save_checkpoint(accelerator, model, optimizer, scheduler, tokenizer, cfg, state)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -279,8 +277,6 @@ def resolve_resume(cfg) -> Path | None:
 
 
 def _check_compatible(cfg, path: Path, saved: RunState, global_batch: int, world_size: int) -> None:
-    import yaml
-
     saved_cfg = yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8")) or {}
     current = config_to_dict(cfg)
     for key in MUST_MATCH:
@@ -302,8 +298,6 @@ def _check_compatible(cfg, path: Path, saved: RunState, global_batch: int, world
 
 def _load_weights(model, path: Path) -> None:
     if (path / "adapter_model.safetensors").is_file():
-        from peft import set_peft_model_state_dict
-
         result = set_peft_model_state_dict(model, load_file(path / "adapter_model.safetensors"))
         unexpected = getattr(result, "unexpected_keys", [])
         if unexpected:
@@ -328,6 +322,20 @@ def _load_weights(model, path: Path) -> None:
         raise UserError(f"{path}: weights missing for {missing[:3]} ...")
 
 
+def start_or_resume(accelerator, model, optimizer, scheduler, cfg, ref_cache_key: str | None = None) -> RunState:
+    """A new run's RunState, or, with --resume_from_checkpoint, the checkpoint's: weights, optimizer, schedule,
+    random states and data position restored, and metrics.jsonl cut back to its step."""
+    global_batch = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes
+    path = resolve_resume(cfg)
+    if path is None:
+        return RunState(ref_cache_key=ref_cache_key, world_size=accelerator.num_processes, global_batch=global_batch)
+    state = load_checkpoint(accelerator, model, optimizer, scheduler, cfg, path, global_batch)
+    if ref_cache_key is not None and state.ref_cache_key not in (None, ref_cache_key):
+        raise UserError(f"{path} was trained against other reference log-probs (data or model changed)")
+    truncate_metrics(cfg.output_dir, state.step, accelerator.is_main_process)
+    return state
+
+
 def load_checkpoint(accelerator, model, optimizer, scheduler, cfg, path: Path, global_batch: int) -> RunState:
     """Restore weights, optimizer, schedule, random states and the run's position from `path`."""
     saved = RunState(**json.loads((path / TRAINER_STATE).read_text()))
@@ -342,7 +350,9 @@ def load_checkpoint(accelerator, model, optimizer, scheduler, cfg, path: Path, g
         rng_file = path / "rng_state_0.pth"
     _set_rng_state(torch.load(rng_file, weights_only=True))
     saved.world_size = accelerator.num_processes
-    accelerator.print(f"resumed from {path} at step {saved.step} (epoch {saved.epoch}, step {saved.steps_in_epoch} of it)")
+    accelerator.print(
+        f"resumed from {path} at step {saved.step} (epoch {saved.epoch}, step {saved.steps_in_epoch} of it)"
+    )
     return saved
 
 
@@ -364,33 +374,23 @@ def truncate_metrics(output_dir: str | Path, step: int, is_main_process: bool) -
     os.replace(tmp, path)
 
 
-def resume_command(cfg) -> str:
-    import sys
-
-    args = [a for a in sys.argv[1:]]
+def resume_command() -> str:
+    args = sys.argv[1:]
     if "--resume_from_checkpoint" not in args:
         args += ["--resume_from_checkpoint", "latest"]
     return " ".join(["python", Path(sys.argv[0]).name, *args]) if sys.argv else ""
 
 
-def save_or_stop(accelerator, model, optimizer, scheduler, tokenizer, cfg, state: RunState, stop, tracker,
-                 last_step: bool, loss: float, grad_norm: float) -> None:  # fmt: skip
-    """After every optimizer step: the periodic checkpoint (or the final model), then the two early stops —
-    too many non-finite steps in a row, or SIGTERM/SIGINT — each of which saves a checkpoint and exits non-zero."""
-    import sys
-
-    from nanodpo.faults import EXIT_INTERRUPTED, EXIT_NONFINITE, nonfinite_message
-
-    save_if_due(accelerator, model, optimizer, scheduler, tokenizer, cfg, state, last_step)
-    if last_step:
-        return
+def stop_early(accelerator, model, optimizer, scheduler, tokenizer, cfg, state: RunState, stop,
+                  loss: float, grad_norm: float) -> None:  # fmt: skip
+    """The two early stops, checked after every optimizer step but the last: --max_nonfinite_steps non-finite steps
+    in a row, or SIGTERM/SIGINT on any process. Each saves a checkpoint, says why and how to go on, and exits
+    non-zero (EXIT_NONFINITE, EXIT_INTERRUPTED; the loops' `with` blocks close the tracker and the progress bar)."""
     if state.nonfinite_in_a_row >= cfg.max_nonfinite_steps:
         save_checkpoint(accelerator, model, optimizer, scheduler, tokenizer, cfg, state)
-        tracker.close()
         accelerator.print(nonfinite_message(state.step, state.nonfinite_in_a_row, loss, grad_norm, cfg))
         sys.exit(EXIT_NONFINITE)
     if stop.should_stop(accelerator):
         path = save_checkpoint(accelerator, model, optimizer, scheduler, tokenizer, cfg, state)
-        tracker.close()
-        accelerator.print(f"saved {path}; resume with:\n  {resume_command(cfg)}")
+        accelerator.print(f"saved {path}; resume with:\n  {resume_command()}")
         sys.exit(EXIT_INTERRUPTED)

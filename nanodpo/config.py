@@ -3,14 +3,15 @@
 Every field has a `help` string; `python train_dpo.py --help` prints them all. Names follow HF `TrainingArguments`
 and TRL's `DPOConfig`/`SFTConfig` wherever those have one, so flags from a TRL command line carry over.
 
-Precedence: dataclass default < YAML file < command line. Unknown YAML keys, values of the wrong type and unknown
-choices are refused with a `UserError` naming the key, before anything runs.
+Precedence: dataclass default < YAML file < command line. Unknown YAML keys, values of the wrong type, unknown
+choices and numbers out of range (`RANGES`) are refused with a `UserError` naming the key, before anything runs.
 
     cfg = parse_config(DPOConfig, ["--config", "configs/dpo.yaml", "--beta", "0.2"])
 """
 
 import argparse
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -70,10 +71,12 @@ class TrainConfig:
     print_trainable_parameters: bool = opt(True, "Print trainable / total parameter counts at start.")
     gradient_checkpointing: bool = opt(False, "Recompute activations in backward to save memory.")
     disable_dropout: bool = opt(True, "Set every dropout probability in the model to 0 (as TRL does by default).")
-    logps_chunk_size: int = opt(
-        256,
-        "Fast log-prob path: the LM head is applied only at scored tokens, this many at a time, so the "
-        "[batch, seq, vocab] logits never exist. 0 = the readable path (full logits; nanodpo/logps.py).",
+    logps: str = opt(
+        "chunked",
+        "How token log-probs are computed (nanodpo/logps.py), the same numbers either way: chunked applies the LM "
+        "head only at scored tokens, a chunk at a time, so the [batch, seq, vocab] logits never exist; readable "
+        "takes the model's full logits, then log_softmax + gather.",
+        ("chunked", "readable"),
     )
     # --- data ---
     dataset: list[str] = opt([], "Training data: hub ids or local files/folders (json, jsonl, jsonl.gz, parquet, csv).")
@@ -111,7 +114,9 @@ class TrainConfig:
     )
     # --- logging, eval, checkpoints ---
     logging_steps: int = opt(10, "Log the mean of the metrics every N optimizer steps.")
-    eval_steps: int | None = opt(None, "Evaluate every N optimizer steps (and always at the end, if there is eval data).")
+    eval_steps: int | None = opt(
+        None, "Evaluate every N optimizer steps (and always at the end, if there is eval data)."
+    )
     save_steps: int | None = opt(None, "Save a checkpoint every N optimizer steps (the final model is always saved).")
     save_total_limit: int | None = opt(None, "Keep only the newest N checkpoints (plus the best, see below).")
     metric_for_best_model: str | None = opt(
@@ -141,7 +146,9 @@ class DPOConfig(TrainConfig):
 
     output_dir: str = opt("out/dpo", "Where checkpoints, the final model, config.yaml and metrics.jsonl go.")
     learning_rate: float = opt(1e-6, "Peak learning rate (TRL's DPO default).")
-    beta: float = opt(0.1, "β: strength of the KL penalty toward the reference (the temperature of the implicit reward).")
+    beta: float = opt(
+        0.1, "β: strength of the KL penalty toward the reference (the temperature of the implicit reward)."
+    )
     loss_type: list[str] = opt(
         ["sigmoid"],
         "One or more of: sigmoid hinge ipo exo_pair nca_pair robust bco_pair sppo_hard aot aot_unpaired apo_zero "
@@ -181,15 +188,13 @@ class DPOConfig(TrainConfig):
         False, "Compute the reference log-probs once before training (cached on disk), then free the reference."
     )
     precompute_ref_batch_size: int | None = opt(None, "Batch size for --precompute_ref_logps (default: eval batch).")
-    padding_free: bool | None = opt(
-        None,
-        "Pack the sequences of a micro-batch's pairs into rows without padding (per-sequence positions, each "
-        "sequence isolated). Default (none): on unless --logps_chunk_size 0.",
-    )
-    prefix_sharing: bool | None = opt(
-        None,
-        "One unit per pair: prompt + chosen + rejected, the prompt computed once (rejected sees the prompt, not "
-        "chosen). Default (none): on unless --logps_chunk_size 0; flash_attention_2 falls back to padding-free.",
+    batch_layout: str = opt(
+        "prefix_shared",
+        "How a micro-batch's pairs are laid out (nanodpo/dpo_packing.py), the same numbers either way: padded "
+        "[chosen; rejected] rows (TRL's batch); padding_free: the sequences packed into rows without padding, each "
+        "isolated; prefix_shared: packed, and each pair's prompt computed once for both answers (flash_attention_2 "
+        "falls back to padding_free).",
+        ("prefix_shared", "padding_free", "padded"),
     )
     max_tokens_per_batch: int | None = opt(
         None,
@@ -223,7 +228,9 @@ class PTConfig(TrainConfig):
     output_dir: str = opt("out/pt", "Where checkpoints, the final model, config.yaml and metrics.jsonl go.")
     learning_rate: float = opt(3e-4, "Peak learning rate.")
     lr_scheduler_type: str = opt("cosine", "Learning-rate schedule after warmup.", ("constant", "linear", "cosine"))
-    from_scratch: bool = opt(False, "Random init from --model's config (with the overrides below) instead of its weights.")
+    from_scratch: bool = opt(
+        False, "Random init from --model's config (with the overrides below) instead of its weights."
+    )
     hidden_size: int | None = opt(None, "From scratch: override the hidden size.")
     num_hidden_layers: int | None = opt(None, "From scratch: override the number of layers.")
     num_attention_heads: int | None = opt(None, "From scratch: override the number of attention heads.")
@@ -239,6 +246,84 @@ class PTConfig(TrainConfig):
     streaming: bool = opt(False, "Read the corpus lazily (bigger than RAM), packing on the fly in file order.")
     stream_buffer_docs: int = opt(1000, "Streaming: documents packed together at a time.")
     peak_tflops: float | None = opt(None, "Peak TFLOPS of one device (e.g. 989 for H100 bf16) to log MFU.")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The range of every numeric option, checked right after parsing, before anything is loaded; a float option must also
+# be finite (no nan / inf). "[a, b)" includes a and excludes b. DPO's loss options (beta, label_smoothing, ld_alpha,
+# discopop_tau) depend on the loss type and are checked with it, in nanodpo/dpo.py `check_dpo_options`;
+# f_alpha_divergence_coef and loss_weights take any finite number.
+
+RANGES = {
+    "seed": "[0, 4294967295]",  # numpy's seed range
+    "lora_r": ">= 1",
+    "lora_alpha": "> 0",
+    "lora_dropout": "[0, 1)",
+    "max_samples": ">= 1",
+    "max_eval_samples": ">= 1",
+    "max_length": ">= 2",  # a token to predict from and a token to score
+    "per_device_train_batch_size": ">= 1",
+    "per_device_eval_batch_size": ">= 1",
+    "gradient_accumulation_steps": ">= 1",
+    "num_train_epochs": "> 0",
+    "max_steps": ">= -1",  # -1 (or 0): train for --num_train_epochs
+    "learning_rate": ">= 0",
+    "warmup_steps": ">= 0",
+    "warmup_ratio": "[0, 1]",
+    "weight_decay": ">= 0",
+    "adam_beta1": "[0, 1)",
+    "adam_beta2": "[0, 1)",
+    "adam_epsilon": ">= 0",
+    "max_grad_norm": ">= 0",  # 0: no clipping
+    "logging_steps": ">= 1",
+    "eval_steps": ">= 1",
+    "save_steps": ">= 1",
+    "save_total_limit": ">= 1",
+    "max_nonfinite_steps": ">= 1",
+    # DPO
+    "rpo_alpha": ">= 0",
+    "precompute_ref_batch_size": ">= 1",
+    "max_tokens_per_batch": ">= 1",
+    "max_prompt_length": ">= 0",
+    "simpo_gamma": ">= 0",  # SimPO's target margin
+    "cpo_alpha": ">= 0",
+    "desirable_weight": "> 0",
+    "undesirable_weight": "> 0",
+    # PT
+    "hidden_size": ">= 1",
+    "num_hidden_layers": ">= 1",
+    "num_attention_heads": ">= 1",
+    "num_key_value_heads": ">= 1",
+    "intermediate_size": ">= 1",
+    "max_position_embeddings": ">= 1",
+    "stream_buffer_docs": ">= 1",
+    "peak_tflops": "> 0",
+}
+
+
+def in_range(value: float, spec: str) -> bool:
+    """`value` within `spec`: '>= 1', '> 0', or an interval such as '[0, 1)'."""
+    if spec[0] in "[(":
+        low, high = (float(x) for x in spec[1:-1].split(","))
+        above = value >= low if spec[0] == "[" else value > low
+        below = value <= high if spec[-1] == "]" else value < high
+        return above and below
+    op, bound = spec.split()
+    return value >= float(bound) if op == ">=" else value > float(bound)
+
+
+def _check_ranges(cfg) -> None:
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, bool) or not isinstance(item, (int, float)):
+                continue
+            if not math.isfinite(item):
+                raise UserError(f"--{f.name} must be a finite number, got {item}")
+            spec = RANGES.get(f.name)
+            if spec is not None and not in_range(item, spec):
+                wanted = f"in {spec}" if spec[0] in "[(" else spec
+                raise UserError(f"--{f.name} must be {wanted}, got {item}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -371,6 +456,7 @@ def parse_config(cls, argv: list[str] | None = None, description: str | None = N
         values[key] = _convert(key, types_by_name[key], value, "command line")
     cfg = cls(**values)
     _check_choices(cfg)
+    _check_ranges(cfg)
     if "all" in cfg.report_to:
         cfg.report_to = ["jsonl", "wandb", "tensorboard"]
     elif "none" in cfg.report_to:

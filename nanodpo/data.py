@@ -170,7 +170,9 @@ def _load_hub(hub_id: str, split: str, config_name: str | None, flag: str) -> It
     try:
         dataset = datasets.load_dataset(hub_id, config_name, split=split)
     except Exception as err:  # no network, unknown id, gated repo, unknown config or split, ...
-        raise UserError(f"{flag} {hub_id}: could not load it from the Hugging Face hub ({type(err).__name__}: {err})")
+        raise UserError(
+            f"{flag} {hub_id}: could not load it from the Hugging Face hub ({type(err).__name__}: {err})"
+        ) from None
     if len(dataset) == 0:
         raise UserError(f"{flag} {hub_id}: split {split!r} has no rows")
     for i, example in enumerate(dataset):

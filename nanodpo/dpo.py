@@ -302,14 +302,7 @@ def check_family_options(cfg) -> None:
                 raise UserError(f"--{name} applies to simpo and cpo only, not to --loss_type {loss_type}")
     if loss_type == "cpo" and cfg.simpo_gamma != DPO_FAMILY_DEFAULTS["simpo_gamma"]:
         raise UserError("--simpo_gamma applies to simpo only, not to --loss_type cpo")
-    if cfg.cpo_alpha is not None and not cfg.cpo_alpha >= 0:
-        raise UserError(f"--cpo_alpha must be >= 0 (got {cfg.cpo_alpha}).")
-    if not cfg.simpo_gamma >= 0:
-        raise UserError(f"--simpo_gamma must be >= 0 (got {cfg.simpo_gamma}); it is SimPO's target reward margin.")
-    if loss_type == "kto":
-        for name in ("desirable_weight", "undesirable_weight"):
-            if not getattr(cfg, name) > 0:
-                raise UserError(f"--{name} must be > 0 (got {getattr(cfg, name)}).")
+    if loss_type == "kto":  # (the ranges of --simpo_gamma, --cpo_alpha and the kto weights: nanodpo/config.py)
         for flag in ("per_device_train_batch_size", "per_device_eval_batch_size"):
             if getattr(cfg, flag) < 2:
                 raise UserError(

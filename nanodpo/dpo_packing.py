@@ -32,9 +32,9 @@ are laid end to end in ONE row with `cu_seq_lens` and no padding at all; flash's
 prefix-shared mask, so there prefix sharing falls back to padding-free (said once).
 
 The loss never sees any of this. `hidden_index[s, t]` says where, in the packed rows, the hidden state sits that
-predicts token t+1 of sequence s (s in the [chosen; rejected] order of `PreferenceCollator`); the fast log-prob path
-(nanodpo/fastpath.py) projects only those hidden states and scatters the log-probs back to [2B, T-1], so
-nanodpo/dpo.py receives exactly what the padded layout gives (tests/test_dpo_packing.py: equal within 1e-5).
+predicts token t+1 of sequence s (s in the [chosen; rejected] order of `PreferenceCollator`); the log-prob paths
+(nanodpo/logps.py) score only those positions and return the log-probs in the [2B, T-1] layout, so nanodpo/dpo.py
+receives exactly what the padded layout gives (tests/test_dpo_packing.py: equal within 1e-5).
 
 A batch from `PackedPreferenceCollator` holds PreferenceCollator's tensors (input_ids, attention_mask,
 completion_mask [2B, T], the per-sequence view, which also counts tokens as TRL does) plus:
@@ -54,7 +54,9 @@ from torch.utils.data import DataLoader, Sampler
 from nanodpo.dpo_data import PreferenceCollator, common_prefix_length
 from nanodpo.errors import UserError
 from nanodpo.fastpath import say_once, unwrap
+from nanodpo.logps import ModelInputs
 from nanodpo.packing import MASKED_ATTENTION, PADDING_FREE_ATTENTION, bfd_bins
+from nanodpo.training import EpochSampler
 
 
 @dataclass
@@ -200,10 +202,12 @@ def pack_rows(lengths: list[int], widths: tuple[float, ...] = (1.0, 1.25, 1.5, 2
     return next(bins for slots, bins in options if slots <= 1.1 * fewest)
 
 
-def packed_model_inputs(model, batch: dict) -> tuple[dict, torch.Tensor | None]:
-    """(what the model is called with, hidden_index) for a padded or a packed DPO batch."""
+def preference_model_inputs(model, batch: dict) -> ModelInputs:
+    """What the model is called with for a padded or a packed DPO batch, and which tokens are scored: the
+    [chosen; rejected] sequences' completion tokens, whatever the layout (see nanodpo/logps.py)."""
+    scored = {"input_ids": batch["input_ids"], "loss_mask": batch["completion_mask"]}
     if "packed_input_ids" not in batch:
-        return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}, None
+        return ModelInputs({"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}, **scored)
     inputs = {"input_ids": batch["packed_input_ids"], "position_ids": batch["packed_position_ids"]}
     if "packed_attention_mask" in batch:
         mask = batch["packed_attention_mask"]
@@ -219,7 +223,7 @@ def packed_model_inputs(model, batch: dict) -> tuple[dict, torch.Tensor | None]:
             max_length_q=max_len,
             max_length_k=max_len,
         )
-    return inputs, batch["hidden_index"]
+    return ModelInputs(inputs, **scored, hidden_index=batch["hidden_index"])
 
 
 def batch_padding_fraction(batch: dict) -> float:
@@ -233,41 +237,30 @@ def batch_padding_fraction(batch: dict) -> float:
 # Options: which layout, and batches assembled to a token budget.
 
 
-def resolve_layout(cfg) -> tuple[bool, bool]:
-    """(padding_free, prefix_sharing) from the config: both default to on with the fast log-prob path; prefix
-    sharing falls back to padding-free (said once) where the attention kernel cannot express its mask."""
-    fast = cfg.logps_chunk_size > 0
-    for name in ("padding_free", "prefix_sharing"):
-        if getattr(cfg, name) and not fast:
-            raise UserError(
-                f"--{name} needs the fast log-prob path (--logps_chunk_size > 0); --logps_chunk_size 0 is the "
-                "readable path, which scores the padded [chosen; rejected] batch"
-            )
-    padding_free = fast if cfg.padding_free is None else cfg.padding_free
-    prefix_sharing = fast if cfg.prefix_sharing is None else cfg.prefix_sharing
-    if prefix_sharing and cfg.attn_implementation not in MASKED_ATTENTION:
+def resolve_layout(cfg) -> str:
+    """--batch_layout, except that prefix sharing falls back to padding-free (said once) where the attention kernel
+    cannot express its mask."""
+    if cfg.batch_layout == "prefix_shared" and cfg.attn_implementation not in MASKED_ATTENTION:
         say_once(
             f"prefix sharing needs a 4D attention mask, which --attn_implementation {cfg.attn_implementation} "
             "cannot take: falling back to padding-free DPO (chosen and rejected as separate sequences)"
         )
-        prefix_sharing, padding_free = False, True
-    if cfg.max_tokens_per_batch is not None and cfg.max_tokens_per_batch < 1:
-        raise UserError(f"--max_tokens_per_batch must be positive, got {cfg.max_tokens_per_batch}")
-    return padding_free, prefix_sharing
+        return "padding_free"
+    return cfg.batch_layout
 
 
 def make_preference_collator(cfg, pad_token_id: int):
-    """The collator train_dpo.py uses: packed / prefix-shared by default, the padded one otherwise."""
-    padding_free, prefix_sharing = resolve_layout(cfg)
-    if not (padding_free or prefix_sharing):
-        return PreferenceCollator(pad_token_id=pad_token_id, max_length=cfg.max_length, truncation_mode=cfg.truncation_mode)
+    """The collator train_dpo.py uses for --batch_layout: padded rows, or packed (and prefix-shared) ones."""
+    layout = resolve_layout(cfg)
+    if layout == "padded":
+        return PreferenceCollator(pad_token_id, max_length=cfg.max_length, truncation_mode=cfg.truncation_mode)
     return PackedPreferenceCollator(
         pad_token_id=pad_token_id,
         max_length=cfg.max_length,
         truncation_mode=cfg.truncation_mode,
         attn_implementation=cfg.attn_implementation,
-        prefix_sharing=prefix_sharing,
-        pack=padding_free,
+        prefix_sharing=layout == "prefix_shared",
+        pack=True,
     )
 
 
@@ -314,12 +307,10 @@ class TokenBudgetBatchSampler(Sampler):
         return sum(1 for _ in self)
 
 
-def make_token_budget_loader(examples: list[dict], collate_fn, cfg):
-    """(loader, sampler) like training.make_train_loader, batches filled to --max_tokens_per_batch tokens."""
-    from nanodpo.training import EpochSampler
-
-    _, prefix_sharing = resolve_layout(cfg)
+def make_token_budget_loader(examples: list[dict], collate_fn, cfg) -> DataLoader:
+    """Like training.make_train_loader, with micro-batches filled to --max_tokens_per_batch tokens."""
+    prefix_sharing = resolve_layout(cfg) == "prefix_shared"
     costs = [pair_tokens(ex, cfg.max_length, cfg.truncation_mode, prefix_sharing) for ex in examples]
     sampler = EpochSampler(len(examples), shuffle=cfg.train_sampling_strategy == "random", seed=cfg.seed)
     batch_sampler = TokenBudgetBatchSampler(sampler, costs, cfg.max_tokens_per_batch)
-    return DataLoader(examples, batch_sampler=batch_sampler, collate_fn=collate_fn), sampler
+    return DataLoader(examples, batch_sampler=batch_sampler, collate_fn=collate_fn)

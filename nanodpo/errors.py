@@ -13,9 +13,9 @@ class UserError(Exception):
     """A mistake the user can fix: bad flag, bad config, bad data row. The message names file, row, field or flag."""
 
 
-def exit_on_user_error(main: Callable[[], object]) -> None:
+def exit_on_user_error(main: Callable[..., object], *args) -> None:
     try:
-        main()
+        main(*args)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)

@@ -34,8 +34,8 @@ import inspect
 import torch
 from torch import nn
 
-from nanodpo.logps import TokenStats
 from nanodpo.model import is_main_process
+from nanodpo.token_stats import TokenStats
 
 DEFAULT_CHUNK_SIZE = 256  # tokens per LM-head chunk: 256 x 151,936 fp32 logits = 156 MB per buffer (two at most)
 
@@ -221,7 +221,8 @@ class ChunkedLabelLogps(torch.autograd.Function):
         m = hidden.shape[0]
         new = lambda wanted: hidden.new_zeros(m if wanted else 0, dtype=torch.float32)  # noqa: E731
         logps, lse, top = new(True), new(True), new(True)
-        entropy, mean_logits, is_top1, sum_sq = new(want_metrics), new(want_metrics), new(want_metrics), new(want_sum_sq)
+        entropy, mean_logits, is_top1 = new(want_metrics), new(want_metrics), new(want_metrics)
+        sum_sq = new(want_sum_sq)
         grad_hidden_part = torch.zeros_like(hidden, dtype=torch.float32) if keep_grad_hidden else None
         project = _Projection(head, hidden, chunk_size, ctx.autocast)
         if project.buffered and want_metrics:

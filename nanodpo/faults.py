@@ -7,7 +7,6 @@
   --max_nonfinite_steps in a row the loop saves and stops with a message naming the step and the likely causes.
 """
 
-import math
 import os
 import signal
 import sys
@@ -49,9 +48,11 @@ class GracefulStop:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
+    def __enter__(self):
+        return self
 
-def is_finite(*values: float) -> bool:
-    return all(math.isfinite(float(v)) for v in values)
+    def __exit__(self, *exc) -> None:
+        self.restore()
 
 
 def nonfinite_message(step: int, count: int, loss: float, grad_norm: float, cfg) -> str:

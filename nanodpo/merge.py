@@ -26,7 +26,10 @@ import json
 from pathlib import Path
 
 import torch
+from peft import PeftModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from nanodpo.chat import _quiet, adapter_base
 from nanodpo.errors import UserError, exit_on_user_error
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -34,8 +37,6 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 def _saved_dtype(base: str) -> torch.dtype:
     """The dtype the base checkpoint was saved in (config.json's dtype), float32 if it does not say."""
-    from transformers import AutoConfig
-
     config = AutoConfig.from_pretrained(base)
     dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
     if isinstance(dtype, str):
@@ -45,8 +46,6 @@ def _saved_dtype(base: str) -> torch.dtype:
 
 def merge_adapter(adapter: str | Path, out: str | Path, base: str | None = None, dtype: str = "auto") -> Path:
     """Merge the LoRA adapter folder `adapter` into its base; save the merged model + tokenizer into `out`."""
-    from nanodpo.chat import adapter_base
-
     adapter, out = Path(adapter), Path(out)
     if not adapter.is_dir():
         raise UserError(f"--adapter {adapter}: no such folder")
@@ -58,9 +57,6 @@ def merge_adapter(adapter: str | Path, out: str | Path, base: str | None = None,
     if (out / "adapter_config.json").exists():
         # transformers would load that folder as an adapter, not as the merged model.
         raise UserError(f"--out {out} holds a LoRA adapter (adapter_config.json): choose an empty folder")
-
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
         model = AutoModelForCausalLM.from_pretrained(base_name, dtype=torch.float32)
@@ -92,8 +88,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> None:
-    from nanodpo.chat import _quiet
-
     args = parse_args(argv)
     _quiet()
     out = merge_adapter(args.adapter, args.out, base=args.base, dtype=args.dtype)

@@ -9,9 +9,14 @@ import os
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 
+from nanodpo.demo import TOKENIZER_DIR, tiny_model_config
 from nanodpo.errors import UserError
+from nanodpo.sft_data import resolve_chat_template
+
+# Architectures nanodpo ships (no weights: pretrain them with train_pt.py --from_scratch), with their tokenizer.
+PRESETS = {"nanodpo-tiny": (tiny_model_config, TOKENIZER_DIR)}
 
 DTYPES = {
     "float32": torch.float32,
@@ -26,6 +31,8 @@ def check_model_options(cfg) -> None:
     """Refuse contradictory model flags before anything is loaded."""
     if not cfg.model:
         raise UserError("--model is required (a hub id such as Qwen/Qwen2.5-0.5B-Instruct, or a local folder)")
+    if cfg.model in PRESETS and not getattr(cfg, "from_scratch", False):
+        raise UserError(f"--model {cfg.model} is a preset architecture without weights: add --from_scratch")
     if cfg.load_in_4bit and not cfg.use_lora:
         raise UserError("--load_in_4bit trains a LoRA adapter on frozen 4-bit weights: add --use_lora")
     if cfg.bf16 and cfg.fp16:
@@ -36,21 +43,19 @@ def check_model_options(cfg) -> None:
         raise UserError("--bf16 is not supported by this GPU; use --fp16")
     if cfg.attn_implementation == "flash_attention_2" and not torch.cuda.is_available():
         raise UserError("--attn_implementation flash_attention_2 needs a CUDA GPU; use sdpa")
-    if cfg.use_lora and cfg.lora_r <= 0:
-        raise UserError(f"--lora_r must be positive, got {cfg.lora_r}")
 
 
 def load_tokenizer(cfg):
     """The tokenizer of --tokenizer (or --model), with --chat_template applied. A missing pad token falls back to EOS,
     as TRL does."""
     name = cfg.tokenizer or cfg.model
+    if name in PRESETS:  # a preset's tokenizer ships with nanodpo
+        name = str(PRESETS[name][1])
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as err:
         raise UserError(f"cannot load a tokenizer from '{name}': {err}") from None
     if cfg.chat_template:
-        from nanodpo.sft_data import resolve_chat_template
-
         # Set on the tokenizer itself, so every stage renders with it and it is saved with the model.
         tokenizer.chat_template = resolve_chat_template(tokenizer, cfg.chat_template)
     if tokenizer.pad_token is None:
@@ -58,6 +63,16 @@ def load_tokenizer(cfg):
             raise UserError(f"the tokenizer of '{name}' has neither a pad token nor an EOS token")
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def load_model_config(cfg, vocab_size: int):
+    """The architecture of --model (a preset, or a hub id / folder's config.json), for a model built from scratch."""
+    if cfg.model in PRESETS:
+        return PRESETS[cfg.model][0](vocab_size)
+    try:
+        return AutoConfig.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot load a model config from --model '{cfg.model}': {err}") from None
 
 
 def quantization_config(cfg) -> BitsAndBytesConfig | None:

@@ -34,6 +34,7 @@ From Python (train_dpo.py calls `diagnose` at the end of a run):
 """
 
 import argparse
+import json
 import math
 import statistics
 from dataclasses import dataclass, field
@@ -127,8 +128,6 @@ def load_records(output_dir: str | Path) -> list[dict]:
 
 
 def _parses(line: str) -> bool:
-    import json
-
     try:
         json.loads(line)
         return True
@@ -187,6 +186,7 @@ def _draw_panel(ax, records: list[dict], name: str, is_dpo: bool) -> None:
 
 def plot_metrics(records: list[dict], out_dir: str | Path) -> list[Path]:
     """Write one PNG per panel (`rewards/margins` → rewards_margins.png) and overview.png; returns the paths."""
+    # Imported here: matplotlib is slow to import, and its backend must be chosen before pyplot is.
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no window: works on servers without a display
@@ -310,7 +310,8 @@ TEXT = {
     "zh": {
         "nan": (
             "出现非有限值：{metric} 在第 {step} 步为 {value}，共有 {count} 个记录步含 NaN/inf（涉及指标：{metrics}）。",
-            "训练发散或出现了除以零。请降低 --learning_rate 或加入预热（--warmup_ratio 0.1），保持 --max_grad_norm 1.0，"
+            "训练发散或出现了除以零。请降低 --learning_rate 或加入预热（--warmup_ratio 0.1），"
+            "保持 --max_grad_norm 1.0，"
             "优先用 bf16 而不是 fp16（fp16 容易溢出），并检查是否有回答为空或被 --max_length 截掉的样本（掩码里没有 "
             "token）。从第 {step} 步之前保存的检查点重新开始。",
         ),

@@ -5,7 +5,8 @@ Three sources, chosen in train_dpo.py:
     second copy of the model is needed (`peft`'s `disable_adapter()` context).
   * Full fine-tuning: a frozen copy of the starting weights (`nanodpo.model.load_reference`).
   * `--precompute_ref_logps`: one pass over the data before training with the untrained policy (whose weights are
-    the reference), cached on disk; no reference model is ever loaded. `--reference_free`: none — log π_ref is taken as 0.
+    the reference), cached on disk; no reference model is ever loaded.
+  * `--reference_free`: none — log π_ref is taken as 0.
 
 The cache key hashes the tokenized data, a fingerprint of the reference weights and every setting that changes a
 log-prob (max_length, truncation, LD-DPO's α, dtype, attention kernel), so a rerun with the same inputs reuses it
@@ -22,51 +23,29 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from nanodpo.dpo import reference_logps
-from nanodpo.dpo_packing import packed_model_inputs
-from nanodpo.fastpath import DEFAULT_CHUNK_SIZE, fast_token_stats
-from nanodpo.logps import token_stats
+from nanodpo.dpo_packing import preference_model_inputs
+from nanodpo.logps import ModelInputs, token_logps
 from nanodpo.model import is_peft_model
-
-
-def forward_token_stats(
-    model, batch: dict, with_metrics: bool = True, with_sum_sq: bool = False, chunk_size: int | None = None
-):
-    """Run the model on a [chosen; rejected] batch and score the completion tokens -> TokenStats [2B, T-1].
-
-    chunk_size 0: the readable path (full logits of the padded batch, nanodpo/logps.py). Otherwise (default
-    DEFAULT_CHUNK_SIZE) the fast path (nanodpo/fastpath.py): the LM head only at completion tokens, chunk_size
-    tokens at a time, on the padded batch or the packed / prefix-shared rows of nanodpo/dpo_packing.py — whose
-    log-probs come back in the same [chosen; rejected] layout.
-    """
-    chunk_size = DEFAULT_CHUNK_SIZE if chunk_size is None else chunk_size
-    if chunk_size <= 0 and "packed_input_ids" not in batch:
-        # use_cache=False: a training forward needs no KV cache (and with packed rows the cache breaks isolation).
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-        return token_stats(logits, batch["input_ids"], batch["completion_mask"], with_metrics, with_sum_sq)
-    inputs, hidden_index = packed_model_inputs(model, batch)
-    return fast_token_stats(
-        model, inputs, batch["input_ids"], batch["completion_mask"], hidden_index, chunk_size, with_metrics, with_sum_sq
-    )
 
 
 @torch.no_grad()
 def compute_reference_logps(
-    policy, ref_model, batch: dict, ld_alpha, accelerator, chunk_size: int | None = None
+    policy, ref_model, inputs: ModelInputs, ld_alpha, accelerator, path: str = "chunked"
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ref_chosen_logps [B], ref_rejected_logps [B]) for one batch, under no_grad, in the batch's own layout
-    (padded, packed or prefix-shared; see forward_token_stats).
+    """(ref_chosen_logps [B], ref_rejected_logps [B]) of one [chosen; rejected] batch, under no_grad, in the batch's
+    own layout (padded, padding-free or prefix-shared: `inputs` from dpo_packing.preference_model_inputs).
 
     ref_model given: a frozen copy. Otherwise a LoRA policy with its adapter disabled — or, for the one pass of
     --precompute_ref_logps before the first update, the untrained policy itself (its weights *are* the reference).
     """
     if ref_model is not None:
-        stats = forward_token_stats(ref_model, batch, with_metrics=False, chunk_size=chunk_size)
+        stats = token_logps(ref_model, inputs, path, with_metrics=False)
     else:
         unwrapped = accelerator.unwrap_model(policy)
         # Dropout is off (DPO disables it) and no_grad is on, so this is exactly the starting model's forward.
         adapter_off = unwrapped.disable_adapter() if is_peft_model(unwrapped) else contextlib.nullcontext()
         with adapter_off:
-            stats = forward_token_stats(unwrapped, batch, with_metrics=False, chunk_size=chunk_size)
+            stats = token_logps(unwrapped, inputs, path, with_metrics=False)
     return reference_logps(stats.logps, stats.mask, ld_alpha)
 
 
@@ -132,8 +111,9 @@ def precompute_reference_logps(
         was_training = policy.training
         policy.eval()
         for batch in loader:
+            inputs = preference_model_inputs(policy, batch)
             ref_chosen, ref_rejected = compute_reference_logps(
-                policy, ref_model, batch, cfg.ld_alpha, accelerator, chunk_size=cfg.logps_chunk_size
+                policy, ref_model, inputs, cfg.ld_alpha, accelerator, cfg.logps
             )
             ref_chosen, ref_rejected = accelerator.gather_for_metrics((ref_chosen, ref_rejected))
             chosen.append(ref_chosen.float().cpu())

@@ -57,6 +57,7 @@ from typing import Any
 
 from jinja2.exceptions import TemplateError
 
+from nanodpo.data import load_split_rows
 from nanodpo.dpo_data import common_prefix_length
 from nanodpo.errors import UserError
 from nanodpo.packing import Document
@@ -356,7 +357,9 @@ def prepare_sft_documents(
     return _tokenize_rows(located, tokenizer, max_length, template, train_on_prompt)
 
 
-def _tokenize_rows(located_rows, tokenizer, max_length, template, train_on_prompt) -> tuple[list[Document], SFTDataStats]:
+def _tokenize_rows(
+    located_rows, tokenizer, max_length, template, train_on_prompt
+) -> tuple[list[Document], SFTDataStats]:
     """(where, row) pairs -> documents truncated to max_length (keeping the start), dropped when nothing is trained."""
     stats = SFTDataStats()
     documents = []
@@ -381,8 +384,6 @@ def _tokenize_rows(located_rows, tokenizer, max_length, template, train_on_promp
 def load_sft_data(cfg, tokenizer, split: str = "train") -> list[Document] | None:
     """Tokenized SFT documents for `split` "train" or "eval" (rows chosen by `nanodpo.data.load_split_rows`);
     None when no evaluation data is configured. Prints a one-line summary; bad rows raise `UserError`."""
-    from nanodpo.data import load_split_rows
-
     rows = load_split_rows(cfg, split)
     if rows is None:
         return None

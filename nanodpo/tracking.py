@@ -10,24 +10,47 @@ metrics.jsonl holds one JSON object per line: training records `{"step", "epoch"
 import json
 import math
 import os
-from collections import defaultdict
 from pathlib import Path
 
 
 class MetricMeans:
-    """Collects per-micro-batch metric values and returns their unweighted means (TRL's reduction over an interval)."""
+    """Collects per-micro-batch metric values and returns their unweighted means (TRL's reduction over an interval).
 
-    def __init__(self):
-        self.values: dict[str, list[float]] = defaultdict(list)
+    The loops keep the values in `RunState.pending_metrics` (`MetricMeans(state.pending_metrics)`): every checkpoint
+    then saves the unfinished logging interval as it is, and a resumed run goes on from it, logging the same means
+    as an uninterrupted run.
+    """
 
-    def add(self, metrics: dict[str, float]) -> None:
-        for name, value in metrics.items():
-            self.values[name].append(float(value))
+    def __init__(self, values: dict[str, list[float]] | None = None):
+        self.values = {} if values is None else values
+
+    def add(self, *metrics: dict[str, float]) -> None:
+        """One value per name of each dict (e.g. one dict per process, from training.gather_metrics)."""
+        for values in metrics:
+            for name, value in values.items():
+                self.values.setdefault(name, []).append(float(value))
 
     def pop_means(self) -> dict[str, float]:
         means = {name: sum(vals) / len(vals) for name, vals in self.values.items() if vals}
         self.values.clear()
         return means
+
+
+def train_record(means: MetricMeans, state, **values) -> dict[str, float]:
+    """A training record: the interval's metric means, then `values` (grad_norm, learning_rate, epoch, ...), the
+    tokens trained on so far, and — once there is one — the count of skipped non-finite steps."""
+    record = {**means.pop_means(), **values, "num_tokens": state.num_tokens}
+    if state.nonfinite_total:
+        record["nonfinite_steps_skipped"] = state.nonfinite_total
+    return record
+
+
+def flops_per_token(model, seq_len: int) -> float:
+    """Training FLOPs per token: 6·N (forward + backward of every weight, LM head included) + 12·L·d·T (attention
+    scores and values), the PaLM appendix estimate. MFU = flops_per_token · tokens/s / the hardware's peak."""
+    config = model.config
+    params = sum(p.numel() for p in model.parameters())
+    return 6 * params + 12 * config.num_hidden_layers * config.hidden_size * seq_len
 
 
 class Tracker:
@@ -40,6 +63,7 @@ class Tracker:
         run_name = cfg.run_name or self.output_dir.name
         if "jsonl" in self.report_to:
             self.jsonl = (self.output_dir / "metrics.jsonl").open("a", encoding="utf-8")
+        # wandb and tensorboard are imported only when asked for: each takes seconds to import.
         if "wandb" in self.report_to:
             import wandb
 
@@ -66,6 +90,12 @@ class Tracker:
                     self.tb_writer.add_scalar(_wandb_name(name), value, step)
             self.tb_writer.flush()
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def close(self) -> None:
         if self.jsonl is not None:
             self.jsonl.close()
@@ -76,6 +106,12 @@ class Tracker:
 
 
 class NullTracker:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
     def log(self, metrics: dict[str, float], step: int) -> None:
         pass
 

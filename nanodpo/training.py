@@ -1,10 +1,12 @@
-"""The pieces every training loop shares: accelerator, data order, optimizer, learning-rate schedule, step counting.
+"""The pieces every training loop shares: accelerator, data order, optimizer, learning-rate schedule, the optimizer
+step's micro-batches and their gradient sync — and PT/SFT's token-mean pieces (model inputs, token counts, eval).
 
-The loops themselves live in train_pt.py, train_sft.py and train_dpo.py, top to bottom; what is here is what would
-otherwise be pasted three times.
+The loops themselves live in train_pt.py, train_sft.py and train_dpo.py, top to bottom, and call these by name;
+what is here is what would otherwise be pasted three times.
 """
 
 import contextlib
+import itertools
 import math
 import os
 import random
@@ -13,20 +15,25 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from torch.utils.data import DataLoader, Sampler
+from tqdm.auto import tqdm
 
-from nanodpo.model import decay_parameter_groups
-from nanodpo.tracking import MetricMeans
+from nanodpo.errors import UserError
+from nanodpo.logps import ModelInputs, token_logps
+from nanodpo.model import decay_parameter_groups, is_main_process
+from nanodpo.packing import PackedRow, collate_packed
 
 
 def make_accelerator(cfg) -> Accelerator:
     """One process, DDP, FSDP or DeepSpeed: whatever `accelerate launch` was configured with.
 
-    The accelerator owns gradient accumulation: inside `accelerator.accumulate(model)`, `accelerator.backward(loss)`
-    divides the loss by `gradient_accumulation_steps` and (under DDP) skips the gradient all-reduce on every
-    micro-batch but the last, so an optimizer step's gradient is the mean of its micro-batch gradients.
+    It knows --gradient_accumulation_steps: `accelerator.backward(loss)` divides the loss by it (DeepSpeed: its engine
+    does), so an optimizer step's gradient is the mean of its micro-batch gradients; `gradient_sync` below skips the
+    all-reduce on every micro-batch but the last.
     """
     mixed_precision = "bf16" if cfg.bf16 else "fp16" if cfg.fp16 else "no"
-    accelerator = Accelerator(gradient_accumulation_steps=cfg.gradient_accumulation_steps, mixed_precision=mixed_precision)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps, mixed_precision=mixed_precision
+    )
     deepspeed_plugin = accelerator.state.deepspeed_plugin
     if deepspeed_plugin is not None:
         # DeepSpeed clips inside engine.step (accelerator.clip_grad_norm_ then only reads the norm back). Left "auto",
@@ -36,8 +43,6 @@ def make_accelerator(cfg) -> Accelerator:
             ds_config["gradient_clipping"] = cfg.max_grad_norm
         for section in ("optimizer", "scheduler"):
             if section in ds_config:
-                from nanodpo.errors import UserError
-
                 raise UserError(
                     f"the DeepSpeed config has a '{section}' section: remove it, the optimizer and learning-rate "
                     "schedule come from the training config (--optim, --learning_rate, --lr_scheduler_type)"
@@ -84,10 +89,10 @@ class EpochSampler(Sampler):
         return self.num_rows
 
 
-def make_train_loader(examples: list, collate_fn, cfg) -> tuple[DataLoader, EpochSampler]:
+def make_train_loader(examples: list, collate_fn, cfg) -> DataLoader:
+    """Micro-batches of --per_device_train_batch_size examples, in EpochSampler's order."""
     sampler = EpochSampler(len(examples), shuffle=cfg.train_sampling_strategy == "random", seed=cfg.seed)
-    loader = DataLoader(examples, batch_size=cfg.per_device_train_batch_size, sampler=sampler, collate_fn=collate_fn)
-    return loader, sampler
+    return DataLoader(examples, batch_size=cfg.per_device_train_batch_size, sampler=sampler, collate_fn=collate_fn)
 
 
 def make_eval_loader(examples: list, collate_fn, batch_size: int) -> DataLoader:
@@ -115,6 +120,25 @@ def make_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
         eps=cfg.adam_epsilon,
         fused=fused or None,
     )
+
+
+def global_batch(cfg, accelerator) -> int:
+    """Examples (rows, pairs) per optimizer step over all processes."""
+    return cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes
+
+
+def describe_step(cfg, accelerator, unit: str) -> str:
+    """What one optimizer step is made of, e.g. 'global batch: 32 pairs (4 per device x 4 accumulation x 2
+    processes)'; with --max_tokens_per_batch the pair count of a micro-batch varies, so its token budget is said."""
+    accumulation = f"{cfg.gradient_accumulation_steps} accumulation x {accelerator.num_processes} processes"
+    if getattr(cfg, "max_tokens_per_batch", None):
+        micro = cfg.gradient_accumulation_steps * accelerator.num_processes
+        return (
+            f"global batch: {micro} micro-batch{'es' if micro > 1 else ''} of up to {cfg.max_tokens_per_batch} "
+            f"tokens ({accumulation})"
+        )
+    per_device = cfg.per_device_train_batch_size
+    return f"global batch: {global_batch(cfg, accelerator)} {unit} ({per_device} per device x {accumulation})"
 
 
 def warmup_steps(cfg, total_steps: int) -> int:
@@ -146,67 +170,70 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg, total_steps: int) -> t
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Token-mean language-model loss (PT and SFT).
+# The loop's steps: one optimizer step's micro-batches, their gradient sync, and what is checked after them.
 
 
-def step_loader(examples: list, cfg) -> tuple[DataLoader, EpochSampler]:
-    """Batches of one optimizer step per process: per_device_train_batch_size × gradient_accumulation_steps examples,
-    as a plain list. The loop splits it into micro-batches itself, because the loss of a step is normalised by the
-    token count of the whole step, which must be known before the first micro-batch's backward."""
-    sampler = EpochSampler(len(examples), shuffle=cfg.train_sampling_strategy == "random", seed=cfg.seed)
-    batch_size = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps
-    return DataLoader(examples, batch_size=batch_size, sampler=sampler, collate_fn=list), sampler
+def optimizer_steps(accelerator, loader, micro_batches_per_step: int, state):
+    """(epoch, one optimizer step's micro-batches on this process), epoch after epoch, for as long as the loop asks,
+    from the data position in `state` on (a resumed run skips the steps its checkpoint had trained on).
+
+    A step is `micro_batches_per_step` consecutive batches of the prepared `loader`; the last step of an epoch may
+    have fewer (it still makes a step, as count_training_steps counts it).
+    """
+    start_epoch, skip_steps = state.epoch, state.steps_in_epoch  # read now: the loop moves `state` on
+    return _steps(accelerator, loader, micro_batches_per_step, start_epoch, skip_steps)
 
 
-def micro_batches(step_examples: list, micro_batch_size: int) -> list[list]:
-    return [step_examples[i : i + micro_batch_size] for i in range(0, len(step_examples), micro_batch_size)]
+def _steps(accelerator, loader, micro_batches_per_step: int, start_epoch: int, skip_steps: int):
+    for epoch in itertools.count(start_epoch):
+        skip = skip_steps * micro_batches_per_step if epoch == start_epoch else 0
+        batches = iter(epoch_batches(accelerator, loader, epoch, skip=skip))
+        while step_batches := list(itertools.islice(batches, micro_batches_per_step)):
+            yield epoch, step_batches
 
 
-def count_targets(batch: dict) -> int:
-    """Tokens the loss scores in a collated batch: labels other than -100, after the one-token shift."""
-    return int((batch["labels"][:, 1:] != -100).sum())
+def progress_bar(cfg, state, total_steps: int, desc: str) -> tqdm:
+    """The run's progress in optimizer steps (on the main process only), from where a resumed run starts."""
+    disable = not is_main_process() or cfg.disable_tqdm
+    return tqdm(total=total_steps, initial=state.step, disable=disable, desc=desc)
 
 
-def lm_token_stats(model, batch: dict, with_metrics: bool = True, chunk_size: int | None = None):
-    """Forward a collated LM batch (input_ids, labels in HF convention, attention mask or packing keys) and return
-    per-token statistics of its target tokens (see nanodpo/logps.py).
+def epoch_batches(accelerator, loader, epoch: int, skip: int = 0):
+    """The prepared loader's batches for `epoch`, without the first `skip` (already trained before a resume).
 
-    chunk_size 0: the readable path (full [rows, length, vocab] logits). Otherwise (default: the fast path's
-    DEFAULT_CHUNK_SIZE) the LM head runs only at target tokens, chunk_size at a time (nanodpo/fastpath.py)."""
-    from nanodpo.fastpath import DEFAULT_CHUNK_SIZE, fast_token_stats
-    from nanodpo.logps import token_stats
-
-    chunk_size = DEFAULT_CHUNK_SIZE if chunk_size is None else chunk_size
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    inputs["use_cache"] = False  # never build a KV cache in training (with packed rows it breaks isolation)
-    labels = batch["labels"]
-    targets = labels != -100
-    if chunk_size > 0:
-        return fast_token_stats(model, inputs, labels.clamp(min=0), targets.long(), None, chunk_size, with_metrics)
-    logits = model(**inputs).logits
-    return token_stats(logits, labels.clamp(min=0), targets.long(), with_metrics=with_metrics)
-
-
-def lm_metrics(stats) -> dict[str, float]:
-    """entropy and mean_token_accuracy over the target tokens of one micro-batch (TRL's SFT metric names)."""
-    n = stats.mask.sum().clamp(min=1)
-    return {
-        "entropy": float(stats.entropy.sum() / n),
-        "mean_token_accuracy": float(stats.is_top1.sum() / n),
-    }
+    accelerate's DataLoaderShard reseeds its sampler from its own epoch counter each time it is iterated, so the
+    epoch is set on the loader itself (a fresh skip-loader would otherwise start counting at 0 and reshuffle wrong).
+    """
+    if skip:
+        loader = accelerator.skip_first_batches(loader, skip)
+    loader.set_epoch(epoch)
+    return loader
 
 
 @contextlib.contextmanager
-def micro_batch_sync(accelerator, model, is_last: bool):
-    """What `accelerator.accumulate` does, for a loop that groups micro-batches itself: all-reduce gradients (DDP)
-    and let DeepSpeed step only on the last micro-batch of an optimizer step."""
-    accelerator.gradient_state._set_sync_gradients(is_last)
-    with contextlib.nullcontext() if is_last else accelerator.no_sync(model):
+def gradient_sync(accelerator, model, last_micro_batch: bool):
+    """Gradients are all-reduced (DDP, FSDP) only on the last micro-batch of an optimizer step.
+
+    `accelerator.sync_gradients` is also what DeepSpeed's engine reads in `accelerator.backward`: it steps its
+    optimizer (and clips) only when it is True, so it must be False on every other micro-batch.
+    (`accelerator.accumulate` decides this by counting batches and watching the end of the dataloader; the loops
+    here know their step's micro-batches themselves, so they say which one is the last.)
+    """
+    accelerator.sync_gradients = last_micro_batch
+    with contextlib.nullcontext() if last_micro_batch else accelerator.no_sync(model):
         yield
 
 
-def sum_over_processes(accelerator, value: int) -> int:
-    return int(accelerator.reduce(torch.tensor(value, device=accelerator.device), reduction="sum").item())
+def updates_are_finite(accelerator, *values: float) -> bool:
+    """False on every process when any process saw a NaN/inf among `values` (its loss, the gradient norm): that
+    update is skipped, since one NaN in the weights poisons them for good. (accelerate's reduce knows sum/mean/max.)"""
+    nonfinite = torch.tensor(float(not all(math.isfinite(float(v)) for v in values)), device=accelerator.device)
+    return accelerator.reduce(nonfinite, reduction="max").item() == 0.0
+
+
+def clip_norm(cfg) -> float:
+    """--max_grad_norm, where 0 (no clipping) becomes infinity: the norm is still computed and logged."""
+    return cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
 
 
 def gather_metrics(accelerator, metrics: dict[str, float]) -> list[dict[str, float]]:
@@ -225,18 +252,61 @@ def gather_metrics(accelerator, metrics: dict[str, float]) -> list[dict[str, flo
     return [dict(zip(names, row)) for row in rows]
 
 
-def collate_rows(examples: list, cfg, pad_token_id: int) -> dict:
-    """Model inputs for LM training: packed rows (nanodpo.packing) or single documents padded on the right."""
-    from nanodpo.packing import PackedRow, collate_packed
+def sum_over_processes(accelerator, value: int) -> int:
+    return int(accelerator.reduce(torch.tensor(value, device=accelerator.device), reduction="sum").item())
 
+
+# ----------------------------------------------------------------------------------------------------------------
+# Token-mean language-model loss (PT and SFT).
+
+
+def collate_rows(examples: list, cfg, pad_token_id: int) -> dict:
+    """Model inputs for LM training: packed rows (nanodpo.packing) or single documents padded on the right, with
+    `labels` (HF convention: -100 = not scored) and `row_tokens` (the real, non-padding tokens of each row)."""
     if isinstance(examples[0], PackedRow):
-        return collate_packed(examples, cfg.attn_implementation, pad_token_id)
-    length = max(len(doc.input_ids) for doc in examples)
-    pads = [length - len(doc.input_ids) for doc in examples]
+        batch = collate_packed(examples, cfg.attn_implementation, pad_token_id)
+    else:
+        length = max(len(doc.input_ids) for doc in examples)
+        pads = [length - len(doc.input_ids) for doc in examples]
+        batch = {
+            "input_ids": torch.tensor([doc.input_ids + [pad_token_id] * n for doc, n in zip(examples, pads)]),
+            "attention_mask": torch.tensor([[1] * len(doc.input_ids) + [0] * n for doc, n in zip(examples, pads)]),
+            "labels": torch.tensor([doc.labels() + [-100] * n for doc, n in zip(examples, pads)]),
+        }
+    batch["row_tokens"] = torch.tensor([len(example.input_ids) for example in examples])
+    return batch
+
+
+def micro_batches(step_examples: list, micro_batch_size: int) -> list[list]:
+    return [step_examples[i : i + micro_batch_size] for i in range(0, len(step_examples), micro_batch_size)]
+
+
+def step_targets(accelerator, batches: list[dict]) -> int:
+    """Target tokens of a whole optimizer step — every micro-batch, every process (at least 1): what the step's
+    summed NLL is divided by. Labels other than -100, after the one-token shift."""
+    local = sum(int((batch["labels"][:, 1:] != -100).sum()) for batch in batches)
+    return max(1, sum_over_processes(accelerator, local))
+
+
+def step_tokens(accelerator, batches: list[dict]) -> int:
+    """Real (non-padding) tokens of a whole optimizer step, summed over processes."""
+    return sum_over_processes(accelerator, sum(int(batch["row_tokens"].sum()) for batch in batches))
+
+
+def lm_model_inputs(batch: dict) -> ModelInputs:
+    """A collated LM batch as log-prob inputs: the model sees everything but `labels` (and the token count); the
+    scored tokens are the labels (HF convention: aligned with input_ids, -100 = not scored, shifted in logps.py)."""
+    model_kwargs = {k: v for k, v in batch.items() if k not in ("labels", "row_tokens")}
+    labels = batch["labels"]
+    return ModelInputs(model_kwargs, input_ids=labels.clamp(min=0), loss_mask=(labels != -100).long())
+
+
+def lm_metrics(stats) -> dict[str, float]:
+    """entropy and mean_token_accuracy over the target tokens of one micro-batch (TRL's SFT metric names)."""
+    n = stats.mask.sum().clamp(min=1)
     return {
-        "input_ids": torch.tensor([doc.input_ids + [pad_token_id] * n for doc, n in zip(examples, pads)]),
-        "attention_mask": torch.tensor([[1] * len(doc.input_ids) + [0] * n for doc, n in zip(examples, pads)]),
-        "labels": torch.tensor([doc.labels() + [-100] * n for doc, n in zip(examples, pads)]),
+        "entropy": float(stats.entropy.sum() / n),
+        "mean_token_accuracy": float(stats.is_top1.sum() / n),
     }
 
 
@@ -262,12 +332,13 @@ def evaluate_lm(model, eval_examples: list, collate_fn, cfg, accelerator) -> dic
     for start in range(0, rows_per_process, batch_size):
         rows = shard[start : start + batch_size]
         batch = to_device(collate_fn(rows or eval_examples[:1]), accelerator.device)
-        stats = lm_token_stats(model, batch, chunk_size=getattr(cfg, "logps_chunk_size", None))
+        stats = token_logps(model, lm_model_inputs(batch), cfg.logps)
         if rows:
             sums += torch.tensor(
-                [float(-stats.logps.sum()), float(stats.mask.sum()), float(stats.entropy.sum()), float(stats.is_top1.sum())],
+                [float(-stats.logps.sum()), float(stats.mask.sum()), float(stats.entropy.sum()),
+                 float(stats.is_top1.sum())],
                 dtype=torch.float64,
-            )
+            )  # fmt: skip
     model.train(was_training)
     nll, targets, entropy, hits = accelerator.reduce(sums.to(accelerator.device), reduction="sum").tolist()
     targets = max(targets, 1.0)
@@ -278,58 +349,3 @@ def evaluate_lm(model, eval_examples: list, collate_fn, cfg, accelerator) -> dic
         "eval_entropy": entropy / targets,
         "eval_mean_token_accuracy": hits / targets,
     }
-
-
-def lm_optimizer_step(model, optimizer, step_examples: list, collate_fn, cfg, accelerator, means):
-    """One optimizer step of token-mean language-model loss (PT and SFT).
-
-    Returns (loss, grad_norm, real tokens, update_ok); update_ok is False when the loss or gradient norm was
-    non-finite and the update was skipped (the same on every process: both values are global).
-
-    The step's examples are split into micro-batches; the number of target tokens of the WHOLE step (summed over
-    processes) is counted first, so every micro-batch's backward already carries the step's token-mean scaling:
-
-        loss = Σ_{micro-batches, processes} Σ_{targets} −log p  /  N_targets(step)
-
-    Batch 2 × accumulation 4 then gives the same loss and gradient as batch 8 × accumulation 1.
-    """
-    batches = [
-        to_device(collate_fn(examples), accelerator.device)
-        for examples in micro_batches(step_examples, cfg.per_device_train_batch_size)
-    ]
-    step_targets = max(1, sum_over_processes(accelerator, sum(count_targets(b) for b in batches)))
-    real_tokens = sum_over_processes(accelerator, sum(len(ex.input_ids) for ex in step_examples))
-    step_nll = torch.zeros((), device=accelerator.device)
-    for i, batch in enumerate(batches):
-        with micro_batch_sync(accelerator, model, is_last=i == len(batches) - 1):
-            stats = lm_token_stats(model, batch, chunk_size=getattr(cfg, "logps_chunk_size", None))
-            nll_sum = -stats.logps.sum()
-            # DDP averages gradients over processes and accelerator.backward divides by gradient_accumulation_steps:
-            # both are multiplied back so the step's gradient is d/dθ [Σ nll / N_targets].
-            # (the accelerator's own count, which is what backward divides by)
-            scale = accelerator.num_processes * accelerator.gradient_accumulation_steps / step_targets
-            accelerator.backward(nll_sum * scale)
-        step_nll += nll_sum.detach()
-        for process_metrics in gather_metrics(accelerator, lm_metrics(stats)):  # every process's micro-batch
-            means.add(process_metrics)
-    max_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf")
-    grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), max_norm))
-    loss = float(accelerator.reduce(step_nll, "sum")) / step_targets
-    # A NaN/inf anywhere poisons the weights for good: skip this update rather than apply it (the caller counts it).
-    update_ok = math.isfinite(loss) and math.isfinite(grad_norm)
-    if update_ok:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return loss, grad_norm, real_tokens, update_ok
-
-
-def epoch_batches(accelerator, loader, epoch: int, skip: int = 0):
-    """The prepared loader's batches for `epoch`, without the first `skip` (already trained before a resume).
-
-    accelerate's DataLoaderShard reseeds its sampler from its own epoch counter each time it is iterated, so the
-    epoch is set on the loader itself (a fresh skip-loader would otherwise start counting at 0 and reshuffle wrong).
-    """
-    if skip:
-        loader = accelerator.skip_first_batches(loader, skip)
-    loader.set_epoch(epoch)
-    return loader

@@ -11,11 +11,20 @@ from types import SimpleNamespace
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, DynamicCache
 
-from nanodpo.chat import Chat, adapter_base, generate_answer, generate_tokens, load_for_chat, main, render_prompt
+from nanodpo.chat import (
+    Chat,
+    adapter_base,
+    generate_answer,
+    generate_tokens,
+    load_for_chat,
+    main,
+    new_kv_cache,
+    render_prompt,
+)
 from nanodpo.errors import UserError
-from tests.tiny import make_model_dir, make_tokenizer
+from tests import tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
@@ -34,14 +43,14 @@ def make_adapter(base_dir, adapter_dir, seed=1):
             if "lora_B" in name:
                 param.copy_(torch.randn(param.shape, generator=gen) * 0.5)
     peft_model.save_pretrained(adapter_dir)
-    make_tokenizer(adapter_dir)
+    tiny.make_tokenizer(adapter_dir)
     return adapter_dir
 
 
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("chat")
-    base = make_model_dir(root / "base", seed=0)
+    base = tiny.make_model_dir(root / "base", seed=0)
     adapter = make_adapter(base, root / "adapter")
     return SimpleNamespace(root=root, base=base, adapter=adapter)
 
@@ -68,6 +77,23 @@ def test_greedy_equals_hf_generate(base_model):
         expected = expected[:-1]
     assert ids == expected and len(ids) > 0
     assert generate_answer(model, tokenizer, HELLO, 12) == tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+
+def test_kv_cache_goes_under_the_name_the_forward_takes(base_model, adapter_model):
+    """transformers 5.24 renamed forward's `past_key_values` to `cache` and warns on the old name at every call: the
+    cache is made once and passed under whichever name the model's forward has (also through a peft wrapper)."""
+    for model, _ in (base_model, adapter_model):
+        ((name, cache),) = new_kv_cache(model).items()
+        assert name == "past_key_values"  # transformers 5.23, the version pinned by the test extra
+        assert isinstance(cache, DynamicCache) and cache.get_seq_length() == 0
+
+    class RenamedForward(torch.nn.Module):  # the 5.24 signature
+        config = base_model[0].config
+
+        def forward(self, input_ids=None, attention_mask=None, cache=None, use_cache=None):
+            raise AssertionError("not called")
+
+    assert list(new_kv_cache(RenamedForward())) == ["cache"]
 
 
 def test_stops_at_eos(base_model):
@@ -122,7 +148,7 @@ def test_base_override_and_user_errors(dirs, tmp_path):
         load_for_chat(tmp_path / "empty")
     with pytest.raises(UserError, match="no adapter_config.json"):
         adapter_base(tmp_path / "empty")
-    tokenizer = make_tokenizer()
+    tokenizer = tiny.make_tokenizer()
     tokenizer.chat_template = None
     with pytest.raises(UserError, match="no chat template"):
         render_prompt(tokenizer, HELLO)
@@ -151,7 +177,9 @@ def test_prompt_and_compare(dirs, base_model, adapter_model):
 
 def test_repl_system_prompt_history_and_clear(dirs, base_model):
     model, tokenizer = base_model
-    stdin = io.StringIO("/system Be brief.\nHello\nMore please\n/system\n/clear\nHello\n/system -\nHello\n/quit\nnot read\n")
+    stdin = io.StringIO(
+        "/system Be brief.\nHello\nMore please\n/system\n/clear\nHello\n/system -\nHello\n/quit\nnot read\n"
+    )
     out = io.StringIO()
     main(["--model", str(dirs.base), "--max_new_tokens", "6", "--system", "Be kind."], stdin=stdin, out=out)
     text = out.getvalue()

@@ -1,9 +1,74 @@
 """The option system: defaults < YAML < command line, with unknown keys and wrong types refused by name."""
 
+import dataclasses
+import typing
+
 import pytest
 
-from nanodpo.config import DPOConfig, build_arg_parser, parse_config, save_config
+from nanodpo.config import RANGES, DPOConfig, PTConfig, SFTConfig, build_arg_parser, parse_config, save_config
 from nanodpo.errors import UserError
+
+CONFIGS = (DPOConfig, SFTConfig, PTConfig)
+CHECKED_WITH_THE_LOSS = {"beta", "label_smoothing", "ld_alpha", "discopop_tau"}  # nanodpo/dpo.py check_dpo_options
+ANY_FINITE = {"f_alpha_divergence_coef", "loss_weights"}
+
+
+def numeric_options() -> dict[str, tuple[type, type]]:
+    """Every int / float option of the three scripts: name -> (a config class that has it, int or float)."""
+    found = {}
+    for cls in CONFIGS:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            kinds = {t for t in typing.get_args(hints[f.name]) or (hints[f.name],)}
+            kinds |= {a for t in kinds for a in typing.get_args(t)}  # list[float]
+            for kind in (int, float):
+                if kind in kinds:
+                    found.setdefault(f.name, (cls, kind))
+    return found
+
+
+def out_of_range(spec: str, kind: type) -> list[str]:
+    """Values just outside `spec` ('>= 1', '> 0', '[0, 1)')."""
+    if spec[0] in "[(":
+        low, high = (float(x) for x in spec[1:-1].split(","))
+        values = [low - 1 if spec[0] == "[" else low, high + 1 if spec[-1] == "]" else high]
+    else:
+        op, bound = spec.split()
+        values = [float(bound) - 1 if op == ">=" else float(bound)]
+    return [str(int(v)) if kind is int else str(v) for v in values]
+
+
+def test_every_numeric_option_has_a_range():
+    numeric = numeric_options()
+    assert "learning_rate" in numeric and "stream_buffer_docs" in numeric and "max_tokens_per_batch" in numeric
+    unchecked = set(numeric) - set(RANGES) - CHECKED_WITH_THE_LOSS - ANY_FINITE
+    assert not unchecked, f"numeric options without a range: {sorted(unchecked)}"
+    assert set(RANGES) <= set(numeric), "a range for an option that does not exist"
+
+
+@pytest.mark.parametrize("name", sorted(RANGES))
+def test_numbers_out_of_range_are_refused_by_name(name):
+    cls, kind = numeric_options()[name]
+    default = getattr(cls(), name)
+    parse_config(cls, [] if default is None else [f"--{name}", str(default)])  # the default is in range
+    for value in out_of_range(RANGES[name], kind):
+        with pytest.raises(UserError, match=f"--{name} must be .*, got"):
+            parse_config(cls, [f"--{name}={value}"])
+
+
+@pytest.mark.parametrize("name", sorted(n for n, (_, kind) in numeric_options().items() if kind is float))
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_float_options_must_be_finite(name, value):
+    cls, _ = numeric_options()[name]
+    with pytest.raises(UserError, match=f"--{name} must be a finite number, got"):
+        parse_config(cls, [f"--{name}={value}"])
+
+
+def test_ranges_apply_to_yaml_too(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("warmup_ratio: 1.5\n")
+    with pytest.raises(UserError, match="--warmup_ratio must be in \\[0, 1\\], got 1.5"):
+        parse_config(SFTConfig, ["--config", str(path)])
 
 
 def test_defaults_match_trl_names_and_values():

@@ -13,10 +13,10 @@ import pytest
 
 from nanodpo.data import Row, load_rows
 from nanodpo.errors import UserError
-from tests.tiny import preference_rows, write_jsonl
+from tests import tiny
 
-CONV = preference_rows(6, "conversational")  # nested lists of messages
-EXPLICIT = preference_rows(6, "explicit")  # flat strings (what CSV can hold)
+CONV = tiny.preference_rows(6, "conversational")  # nested lists of messages
+EXPLICIT = tiny.preference_rows(6, "explicit")  # flat strings (what CSV can hold)
 
 
 def data_of(rows: list[Row]) -> list[dict]:
@@ -43,7 +43,7 @@ def write_csv(path, rows):
 @pytest.mark.parametrize("suffix", ["jsonl", "jsonl.gz", "json", "json.gz", "json-data", "json-as-lines", "parquet"])
 def test_formats_load_the_same_rows(tmp_path, suffix):
     if suffix == "jsonl":
-        path = write_jsonl(tmp_path / "d.jsonl", CONV)
+        path = tiny.write_jsonl(tmp_path / "d.jsonl", CONV)
     elif suffix == "jsonl.gz":
         path = tmp_path / "d.jsonl.gz"
         with gzip.open(path, "wt", encoding="utf-8") as f:
@@ -57,7 +57,7 @@ def test_formats_load_the_same_rows(tmp_path, suffix):
     elif suffix == "json-data":
         path = write_json(tmp_path / "d.json", {"version": 1, "data": CONV})
     elif suffix == "json-as-lines":  # JSON Lines under a .json name, as many hub datasets have it
-        path = write_jsonl(tmp_path / "d.json", CONV)
+        path = tiny.write_jsonl(tmp_path / "d.json", CONV)
     else:
         path = tmp_path / "d.parquet"
         pq.write_table(pa.Table.from_pylist(CONV), path)
@@ -116,7 +116,7 @@ def test_json_with_named_splits(tmp_path):
 def test_folder_of_files_glob_and_several_sources(tmp_path):
     folder = tmp_path / "folder"
     folder.mkdir()
-    write_jsonl(folder / "a.jsonl", CONV[:2])
+    tiny.write_jsonl(folder / "a.jsonl", CONV[:2])
     pq.write_table(pa.Table.from_pylist(CONV[2:4]), folder / "b.parquet")
     write_json(folder / "c.json", CONV[4:])
     (folder / "README.md").write_text("# not data\n")  # other files are ignored
@@ -129,8 +129,8 @@ def test_folder_of_files_glob_and_several_sources(tmp_path):
 
 
 def test_max_samples_takes_the_first_rows_across_sources(tmp_path):
-    a = write_jsonl(tmp_path / "a.jsonl", CONV[:3])
-    b = write_jsonl(tmp_path / "b.jsonl", CONV[3:])
+    a = tiny.write_jsonl(tmp_path / "a.jsonl", CONV[:3])
+    b = tiny.write_jsonl(tmp_path / "b.jsonl", CONV[3:])
     assert data_of(load_rows([str(a), str(b)], "train", max_samples=4)) == CONV[:4]
     assert data_of(load_rows([str(a)], "train", max_samples=100)) == CONV[:3]
     # only what is needed is read: a broken line after the first N rows does not matter

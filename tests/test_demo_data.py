@@ -10,8 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from nanodpo.demo import EOS_TOKEN_ID, IM_START_TOKEN_ID, PAD_TOKEN_ID, TOKENIZER_DIR, tiny_model_config, world
-from nanodpo.demo import make_tokenizer
+from nanodpo.demo import (
+    EOS_TOKEN_ID,
+    IM_START_TOKEN_ID,
+    PAD_TOKEN_ID,
+    TOKENIZER_DIR,
+    make_tokenizer,
+    tiny_model_config,
+    world,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 CJK = re.compile(r"[\u4e00-\u9fff]")

@@ -8,9 +8,9 @@ examples in every optimizer step, in the same micro-batches:
   * train_dpo.py: accelerate shards the batch sampler batch by batch — process i gets batches i, i+2, i+4, ... —
     so step 1 of the 2-process run is micro-batches {0, 2, ..., 2a-2} on process 0 and {1, 3, ..., 2a-1} on
     process 1: batches 0 .. 2a-1, exactly the 2a micro-batches of step 1 of the 1-process run.
-  * train_sft.py / train_pt.py: the loader yields one step's b·a rows per process (rows 0 .. ab-1 to process 0,
-    ab .. 2ab-1 to process 1), which the step splits into micro-batches of b: again the 2a micro-batches of b rows
-    that one process with accumulation 2a makes of rows 0 .. 2ab-1.
+  * train_sft.py / train_pt.py: the same loader of micro-batches of b rows, so again step 1 is micro-batches
+    0 .. 2a-1, rows 0 .. 2ab-1; its loss, the token mean over the whole step, does not depend on which process
+    holds which micro-batch.
 The data sizes are multiples of the global batch, so no step is ever a partial one (accelerate pads a short last batch
 of a multi-process run with copies of the first examples; one process would run it short).
 
@@ -18,7 +18,7 @@ So the gradient of every step is the same mean over the same micro-batches, only
 and so are the logged values: each micro-batch's metrics are computed on its own process and every process's
 micro-batches enter the logged mean (nanodpo.training.gather_metrics) — rewards, accuracies and log-probs are then the
 mean over all pairs of the step, token metrics the mean of the micro-batches' token means, as with one process.
-SFT/PT losses are the token mean over the whole step on all processes (nanodpo.training.lm_optimizer_step).
+SFT/PT losses are the token mean over the whole step on all processes (train_sft.py's loop, training.step_targets).
 
 Tolerances (relative; values near 0 are compared on a scale of 0.01):
   * step 1 (same weights): loss, every metric and grad_norm within 1e-5;
@@ -46,7 +46,7 @@ gloo, so the FSDP2 test launches train_dpo.py through a 10-line shim that sets t
 the plugin accelerate builds from configs/accelerate/fsdp2_lora.yaml (through accelerate's own launch-argument code);
 everything after that — `fsdp2_prepare_model` (per-decoder-layer units, DTensor parameters), `no_sync`, clipping of
 sharded gradients, the LoRA reference forward with the adapter disabled, the full state dict gathered for saving — is
-accelerate's and nanodpo's real FSDP2 path. It runs with --logps_chunk_size 0: the fast log-prob path
+accelerate's and nanodpo's real FSDP2 path. It runs with --logps readable: the chunked log-prob path
 (nanodpo/fastpath.py) applies the LM head's weight outside the head's forward, which FSDP2 does not see (segfault
 in backward with LoRA; "mixed torch.Tensor and DTensor" when clipping without).
 
@@ -69,11 +69,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import tiny  # noqa: E402
-from nanodpo.tracking import read_metrics  # noqa: E402
+from nanodpo.tracking import read_metrics
+from tests import tiny
 
 pytestmark = pytest.mark.slow
 
@@ -511,12 +508,13 @@ runpy.run_path(script, run_name="__main__")
 """
 
 
-@pytest.mark.parametrize("chunk_size", [0, None], ids=["readable", "default"])
-def test_fsdp2_lora_dpo_two_processes_match_one(workdir, tmp_path, chunk_size):
+@pytest.mark.parametrize("layout", [{"logps": "readable", "batch_layout": "padded"}, {}], ids=["readable", "default"])
+def test_fsdp2_lora_dpo_two_processes_match_one(workdir, tmp_path, layout):
     """LoRA DPO under FSDP2 (configs/accelerate/fsdp2_lora.yaml): sharded base + adapter, the reference is the sharded
     model with the adapter disabled, SGD (1e-4); the saved adapter is gathered from the shards.
 
-    readable: --logps_chunk_size 0, TRL's padded batch. default: no option given — the fast path sees DTensor weights
+    readable: --logps readable --batch_layout padded, TRL's batch. default: no option given — the chunked path sees
+    DTensor weights
     and falls back (saying so) to the model's own head, in the packed prefix-shared layout; the 1-process run it is
     compared with takes the real fast path."""
     _, _, env = launch_env(ROOT / "configs" / "accelerate" / "fsdp2_lora.yaml")
@@ -528,8 +526,7 @@ def test_fsdp2_lora_dpo_two_processes_match_one(workdir, tmp_path, chunk_size):
         dataset=str(workdir / "dpo_train.jsonl"), optim="sgd", learning_rate=0.5, max_length=64, beta=0.1,
         use_lora="true", lora_r=8, lora_alpha=16, max_steps=3,
     )  # fmt: skip
-    if chunk_size is not None:
-        options["logps_chunk_size"] = chunk_size
+    options.update(layout)
     # Without the fallback, the fast path would project through lm_head's weight outside lm_head's forward, so FSDP2
     # would never reshard that unit nor reduce-scatter its gradient (CPU: a segfault in backward with LoRA).
     cmd = [
@@ -538,7 +535,7 @@ def test_fsdp2_lora_dpo_two_processes_match_one(workdir, tmp_path, chunk_size):
     ]  # fmt: skip
     output = run(cmd, base_env(ACCELERATE_USE_CPU="1", **fsdp_env))
     assert output.count("fsdp2 on cpu") == 2
-    if chunk_size is None:
+    if not layout:
         assert output.count("fast log-prob path unavailable (the weights are sharded (FSDP2 / ZeRO-3))") == 1
     run_one("train_dpo.py", common(workdir, tmp_path / "one", gradient_accumulation_steps=4, **options))
     assert_same_curve(train_records(tmp_path / "two"), train_records(tmp_path / "one"), rtol=1e-4, label="fsdp2 dpo")

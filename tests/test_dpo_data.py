@@ -2,7 +2,6 @@
 (`DataCollatorForPreference`) for every row format, with and without max_length truncation; plus the nanodpo
 extension --max_prompt_length, and one clear UserError (file, row, field) for each kind of bad row."""
 
-import json
 import tempfile
 
 import datasets
@@ -12,15 +11,14 @@ from trl import DPOConfig as TRLDPOConfig
 from trl import DPOTrainer
 from trl.data_utils import extract_prompt as trl_extract_prompt
 from trl.data_utils import maybe_extract_prompt as trl_maybe_extract_prompt
-from trl.trainer.dpo_trainer import DataCollatorForPreference
 
 from nanodpo.config import DPOConfig
 from nanodpo.data import Row
 from nanodpo.dpo_data import PreferenceCollator, build_examples, extract_prompt, load_preference_data
 from nanodpo.errors import UserError
-from tests.tiny import make_model, make_tokenizer, preference_rows, write_jsonl
+from tests import tiny
 
-TOK = make_tokenizer()
+TOK = tiny.make_tokenizer()
 EOS = TOK.eos_token
 MAX_LENGTH = 24  # short enough that some prompts fill it (dropped) and many sequences are truncated
 
@@ -32,7 +30,7 @@ def msg(role, content):
 LONG = "The reference model stays frozen while the policy learns to prefer the chosen completion. "
 
 ROWS = {
-    "explicit": preference_rows(10, "explicit")
+    "explicit": tiny.preference_rows(10, "explicit")
     + [
         # BPE merges across the prompt/completion boundary: the prompt's last tokens change when tokenized whole
         {"prompt": "Human: What is the capital of Fr", "chosen": "ance? Paris.", "rejected": "ance? Whatever."},
@@ -41,7 +39,7 @@ ROWS = {
         {"prompt": "", "chosen": "No prompt at all.", "rejected": "Nothing" + EOS},  # eos already there: kept once
         {"prompt": LONG * 2, "chosen": " Yes.", "rejected": " No."},  # prompt alone > MAX_LENGTH: dropped
     ],
-    "conversational": preference_rows(10, "conversational")
+    "conversational": tiny.preference_rows(10, "conversational")
     + [
         {
             "prompt": [msg("system", "Please answer politely."), msg("user", "Name a fruit.")],
@@ -54,7 +52,7 @@ ROWS = {
             "rejected": [msg("assistant", "5")],
         },
     ],
-    "implicit": preference_rows(10, "implicit")  # Anthropic-HH style "\n\nHuman: ...\n\nAssistant: ..."
+    "implicit": tiny.preference_rows(10, "implicit")  # Anthropic-HH style "\n\nHuman: ...\n\nAssistant: ..."
     + [
         {"chosen": "Hello there", "rejected": "Hello there, friend"},  # prefix: no `break`, idx = min_len - 1
         {"chosen": "Same answer.", "rejected": "Same answer."},  # equal: the last character is the completion
@@ -110,8 +108,8 @@ def trl_prepare(rows: list[dict], max_length, truncation_mode, key=None):
             truncation_mode=truncation_mode,
         )
         trainer = DPOTrainer(
-            model=make_model(TOK),
-            ref_model=make_model(TOK),  # (with none, TRL reloads the policy from its hub path, which we have not)
+            model=tiny.make_model(TOK),
+            ref_model=tiny.make_model(TOK),  # (with none, TRL reloads the policy from its hub path, which we have not)
             args=args,
             train_dataset=datasets.Dataset.from_list(rows),
             processing_class=TOK,
@@ -129,7 +127,7 @@ def trl_examples():
 
 
 def nanodpo_prepare(tmp_path, rows, **cfg_kwargs):
-    path = write_jsonl(tmp_path / "data.jsonl", rows)
+    path = tiny.write_jsonl(tmp_path / "data.jsonl", rows)
     cfg = DPOConfig(dataset=[str(path)], **cfg_kwargs)
     examples = load_preference_data(cfg, TOK)
     return examples
@@ -259,8 +257,8 @@ def test_collator_docstring_example():
 
 
 def test_eval_data_sources(tmp_path, capsys):
-    train = write_jsonl(tmp_path / "train.jsonl", ROWS["explicit"][:6])
-    held_out = write_jsonl(tmp_path / "held_out.jsonl", ROWS["explicit"][6:9])
+    train = tiny.write_jsonl(tmp_path / "train.jsonl", ROWS["explicit"][:6])
+    held_out = tiny.write_jsonl(tmp_path / "held_out.jsonl", ROWS["explicit"][6:9])
     cfg = DPOConfig(dataset=[str(train)], max_length=None)
     assert load_preference_data(cfg, TOK, split="eval") is None
 
@@ -287,7 +285,7 @@ def test_eval_data_sources(tmp_path, capsys):
 
 
 def bad(kind, i, field, value):
-    rows = preference_rows(3, kind)
+    rows = tiny.preference_rows(3, kind)
     if value is DELETE:
         del rows[i][field]
     else:
@@ -326,9 +324,9 @@ def test_bad_rows_name_file_row_and_field(tmp_path, case):
 
 
 def test_conversational_data_needs_a_chat_template(tmp_path):
-    tokenizer = make_tokenizer()
+    tokenizer = tiny.make_tokenizer()
     tokenizer.chat_template = None
-    path = write_jsonl(tmp_path / "data.jsonl", preference_rows(2, "conversational"))
+    path = tiny.write_jsonl(tmp_path / "data.jsonl", tiny.preference_rows(2, "conversational"))
     with pytest.raises(UserError) as err:
         load_preference_data(DPOConfig(dataset=[str(path)]), tokenizer)
     message = str(err.value)
@@ -358,7 +356,7 @@ def test_every_row_is_checked_before_any_is_tokenized():
             calls.append(text)
             return TOK(text)
 
-    rows = [Row(r, "data.jsonl", i + 1) for i, r in enumerate(preference_rows(3))]
+    rows = [Row(r, "data.jsonl", i + 1) for i, r in enumerate(tiny.preference_rows(3))]
     rows[2].data["chosen"] = None
     with pytest.raises(UserError, match="row 3"):
         build_examples(rows, CountingTokenizer())

@@ -31,7 +31,7 @@ from nanodpo.dpo import (
 )
 from nanodpo.errors import UserError
 from nanodpo.logps import TokenStats, token_stats
-from tests.tiny import make_model, make_tokenizer, preference_rows
+from tests import tiny
 
 trl = pytest.importorskip("trl")
 from trl.trainer.utils import FusedCausalLMOutput, add_fused_lm_head  # noqa: E402
@@ -103,7 +103,7 @@ class StubModel:
 def trl_trainer(tmp_path_factory):
     from datasets import Dataset
 
-    tokenizer = make_tokenizer()
+    tokenizer = tiny.make_tokenizer()
     args = trl.DPOConfig(
         output_dir=str(tmp_path_factory.mktemp("trl_dpo")),
         report_to="none",
@@ -116,10 +116,10 @@ def trl_trainer(tmp_path_factory):
         disable_tqdm=True,
     )
     trainer = trl.DPOTrainer(
-        model=make_model(tokenizer, seed=0),
-        ref_model=make_model(tokenizer, seed=1),
+        model=tiny.make_model(tokenizer, seed=0),
+        ref_model=tiny.make_model(tokenizer, seed=1),
         args=args,
-        train_dataset=Dataset.from_list(preference_rows(4, "explicit")),
+        train_dataset=Dataset.from_list(tiny.preference_rows(4, "explicit")),
         processing_class=tokenizer,
     )
     trainer.model.train()  # _compute_loss logs under "train" when self.model.training
@@ -492,9 +492,9 @@ def test_accepted_options(overrides):
 
 
 def test_token_stats_match_trl_fused_lm_head():
-    tokenizer = make_tokenizer()
-    model = make_model(tokenizer, seed=3).eval()
-    rows = preference_rows(4, "explicit")
+    tokenizer = tiny.make_tokenizer()
+    model = tiny.make_model(tokenizer, seed=3).eval()
+    rows = tiny.preference_rows(4, "explicit")
     sequences, completion_masks = [], []
     for row in rows:
         for completion in (row["chosen"], row["rejected"]):

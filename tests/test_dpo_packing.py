@@ -5,31 +5,29 @@ free, prefix-shared, both; sdpa and eager; keep_start and keep_end truncation â€
 loss, metrics and gradients within 1e-5 (fp32), for the policy and the no_grad reference, online and precomputed.
 """
 
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import tiny  # noqa: E402
-import train_dpo  # noqa: E402
-from nanodpo.config import DPOConfig, parse_config  # noqa: E402
-from nanodpo.data import Row  # noqa: E402
-from nanodpo.dpo_data import PreferenceCollator, build_examples  # noqa: E402
-from nanodpo.dpo_packing import (  # noqa: E402
+import train_dpo
+from nanodpo.config import DPOConfig, parse_config
+from nanodpo.data import Row
+from nanodpo.dpo import dpo_metrics
+from nanodpo.dpo_data import PreferenceCollator, build_examples
+from nanodpo.dpo_packing import (
     PackedPreferenceCollator,
     TokenBudgetBatchSampler,
     make_preference_collator,
     pair_tokens,
+    preference_model_inputs,
     resolve_layout,
     shared_unit,
 )
-from nanodpo.errors import UserError  # noqa: E402
-from nanodpo.reference import compute_reference_logps, forward_token_stats  # noqa: E402
-from nanodpo.tracking import read_metrics  # noqa: E402
+from nanodpo.errors import UserError
+from nanodpo.logps import token_logps
+from nanodpo.reference import compute_reference_logps
+from nanodpo.tracking import read_metrics
+from tests import tiny
 
 LAYOUTS = {"padding_free": (False, True), "prefix_shared": (True, False), "prefix_shared_packed": (True, True)}
 
@@ -114,6 +112,16 @@ def test_hidden_index_points_at_each_token(tokenizer, examples, layout, attn, tr
     assert packed_real < real if share else packed_real == real  # shared: each prompt computed once, not twice
 
 
+def dpo_step(policy, reference, batch, cfg):
+    """One micro-batch of train_dpo.py: its loss (with grad) and its metrics."""
+    out, policy_stats = train_dpo.dpo_forward(policy, reference, batch, cfg, accelerator=None)
+    return out.loss, dpo_metrics(out, policy_stats)
+
+
+def policy_stats(policy, batch, path, chunk_size=16):
+    return token_logps(policy, preference_model_inputs(policy, batch), path, chunk_size=chunk_size)
+
+
 @pytest.mark.parametrize("truncation_mode", ["keep_start", "keep_end"])
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_layouts_equal_padded_batch(tokenizer, examples, attn, truncation_mode):
@@ -126,27 +134,28 @@ def test_layouts_equal_padded_batch(tokenizer, examples, attn, truncation_mode):
     cfg.attn_implementation = attn
 
     padded = PreferenceCollator(tokenizer.pad_token_id, 48, truncation_mode)(examples)
-    cfg.logps_chunk_size = 0
-    ref_loss, ref_metrics = train_dpo.dpo_step(policy, reference, padded, cfg, accelerator=None)
+    cfg.logps = "readable"
+    ref_loss, ref_metrics = dpo_step(policy, reference, padded, cfg)
     ref_loss.backward()
     ref_grads = grads_of(policy)
-    ref_stats = forward_token_stats(policy, padded, chunk_size=0)
+    ref_stats = policy_stats(policy, padded, "readable")
 
-    cfg.logps_chunk_size = 16
+    cfg.logps = "chunked"
     slots = {}
     for layout, (share, pack) in LAYOUTS.items():
         batch = PackedPreferenceCollator(tokenizer.pad_token_id, 48, truncation_mode, attn, share, pack)(examples)
         policy.zero_grad(set_to_none=True)
-        loss, metrics = train_dpo.dpo_step(policy, reference, batch, cfg, accelerator=None)
+        loss, metrics = dpo_step(policy, reference, batch, cfg)
         loss.backward()
         assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-5), layout
         for name, value in ref_metrics.items():
-            if name != "padding_fraction":
-                assert metrics[name] == pytest.approx(value, rel=1e-5, abs=1e-6), (layout, name)
+            assert metrics[name] == pytest.approx(value, rel=1e-5, abs=1e-6), (layout, name)
         assert_grads_close(grads_of(policy), ref_grads)
-        stats = forward_token_stats(policy, batch, chunk_size=16)
-        torch.testing.assert_close(stats.logps, ref_stats.logps, rtol=1e-5, atol=1e-5)
-        assert torch.equal(stats.mask, ref_stats.mask)
+        for path in ("chunked", "readable"):  # both paths score packed rows
+            stats = policy_stats(policy, batch, path)
+            torch.testing.assert_close(stats.logps, ref_stats.logps, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(stats.entropy, ref_stats.entropy, rtol=1e-5, atol=1e-5)
+            assert torch.equal(stats.mask, ref_stats.mask)
         slots[layout] = batch["packed_input_ids"].numel()
     # fewer token slots than the padded batch; packing several prefix-shared units per row fewer still
     assert max(slots.values()) <= padded["input_ids"].numel()
@@ -169,15 +178,15 @@ def test_loss_variants_equal(tokenizer, examples, options):
     reference = tiny.make_model(tokenizer, seed=2).eval()
     cfg = config(max_length=48, **options)
     padded = PreferenceCollator(tokenizer.pad_token_id, 48)(examples)
-    cfg.logps_chunk_size = 0
-    ref_loss, ref_metrics = train_dpo.dpo_step(policy, reference, padded, cfg, accelerator=None)
+    cfg.logps = "readable"
+    ref_loss, ref_metrics = dpo_step(policy, reference, padded, cfg)
     ref_loss.backward()
     ref_grads = grads_of(policy)
     policy.zero_grad(set_to_none=True)
-    cfg.logps_chunk_size = 16
+    cfg.logps = "chunked"
     batch = make_preference_collator(cfg, tokenizer.pad_token_id)(examples)  # the default: shared and packed
     assert "packed_attention_mask" in batch
-    loss, metrics = train_dpo.dpo_step(policy, reference, batch, cfg, accelerator=None)
+    loss, metrics = dpo_step(policy, reference, batch, cfg)
     loss.backward()
     assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-5)
     # a difference of two ~-60 sums times Î²: compare at the scale of the sums
@@ -196,11 +205,12 @@ def test_lora_reference_adapter_disabled_in_packed_layout(tokenizer, examples):
     accelerator = Accelerator(cpu=True)
     padded = PreferenceCollator(tokenizer.pad_token_id, 48)(examples)
     packed = PackedPreferenceCollator(tokenizer.pad_token_id, 48)(examples)
-    expected = compute_reference_logps(policy, None, padded, None, accelerator, chunk_size=0)
-    got = compute_reference_logps(policy, None, packed, None, accelerator, chunk_size=8)
+    padded_inputs, packed_inputs = preference_model_inputs(policy, padded), preference_model_inputs(policy, packed)
+    expected = compute_reference_logps(policy, None, padded_inputs, None, accelerator, "readable")
+    got = compute_reference_logps(policy, None, packed_inputs, None, accelerator, "chunked")
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-    adapter_on = forward_token_stats(policy, packed, with_metrics=False, chunk_size=8)
+    adapter_on = policy_stats(policy, packed, "chunked", chunk_size=8)
     assert not torch.allclose(adapter_on.logps.sum(1)[: len(examples)], expected[0])  # the adapter does something
 
 
@@ -223,18 +233,17 @@ def test_layout_options(capsys):
     from nanodpo import fastpath
 
     fastpath._said_once.clear()
-    assert resolve_layout(config()) == (True, True)  # the default: fast path, padding-free, prefix-shared
-    assert resolve_layout(config(logps_chunk_size=0)) == (False, False)  # the readable path: TRL's padded batch
-    assert resolve_layout(config(prefix_sharing="false")) == (True, False)
-    assert type(make_preference_collator(config(logps_chunk_size=0), 0)) is PreferenceCollator
-    with pytest.raises(UserError, match="--padding_free needs the fast log-prob path"):
-        resolve_layout(config(logps_chunk_size=0, padding_free="true"))
-    with pytest.raises(UserError, match="max_tokens_per_batch must be positive"):
-        resolve_layout(config(max_tokens_per_batch=0))
+    assert resolve_layout(config()) == "prefix_shared"  # the default
+    assert resolve_layout(config(batch_layout="padding_free")) == "padding_free"
+    assert type(make_preference_collator(config(batch_layout="padded"), 0)) is PreferenceCollator
+    # --logps picks the log-prob path and nothing else: the layout stays
+    assert resolve_layout(config(logps="readable")) == "prefix_shared"
+    with pytest.raises(UserError, match="--batch_layout 'packed' is not one of"):
+        config(batch_layout="packed")
     flash = config()
     flash.attn_implementation = "flash_attention_2"
-    assert resolve_layout(flash) == (True, False)
-    assert resolve_layout(flash) == (True, False)
+    assert resolve_layout(flash) == "padding_free"
+    assert resolve_layout(flash) == "padding_free"
     assert capsys.readouterr().out.count("falling back to padding-free") == 1  # said once
 
 
@@ -257,7 +266,7 @@ def test_train_dpo_layouts_end_to_end(tmp_path, monkeypatch, capsys):
         train_dpo.main(argv)
         return [r for r in read_metrics(tmp_path / name / "metrics.jsonl") if "loss" in r]
 
-    readable = run("readable", logps_chunk_size=0)
+    readable = run("readable", logps="readable", batch_layout="padded")
     fast = run("fast")
     precomputed = run("pre", precompute_ref_logps="true")
     for a, b, c in zip(readable, fast, precomputed):

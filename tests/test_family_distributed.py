@@ -11,18 +11,14 @@ micro-batches, in the same steps, as batch b × accumulation 2a on 1 process wit
 
 import json
 import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import tiny  # noqa: E402
-from test_distributed import assert_same_curve, base_env, common, free_port, run, run_one, to_argv  # noqa: E402
-from test_kto import COMPARED as KTO_COMPARED  # noqa: E402
-from test_kto import unpaired_rows  # noqa: E402
-from nanodpo.tracking import read_metrics  # noqa: E402
+from nanodpo.tracking import read_metrics
+from tests import tiny
+from tests.test_distributed import assert_same_curve, base_env, common, free_port, run, run_one, to_argv
+from tests.test_kto import COMPARED as KTO_COMPARED
+from tests.test_kto import unpaired_rows
 
 pytestmark = pytest.mark.slow
 

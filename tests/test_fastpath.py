@@ -5,19 +5,14 @@ parameter's gradient agree within 1e-5 in fp32 — untied and tied embeddings, L
 sizes — and no LM-head call ever sees more than `chunk_size` tokens.
 """
 
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import tiny  # noqa: E402
-from nanodpo.fastpath import ChunkedLabelLogps, fast_token_stats, label_stats  # noqa: E402
-from nanodpo.logps import token_stats  # noqa: E402
-from nanodpo.training import lm_token_stats  # noqa: E402
+from nanodpo.fastpath import ChunkedLabelLogps, fast_token_stats, label_stats
+from nanodpo.logps import token_logps, token_stats
+from nanodpo.training import lm_model_inputs
+from tests import tiny
 
 FIELDS = ("logps", "mask", "entropy", "mean_logits", "log_sum_sq_probs")
 
@@ -180,16 +175,18 @@ def test_no_head_call_sees_more_than_one_chunk(tokenizer, monkeypatch, hooked):
 def test_no_scored_tokens_and_frozen_head(tokenizer):
     model = tiny.make_model(tokenizer)
     ids, attention, _ = make_batch(len(tokenizer))
-    stats = fast_token_stats(model, {"input_ids": ids, "attention_mask": attention}, ids, torch.zeros_like(ids), None, 4)
+    inputs = {"input_ids": ids, "attention_mask": attention}
+    stats = fast_token_stats(model, inputs, ids, torch.zeros_like(ids), None, 4)
     assert stats.logps.abs().sum() == 0 and stats.mask.sum() == 0
     # A frozen head (LoRA elsewhere, or the reference): only the hidden states get a gradient.
     model.lm_head.weight.requires_grad_(False)
     hidden = torch.randn(5, 64, requires_grad=True)
     logps = ChunkedLabelLogps.apply(hidden, torch.arange(5), model.lm_head, 2, False, False, model.lm_head.weight)[0]
     logps.sum().backward()
-    expected = torch.func.grad(lambda h: torch.log_softmax(model.lm_head(h), -1)[torch.arange(5), torch.arange(5)].sum())(
-        hidden.detach()
-    )
+    def label_logps_sum(h):
+        return torch.log_softmax(model.lm_head(h), -1)[torch.arange(5), torch.arange(5)].sum()
+
+    expected = torch.func.grad(label_logps_sum)(hidden.detach())
     torch.testing.assert_close(hidden.grad, expected, rtol=1e-5, atol=1e-7)
 
 
@@ -223,8 +220,8 @@ def test_gradient_checkpointing_and_fallback(tokenizer):
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_lm_token_stats_packed_rows(tokenizer, attn):
-    """PT/SFT's forward point on packed rows (block-causal mask, HF labels with -100)."""
+def test_lm_packed_rows_both_paths(tokenizer, attn):
+    """PT/SFT's log-probs on packed rows (block-causal mask, HF labels with -100): chunked equals readable."""
     from nanodpo.packing import Document, collate_packed, pack_documents
 
     model = tiny.make_model(tokenizer)
@@ -235,11 +232,11 @@ def test_lm_token_stats_packed_rows(tokenizer, attn):
         for n in (9, 14, 5, 21, 11)
     ]
     batch = collate_packed(pack_documents(docs, 32), attn, tokenizer.pad_token_id)
-    ref = lm_token_stats(model, batch, chunk_size=0)
+    ref = token_logps(model, lm_model_inputs(batch), "readable")
     ref.logps.sum().backward()
     ref_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
-    ours = lm_token_stats(model, batch, chunk_size=4)
+    ours = token_logps(model, lm_model_inputs(batch), "chunked", chunk_size=4)
     ours.logps.sum().backward()
     for field in ("logps", "mask", "entropy", "mean_logits"):
         torch.testing.assert_close(getattr(ours, field), getattr(ref, field), rtol=1e-5, atol=1e-5, msg=field)

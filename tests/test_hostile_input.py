@@ -6,19 +6,15 @@ The scripts' `main()` runs in-process here (fast); tests/test_train_*_errors-sty
 the exit status 2 and the absence of a traceback."""
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import tiny  # noqa: E402
-import train_dpo  # noqa: E402
-import train_pt  # noqa: E402
-import train_sft  # noqa: E402
-from nanodpo.errors import UserError  # noqa: E402
+import train_dpo
+import train_pt
+import train_sft
+from nanodpo.errors import UserError
+from tests import tiny
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 SCRIPTS = {"dpo": train_dpo, "sft": train_sft, "pt": train_pt}
@@ -126,6 +122,21 @@ def test_contradictory_or_unsupported_flags(kind, flags, needle, model_dir, tmp_
     assert needle in refuse(kind, model_dir, tmp_path, data, *flags)
 
 
+@pytest.mark.parametrize("kind", SCRIPTS)
+@pytest.mark.parametrize(
+    "flag, needle",
+    [
+        ("--learning_rate=-1", "--learning_rate must be >= 0, got -1.0"),
+        ("--learning_rate=nan", "--learning_rate must be a finite number, got nan"),
+        ("--per_device_train_batch_size=0", "--per_device_train_batch_size must be >= 1, got 0"),
+        ("--warmup_ratio=2", "--warmup_ratio must be in [0, 1], got 2.0"),
+    ],
+)
+def test_numbers_out_of_range(kind, flag, needle, model_dir, tmp_path):
+    """Refused when parsed, before any data or model is read (tests/test_config.py checks every numeric option)."""
+    assert refuse(kind, model_dir, tmp_path, tmp_path / "no-data-needed.jsonl", flag) == needle
+
+
 def test_streaming_needs_max_steps(model_dir, tmp_path):
     data = write_lines(tmp_path / "d.jsonl", [json.dumps(GOOD_ROW["pt"])])
     assert "--max_steps" in refuse("pt", model_dir, tmp_path, data, "--streaming", "--max_steps", "-1")
@@ -140,8 +151,8 @@ def test_huge_strings_are_truncated_not_fatal(model_dir, tmp_path):
 
     huge = "word " * 50_000
     write_lines(tmp_path / "dpo.jsonl", [json.dumps({"prompt": "Q?", "chosen": huge, "rejected": " no"})])
-    write_lines(tmp_path / "sft.jsonl", [json.dumps({"messages": [{"role": "user", "content": "Q"},
-                                                                  {"role": "assistant", "content": huge}]})])  # fmt: skip
+    messages = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": huge}]
+    write_lines(tmp_path / "sft.jsonl", [json.dumps({"messages": messages})])
     common = ["--model", str(model_dir), "--max_length", "64"]
     cfg = parse_config(DPOConfig, [*common, "--dataset", str(tmp_path / "dpo.jsonl")])
     tokenizer = load_tokenizer(cfg)

@@ -11,21 +11,19 @@
 """
 
 import json
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import tiny  # noqa: E402
-import train_dpo  # noqa: E402
-from nanodpo.config import DPOConfig, parse_config  # noqa: E402
-from nanodpo.data import Row  # noqa: E402
-from nanodpo.dpo import kto_loss  # noqa: E402
-from nanodpo.dpo_data import (  # noqa: E402
+import train_dpo
+from nanodpo.config import DPOConfig, parse_config
+from nanodpo.data import Row
+from nanodpo.dpo import kto_loss, micro_batch_metrics
+from nanodpo.dpo_data import (
     PreferenceCollator,
     UnpairedCollator,
     build_unpaired_examples,
@@ -33,9 +31,11 @@ from nanodpo.dpo_data import (  # noqa: E402
     prepare_unpaired_row,
     unpair_rows,
 )
-from nanodpo.dpo_packing import PackedPreferenceCollator  # noqa: E402
-from nanodpo.errors import UserError  # noqa: E402
-from nanodpo.tracking import read_metrics  # noqa: E402
+from nanodpo.dpo_packing import PackedPreferenceCollator
+from nanodpo.errors import UserError
+from nanodpo.tracking import read_metrics
+from tests import tiny
+from tests.test_resume import KILL_AT_BACKWARD, ROOT, comparable, run_to_end
 
 trl = pytest.importorskip("trl")
 
@@ -192,6 +192,12 @@ def test_kto_loss_by_hand():
 LAYOUTS = {"padding_free": (False, True), "prefix_shared": (True, False), "prefix_shared_packed": (True, True)}
 
 
+def dpo_step(policy, reference, batch, cfg):
+    """One micro-batch of train_dpo.py: its loss (with grad) and its metrics (kto: sums and counts)."""
+    out, policy_stats = train_dpo.dpo_forward(policy, reference, batch, cfg, accelerator=None)
+    return out.loss, micro_batch_metrics(out, policy_stats)
+
+
 def test_layouts_equal_padded_batch():
     tokenizer = tiny.make_tokenizer()
     rows = unpaired_rows(6, "conversational")
@@ -204,17 +210,17 @@ def test_layouts_equal_padded_batch():
     reference = tiny.make_model(tokenizer, seed=2).eval()
     cfg = config(loss_type="kto", max_length=96, undesirable_weight=1.5)
     padded = UnpairedCollator(PreferenceCollator(tokenizer.pad_token_id, 96))(examples)
-    cfg.logps_chunk_size = 0
-    ref_loss, ref_metrics = train_dpo.dpo_step(policy, reference, padded, cfg, accelerator=None)
+    cfg.logps = "readable"
+    ref_loss, ref_metrics = dpo_step(policy, reference, padded, cfg)
     ref_loss.backward()
     ref_grads = {n: p.grad.clone() for n, p in policy.named_parameters()}
     assert ref_metrics["rows/chosen"] == 4 and ref_metrics["rows/rejected"] == 2
-    cfg.logps_chunk_size = 16
+    cfg.logps = "chunked"
     for layout, (share, pack) in LAYOUTS.items():
         pairs = PackedPreferenceCollator(tokenizer.pad_token_id, 96, "keep_start", "sdpa", share, pack)
         batch = UnpairedCollator(pairs)(examples)
         policy.zero_grad(set_to_none=True)
-        loss, metrics = train_dpo.dpo_step(policy, reference, batch, cfg, accelerator=None)
+        loss, metrics = dpo_step(policy, reference, batch, cfg)
         loss.backward()
         assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-5), layout
         for name, value in ref_metrics.items():
@@ -290,11 +296,6 @@ def test_sigkill_and_resume_is_bit_exact(model_dir, tmp_path):
     """As tests/test_resume.py for DPO: killed mid-accumulation after the first checkpoint, resumed from it, every
     logged number equals the uninterrupted run's (logging every 3 steps, so an interval spans the checkpoint, and
     some intervals have no undesirable row)."""
-    import signal
-    import subprocess
-
-    from test_resume import KILL_AT_BACKWARD, ROOT, comparable, run_to_end
-
     path = tiny.write_jsonl(tmp_path / "rows.jsonl", unpaired_rows(16))
 
     def args(out: Path) -> list[str]:

@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from nanodpo.chat import generate_answer, load_for_chat
 from nanodpo.errors import UserError
 from nanodpo.merge import main, merge_adapter
-from tests.tiny import make_model_dir, make_tokenizer
+from tests import tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
@@ -21,16 +21,17 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("merge")
-    base = make_model_dir(root / "base", seed=0, tie_word_embeddings=True)
+    base = tiny.make_model_dir(root / "base", seed=0, tie_word_embeddings=True)
     model = AutoModelForCausalLM.from_pretrained(base)
-    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"))
+    lora = LoraConfig(r=4, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM")
+    peft_model = get_peft_model(model, lora)
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
             if "lora_B" in name:  # B starts at zero (a no-op adapter): make it a real update
                 param.copy_(torch.randn(param.shape, generator=gen) * 0.3)
     peft_model.save_pretrained(root / "adapter")
-    make_tokenizer(root / "adapter")
+    tiny.make_tokenizer(root / "adapter")
     return root
 
 

@@ -9,30 +9,31 @@
 
 import math
 import os
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import tiny  # noqa: E402
-import train_dpo  # noqa: E402
-from nanodpo.config import DPOConfig, parse_config  # noqa: E402
-from nanodpo.dpo import (  # noqa: E402
+import train_dpo
+from nanodpo.config import DPOConfig, parse_config
+from nanodpo.data import Row
+from nanodpo.dpo import (
     check_dpo_options,
+    chosen_nll,
     cpo_loss,
+    dpo_loss,
+    micro_batch_metrics,
     orpo_log_odds,
     orpo_loss,
     simpo_loss,
 )
-from nanodpo.dpo_data import PreferenceCollator  # noqa: E402
-from nanodpo.dpo_packing import PackedPreferenceCollator  # noqa: E402
-from nanodpo.errors import UserError  # noqa: E402
-from nanodpo.tracking import read_metrics  # noqa: E402
+from nanodpo.dpo_data import PreferenceCollator, build_examples, load_preference_data
+from nanodpo.dpo_packing import PackedPreferenceCollator
+from nanodpo.errors import UserError
+from nanodpo.token_stats import TokenStats
+from nanodpo.tracking import read_metrics
+from tests import tiny
 
 trl = pytest.importorskip("trl")
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
@@ -155,8 +156,6 @@ def test_refused_family_options(overrides, message):
 
 
 def test_identical_pairs_are_counted_in_one_notice(tmp_path, capsys):
-    from nanodpo.dpo_data import load_preference_data
-
     rows = tiny.preference_rows(5)
     for i in (1, 3):
         rows[i]["rejected"] = rows[i]["chosen"]
@@ -172,9 +171,6 @@ def test_identical_pairs_are_counted_in_one_notice(tmp_path, capsys):
 @pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "simpo", "cpo", "orpo"])
 def test_identical_pair_has_zero_preference_gradient(loss_type):
     """What the notice says: a loss on the chosen - rejected difference gets no gradient from such a pair."""
-    from nanodpo.dpo import chosen_nll, dpo_loss
-    from nanodpo.logps import TokenStats
-
     token_logps = torch.tensor([[-1.0, -2.0, -0.5]] * 2, requires_grad=True)  # chosen row == rejected row
     mask = torch.ones(2, 3)
     cfg = config(loss_type=loss_type, **({"cpo_alpha": 0.0} if loss_type == "cpo" else {}))
@@ -193,26 +189,29 @@ def test_identical_pair_has_zero_preference_gradient(loss_type):
 LAYOUTS = {"padding_free": (False, True), "prefix_shared": (True, False), "prefix_shared_packed": (True, True)}
 
 
+def dpo_step(policy, reference, batch, cfg):
+    """One micro-batch of train_dpo.py: its loss (with grad) and its metrics."""
+    out, policy_stats = train_dpo.dpo_forward(policy, reference, batch, cfg, accelerator=None)
+    return out.loss, micro_batch_metrics(out, policy_stats)
+
+
 @pytest.mark.parametrize("loss_type", FAMILY)
 def test_layouts_equal_padded_batch(loss_type):
     tokenizer = tiny.make_tokenizer()
     rows = tiny.preference_rows(6, "conversational")
-    from nanodpo.dpo_data import build_examples
-    from nanodpo.data import Row
-
     examples, _ = build_examples([Row(r, "mem", i + 1) for i, r in enumerate(rows)], tokenizer, max_length=48)
     policy = tiny.make_model(tokenizer, seed=1)
     cfg = config(loss_type=loss_type, max_length=48, **OPTIONS[loss_type])
     padded = PreferenceCollator(tokenizer.pad_token_id, 48)(examples)
-    cfg.logps_chunk_size = 0
-    ref_loss, ref_metrics = train_dpo.dpo_step(policy, None, padded, cfg, accelerator=None)
+    cfg.logps = "readable"
+    ref_loss, ref_metrics = dpo_step(policy, None, padded, cfg)
     ref_loss.backward()
     ref_grads = {n: p.grad.clone() for n, p in policy.named_parameters()}
-    cfg.logps_chunk_size = 16
+    cfg.logps = "chunked"
     for layout, (share, pack) in LAYOUTS.items():
         batch = PackedPreferenceCollator(tokenizer.pad_token_id, 48, "keep_start", "sdpa", share, pack)(examples)
         policy.zero_grad(set_to_none=True)
-        loss, metrics = train_dpo.dpo_step(policy, None, batch, cfg, accelerator=None)
+        loss, metrics = dpo_step(policy, None, batch, cfg)
         loss.backward()
         assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-5), layout
         for name, value in ref_metrics.items():

@@ -2,6 +2,7 @@
 SIGTERM saves and exits, a kill inside a checkpoint write leaves the previous checkpoint loadable, a full disk is a
 clear error, non-finite steps are skipped and then stop the run, and checkpoints are rotated and validated."""
 
+import dataclasses
 import json
 import os
 import random
@@ -14,13 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import tiny  # noqa: E402
-from nanodpo.checkpoint import checkpoints_in  # noqa: E402
-from nanodpo.errors import UserError  # noqa: E402
-from nanodpo.tracking import read_metrics  # noqa: E402
+from nanodpo.checkpoint import checkpoints_in
+from nanodpo.errors import UserError
+from nanodpo.tracking import read_metrics
+from tests import tiny
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("fresh_accelerate_state")]
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,13 +31,15 @@ def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("resume")
     tiny.make_model_dir(root / "model", seed=5)
     tiny.write_jsonl(root / "dpo.jsonl", tiny.preference_rows(12, "explicit"))
+    thanks = [{"role": "user", "content": "Thanks"}, {"role": "assistant", "content": "You are welcome!"}]
     chats = [
         {"messages": [{"role": "user", "content": f"What is {i} + {i}?"}, {"role": "assistant", "content": f"{2 * i}."}]
-         + ([{"role": "user", "content": "Thanks"}, {"role": "assistant", "content": "You are welcome!"}] if i % 2 else [])}
+         + (thanks if i % 2 else [])}
         for i in range(20)
     ]  # fmt: skip
     tiny.write_jsonl(root / "sft.jsonl", chats)
-    tiny.write_jsonl(root / "pt.jsonl", [{"text": f"Document {i}: " + "the fox runs. " * (1 + i % 5)} for i in range(40)])
+    documents = [{"text": f"Document {i}: " + "the fox runs. " * (1 + i % 5)} for i in range(40)]
+    tiny.write_jsonl(root / "pt.jsonl", documents)
     return root
 
 
@@ -194,18 +194,18 @@ def test_full_disk_at_save_time_is_a_clear_error(data, tmp_path, monkeypatch):
 def test_nonfinite_steps_are_skipped_then_stop_the_run(data, tmp_path, monkeypatch):
     import train_dpo
 
-    real_step = train_dpo.dpo_step
+    real_forward = train_dpo.dpo_forward
     calls = {"n": 0}
 
     def poisoned(*args, **kwargs):
-        loss, metrics = real_step(*args, **kwargs)
+        out, policy_stats = real_forward(*args, **kwargs)
         calls["n"] += 1
         micro = calls["n"]  # 2 micro-batches per optimizer step: step k = micro-batches 2k-1, 2k
         if micro in (5, 6) or micro >= 11:  # step 3 once, then steps 6, 7, 8 ... in a row
-            loss = loss * float("nan")
-        return loss, metrics
+            out = dataclasses.replace(out, loss=out.loss * float("nan"))
+        return out, policy_stats
 
-    monkeypatch.setattr(train_dpo, "dpo_step", poisoned)
+    monkeypatch.setattr(train_dpo, "dpo_forward", poisoned)
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as exit_info:
         in_process("dpo", data, out, "--logging_steps", "1", "--max_nonfinite_steps", "3", "--max_steps", "20")
@@ -247,7 +247,8 @@ def test_save_total_limit_keeps_the_newest_and_the_best(data, tmp_path, monkeypa
     out = tmp_path / "out"
     tiny.write_jsonl(tmp_path / "eval.jsonl", tiny.preference_rows(4, "explicit"))
     in_process("dpo", data, out, "--save_total_limit", "1", "--eval_dataset", str(tmp_path / "eval.jsonl"),
-               "--eval_steps", "2", "--metric_for_best_model", "eval_rewards/margins", "--greater_is_better")  # fmt: skip
+               "--eval_steps", "2", "--metric_for_best_model", "eval_rewards/margins",
+               "--greater_is_better")  # fmt: skip
     state = json.loads((checkpoints_in(out)[-1] / "trainer_state.json").read_text())
     kept = sorted(p.name for p in checkpoints_in(out))
     assert "checkpoint-6" in kept  # the newest

@@ -8,18 +8,14 @@ the same 8 pairs in both), and log every step. Tolerances (see the foundation is
 """
 
 import math
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import tiny  # noqa: E402
-import train_dpo  # noqa: E402
-from nanodpo.tracking import read_metrics  # noqa: E402
+import train_dpo
+from nanodpo.tracking import read_metrics
+from tests import tiny
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("fresh_accelerate_state")]
 
@@ -203,6 +199,7 @@ def test_single_step_gradients_match_trl(workdir, tmp_path):
     from trl import DPOTrainer
 
     from nanodpo.config import DPOConfig, parse_config
+    from nanodpo.dpo import dpo_metrics
     from nanodpo.dpo_data import PreferenceCollator, load_preference_data
     from nanodpo.training import make_accelerator
 
@@ -230,9 +227,9 @@ def test_single_step_gradients_match_trl(workdir, tmp_path):
     policy = AutoModelForCausalLM.from_pretrained(workdir / "model", dtype=torch.float32)
     reference = AutoModelForCausalLM.from_pretrained(workdir / "model", dtype=torch.float32).eval()
     policy.train()
-    loss, metrics = train_dpo.dpo_step(policy, reference, batch, cfg, accelerator)
-    loss.backward()
-    assert loss.item() == pytest.approx(trl_loss.item(), rel=1e-5)
-    assert metrics["nll_loss"] > 0
+    out, policy_stats = train_dpo.dpo_forward(policy, reference, batch, cfg, accelerator)
+    out.loss.backward()
+    assert out.loss.item() == pytest.approx(trl_loss.item(), rel=1e-5)
+    assert dpo_metrics(out, policy_stats)["nll_loss"] > 0
     for name, param in policy.named_parameters():
         torch.testing.assert_close(param.grad, trl_grads[name], rtol=1e-5, atol=1e-7, msg=name)

@@ -7,9 +7,7 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import tiny  # noqa: E402
+from tests import tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,22 +1,17 @@
 """QLoRA on CPU: bitsandbytes 4-bit base + LoRA trains, the loss falls, and the saved adapter reloads with peft
 and reproduces the run's final eval metrics."""
 
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import tiny  # noqa: E402
-import train_dpo  # noqa: E402
-from nanodpo.config import DPOConfig, parse_config  # noqa: E402
-from nanodpo.dpo_data import PreferenceCollator, load_preference_data  # noqa: E402
-from nanodpo.model import load_pretrained, load_tokenizer  # noqa: E402
-from nanodpo.tracking import read_metrics  # noqa: E402
-from nanodpo.training import make_accelerator, make_eval_loader  # noqa: E402
+import train_dpo
+from nanodpo.config import DPOConfig, parse_config
+from nanodpo.dpo_data import PreferenceCollator, load_preference_data
+from nanodpo.model import load_pretrained, load_tokenizer
+from nanodpo.tracking import read_metrics
+from nanodpo.training import make_accelerator, make_eval_loader
+from tests import tiny
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("fresh_accelerate_state")]
 

@@ -11,12 +11,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import tiny  # noqa: E402
-import train_pt  # noqa: E402
-from nanodpo.tracking import read_metrics  # noqa: E402
+import train_pt
+from nanodpo.tracking import read_metrics
+from tests import tiny
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("fresh_accelerate_state")]
 ROOT = Path(__file__).resolve().parents[1]

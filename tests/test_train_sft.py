@@ -34,12 +34,9 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import tiny  # noqa: E402
-import train_sft  # noqa: E402
-from nanodpo.tracking import read_metrics  # noqa: E402
+import train_sft
+from nanodpo.tracking import read_metrics
+from tests import tiny
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
@@ -278,9 +275,10 @@ def test_accumulation_does_not_change_the_loss_or_the_update(tmp_path):
     from transformers import AutoModelForCausalLM
 
     from nanodpo.config import SFTConfig, parse_config
+    from nanodpo.logps import token_logps
     from nanodpo.model import load_tokenizer
     from nanodpo.sft_data import load_sft_data
-    from nanodpo.training import collate_rows, lm_token_stats
+    from nanodpo.training import collate_rows, lm_model_inputs
 
     model_dir = sharp_model_dir(tmp_path / "model")
     tiny.write_jsonl(tmp_path / "train.jsonl", uneven_rows(24))
@@ -319,7 +317,7 @@ def test_accumulation_does_not_change_the_loss_or_the_update(tmp_path):
     sums, counts = [], []
     with torch.no_grad():
         for i in range(0, 8, 2):
-            stats = lm_token_stats(model, collate_rows(docs[i : i + 2], cfg, 0), with_metrics=False)
+            stats = token_logps(model, lm_model_inputs(collate_rows(docs[i : i + 2], cfg, 0)), with_metrics=False)
             sums.append(float(-stats.logps.sum()))
             counts.append(float(stats.mask.sum()))
     token_mean = sum(sums) / sum(counts)

@@ -13,15 +13,12 @@ from transformers import (
     get_linear_schedule_with_warmup,
 )
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import tiny  # noqa: E402
-import train_dpo  # noqa: E402
-from nanodpo.config import DPOConfig, parse_config  # noqa: E402
-from nanodpo.model import decay_parameter_groups  # noqa: E402
-from nanodpo.tracking import read_metrics  # noqa: E402
-from nanodpo.training import count_training_steps, make_scheduler  # noqa: E402
+import train_dpo
+from nanodpo.config import DPOConfig, parse_config
+from nanodpo.model import decay_parameter_groups
+from nanodpo.tracking import read_metrics
+from nanodpo.training import count_training_steps, make_scheduler
+from tests import tiny
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
@@ -131,3 +128,42 @@ def test_one_thread_on_a_multicore_cpu_is_pointed_out(monkeypatch, capsys):
     monkeypatch.setattr(training.torch, "get_num_threads", lambda: 4)
     training.make_accelerator(cfg)
     assert "note:" not in capsys.readouterr().out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["dpo", "sft", "pt"])
+def test_gradients_sync_on_the_last_micro_batch_of_each_step(tmp_path, monkeypatch, script):
+    """What every backward sees as `accelerator.sync_gradients`: True only on the last micro-batch of an optimizer step
+    — also the last, shorter step of an epoch. DeepSpeed's engine steps its optimizer inside backward exactly when
+    it is True (accelerate's DeepSpeedEngineWrapper), so this is one engine step per optimizer step; under DDP it is
+    the one all-reduce. 10 rows, 2 per micro-batch, 3 micro-batches per step: steps of 3 and 2 micro-batches."""
+    from accelerate import Accelerator
+
+    import train_pt
+    import train_sft
+
+    seen = []
+    real_backward = Accelerator.backward
+
+    def recording_backward(self, loss, **kwargs):
+        seen.append(self.sync_gradients)
+        return real_backward(self, loss, **kwargs)
+
+    monkeypatch.setattr(Accelerator, "backward", recording_backward)
+    tiny.make_model_dir(tmp_path / "model")
+    rows = {
+        "dpo": tiny.preference_rows(10, "explicit"),
+        "sft": [{"prompt": f"Q{i}?", "completion": f" A{i}."} for i in range(10)],
+        "pt": [{"text": f"Document {i}: " + "the fox runs. " * 3} for i in range(60)],
+    }[script]
+    tiny.write_jsonl(tmp_path / "train.jsonl", rows)
+    argv = ["--model", str(tmp_path / "model"), "--dataset", str(tmp_path / "train.jsonl"), "--output_dir",
+            str(tmp_path / "out"), "--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "3",
+            "--num_train_epochs", "1", "--max_length", "32", "--report_to", "none", "--disable_tqdm"]  # fmt: skip
+    if script == "pt":
+        argv += ["--packing_strategy", "wrapped"]  # 60 short documents -> whole rows of 32 tokens
+    {"dpo": train_dpo, "sft": train_sft, "pt": train_pt}[script].main(argv)
+    micro_batches = len(seen)
+    full, last = divmod(micro_batches, 3)
+    expected = [False, False, True] * full + ([False] * (last - 1) + [True] if last else [])
+    assert seen == expected and last, (micro_batches, seen)

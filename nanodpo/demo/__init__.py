@@ -11,6 +11,8 @@ and watch the share of polite answers on held-out questions go up.
 
 from pathlib import Path
 
+from transformers import Qwen2Config
+
 TOKENIZER_DIR = Path(__file__).resolve().parent.parent / "assets" / "tokenizer"
 
 # Special token ids of the shipped tokenizer (make_tokenizer.SPECIAL_TOKENS, in this order).
@@ -39,6 +41,4 @@ TINY_MODEL_PRESET = dict(
 
 def tiny_model_config(vocab_size: int, **overrides):
     """A `transformers.Qwen2Config` of TINY_MODEL_PRESET with this vocabulary (and any field overridden)."""
-    from transformers import Qwen2Config
-
     return Qwen2Config(**{**TINY_MODEL_PRESET, "vocab_size": vocab_size, **overrides})

@@ -30,7 +30,9 @@ import unicodedata
 from pathlib import Path
 
 import torch
+from transformers.utils import logging
 
+from nanodpo.chat import load_for_chat, new_kv_cache, render_prompt, stop_token_ids
 from nanodpo.demo import world
 
 
@@ -42,8 +44,6 @@ def load_heldout(path: str | Path, n: int | None = None) -> list[dict]:
 @torch.no_grad()
 def generate_batch(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int = 96) -> list[str]:
     """Greedy answers to several conversations at once (left padding; stops at the end-of-turn token)."""
-    from nanodpo.chat import render_prompt, stop_token_ids
-
     device = next(model.parameters()).device
     prompts = [tokenizer(render_prompt(tokenizer, c), add_special_tokens=False).input_ids for c in conversations]
     width = max(len(p) for p in prompts)
@@ -55,11 +55,10 @@ def generate_batch(model, tokenizer, conversations: list[list[dict]], max_new_to
     stops = torch.tensor(sorted(stop_token_ids(model, tokenizer)), device=device)
     done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
     answers: list[list[int]] = [[] for _ in prompts]
-    past = None
+    kv_cache = new_kv_cache(model)  # filled in place by every forward
     for _ in range(max_new_tokens):
-        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                    past_key_values=past, use_cache=True)
-        past = out.past_key_values
+        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
+                    **kv_cache)  # fmt: skip
         token = out.logits[:, -1].argmax(-1)
         done |= torch.isin(token, stops)
         for i in (~done).nonzero().flatten().tolist():
@@ -79,10 +78,6 @@ def style_rate(model_dir, heldout_path, n: int | None = None, batch_size: int = 
     "zh": {...}} with the same rates) and "answers" ([{"question", "answer", "lang", "style", "on_topic",
     "correct"}, ...]).
     """
-    from transformers.utils import logging
-
-    from nanodpo.chat import load_for_chat
-
     bars = logging.is_progress_bar_enabled()
     logging.disable_progress_bar()  # no "Loading weights" bar in the middle of the report
     try:

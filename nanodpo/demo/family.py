@@ -35,8 +35,9 @@ ROWS = (("polite", "polite"), ("blunt", "blunt"), ("on_topic", "on topic"), ("co
 
 
 def train(loss: str) -> Path:
-    import train_dpo
     from accelerate.state import AcceleratorState
+
+    import train_dpo
 
     start, options = FAMILY[loss]
     out = OUT_DIR / loss

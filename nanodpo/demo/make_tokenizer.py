@@ -24,8 +24,10 @@ import argparse
 import os
 from pathlib import Path
 
-from nanodpo.demo import TOKENIZER_DIR
-from nanodpo.demo import world
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import PreTrainedTokenizerFast
+
+from nanodpo.demo import TOKENIZER_DIR, world
 
 # An upper bound: Little World's text has only ~1,200 pieces worth merging (256 bytes + 3 special tokens + every
 # Chinese character and every English word of the world), so BPE stops there (at about 1,200 tokens).
@@ -74,9 +76,6 @@ def training_texts(seed: int = world.DEFAULT_SEED) -> list[str]:
 
 def train_tokenizer(out_dir: str | Path | None = TOKENIZER_DIR, vocab_size: int = VOCAB_SIZE):
     """Train, wrap and (if out_dir) save the tokenizer; returns the PreTrainedTokenizerFast."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [

@@ -10,13 +10,19 @@ Each stage's options are in configs/demo_<stage>.yaml (real usage: read them); e
 e.g. `python train_dpo.py --config configs/demo_dpo.yaml --beta 0.2`.
 """
 
+import sys
 from pathlib import Path
 
+from nanodpo.config import DPOConfig, PTConfig, SFTConfig, parse_config
+from nanodpo.demo.evaluate import style_report
+from nanodpo.demo.world import SYSTEM_PROMPT, write_demo_data
 from nanodpo.errors import UserError
+from nanodpo.model import is_main_process
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository: configs/ and the train_*.py scripts
 DEMO_DIR = Path("out/demo")
 DATA_DIR = DEMO_DIR / "data"
+CONFIGS = {"pt": PTConfig, "sft": SFTConfig, "dpo": DPOConfig}
 PREVIOUS = {"pt": None, "sft": ("pt", "python train_pt.py"), "dpo": ("sft", "python train_sft.py")}
 
 
@@ -30,17 +36,29 @@ def demo_argv(stage: str) -> list[str]:
     if not path.is_file():
         raise UserError(f"no arguments given and no demo config at {path}: pass --config or --model/--dataset")
     if not (DATA_DIR / "dpo.jsonl").is_file():
-        from nanodpo.demo.world import write_demo_data
-
         write_demo_data(DATA_DIR)
         print(f"demo: wrote the Little World datasets to {DATA_DIR}/")
     previous = PREVIOUS[stage]
     if previous is not None:
         name, command = previous
         if not (DEMO_DIR / name / "config.json").is_file():
-            raise UserError(f"the demo's {stage} stage starts from {DEMO_DIR / name}, which is missing: run `{command}` first")
+            raise UserError(
+                f"the demo's {stage} stage starts from {DEMO_DIR / name}, which is missing: run `{command}` first"
+            )
     print(f"demo: {stage} stage with {path.relative_to(ROOT)} (any flag you add overrides it)")
     return ["--config", str(path)]
+
+
+def main_or_demo(main, stage: str) -> None:
+    """What `python train_<stage>.py` runs: `main()` on the command line — or, given no arguments at all, the
+    script's stage of the offline demo (its demo config, then what to run next)."""
+    if len(sys.argv) > 1:
+        main()
+        return
+    argv = demo_argv(stage)
+    main(argv)
+    if is_main_process():
+        after_stage(stage, parse_config(CONFIGS[stage], argv))
 
 
 def after_stage(stage: str, cfg) -> None:
@@ -48,11 +66,8 @@ def after_stage(stage: str, cfg) -> None:
     if stage != "dpo":
         print(f"demo: next, run `{'python train_sft.py' if stage == 'pt' else 'accelerate launch train_dpo.py'}`")
         return
-    from nanodpo.demo.evaluate import style_report
-
     print(style_report(DEMO_DIR / "sft", Path(cfg.output_dir), DATA_DIR / "heldout.jsonl"))
-    from nanodpo.demo.world import SYSTEM_PROMPT  # the system prompt of all the demo's training data
-
+    # SYSTEM_PROMPT: the system prompt of all the demo's training data
     print(
         f"demo: chat with it: python -m nanodpo.chat --model {cfg.output_dir} --compare {DEMO_DIR / 'sft'} "
         f'--system "{SYSTEM_PROMPT}"'

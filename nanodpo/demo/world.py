@@ -140,7 +140,8 @@ TOWNS = (MAPLE, RIVERSIDE, STONE_HILL, SUNNY_BAY, CLOUD_CITY)
 
 RED, YELLOW, GREEN = Colour("red", "红色"), Colour("yellow", "黄色"), Colour("green", "绿色")
 BLUE, PURPLE, WHITE = Colour("blue", "蓝色"), Colour("purple", "紫色"), Colour("white", "白色")
-BLACK, ORANGE, BROWN, PINK = Colour("black", "黑色"), Colour("orange", "橙色"), Colour("brown", "棕色"), Colour("pink", "粉色")
+BLACK, ORANGE = Colour("black", "黑色"), Colour("orange", "橙色")
+BROWN, PINK = Colour("brown", "棕色"), Colour("pink", "粉色")
 COLOURS = (RED, YELLOW, GREEN, BLUE, PURPLE, WHITE, BLACK, ORANGE, BROWN, PINK)
 
 CAT = Animal("cat", "cats", "猫", "只", 4, "meow", "喵喵")
