@@ -98,8 +98,8 @@ A worked example with B = 2, β = 0.1 (loss type sigmoid):
     per-pair loss      -log σ([0.2, 0.0]) = [0.5981, 0.6931]            loss = mean = 0.6456
     rewards/accuracies mean([0.1 > -0.1, 0.05 > 0.05]) = 0.5
 
-Per-token inputs come from `nanodpo.logps.token_stats`: [2B, T-1] log-probs of each label token, 0 off the (shifted)
-scored mask, so a row's sum over the completion mask is its completion's log-prob.
+Per-token inputs come from `nanodpo.logps.token_logps` (a TokenStats): [2B, T-1] log-probs of each label token, 0
+off the (shifted) scored mask, so a row's sum over the completion mask is its completion's log-prob.
 
 Differences from TRL 1.16 (everything else is tested equal to `DPOTrainer._compute_loss`, `CPOTrainer`,
 `ORPOTrainer` and `KTOTrainer`):
@@ -128,7 +128,7 @@ import torch.nn.functional as F
 
 from nanodpo.config import DPOConfig
 from nanodpo.errors import UserError
-from nanodpo.logps import TokenStats
+from nanodpo.token_stats import TokenStats
 
 LOSS_TYPES: tuple[str, ...] = (
     "sigmoid",
