@@ -42,14 +42,12 @@ import time
 from pathlib import Path
 
 import torch
-from datasets import load_dataset
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
     Qwen2Config,
     Qwen2ForCausalLM,
-    TrainerCallback,
 )
 
 from nanodpo import tracking
@@ -213,6 +211,11 @@ def run_nanodpo(task: str, spec: dict, precompute: bool = False) -> tuple[list[f
 
 
 def run_trl(task: str, spec: dict) -> tuple[list[float], list[dict]]:
+    # Imported here, in the TRL worker only: peak memory is each worker process's own RSS, and the Trainer stack
+    # (datasets, transformers' Trainer, peft, bitsandbytes) adds ~140 MB that a nanodpo worker must not be charged.
+    from datasets import load_dataset
+    from transformers import TrainerCallback
+
     times = []
 
     class StepTimes(TrainerCallback):
