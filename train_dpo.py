@@ -5,7 +5,8 @@ log-probability relative to a frozen reference π_ref more than the rejected one
 
     loss = -log σ( β·[log π_θ(y_w|x) − log π_ref(y_w|x)] − β·[log π_θ(y_l|x) − log π_ref(y_l|x)] )
 
-The math of this loss and its variants is in nanodpo/dpo.py; this file is the loop around it.
+The math of this loss and its variants is in nanodpo/dpo.py; this file is the loop around it. The same loop trains
+the rest of the preference family: `--loss_type simpo|cpo|orpo` (no reference model) and `kto` (unpaired rows).
 
 Usage
 -----
@@ -38,8 +39,19 @@ from nanodpo import training
 from nanodpo.checkpoint import check_output_dir, save_checkpoint, save_model, start_or_resume, stop_early, update_best
 from nanodpo.config import DPOConfig, config_to_dict, parse_config
 from nanodpo.demo.stages import main_or_demo
-from nanodpo.dpo import check_dpo_options, dpo_loss, dpo_metrics, dpo_pair_stats, pair_stats_metrics
-from nanodpo.dpo_data import load_preference_data
+from nanodpo.dpo import (
+    REFERENCE_FREE_LOSS_TYPES,
+    check_dpo_options,
+    combine_process_metrics,
+    dpo_loss,
+    eval_metrics,
+    eval_stats,
+    family_loss_type,
+    kto_micro_batch_loss,
+    micro_batch_metrics,
+    needs_reference,
+)
+from nanodpo.dpo_data import UnpairedCollator, load_preference_data, load_unpaired_data, with_chosen_prompt_scored
 from nanodpo.dpo_packing import (
     batch_padding_fraction,
     make_preference_collator,
@@ -64,10 +76,15 @@ from nanodpo.tracking import MetricMeans, make_tracker, read_metrics, train_reco
 
 def dpo_forward(policy, ref_model, batch: dict, cfg, accelerator):
     """One micro-batch, down the reading path: data -> model inputs -> log-probs -> loss.
-    Returns (DPOOutput, the policy's TokenStats)."""
-    inputs = preference_model_inputs(policy, batch)  # padded, padding-free or prefix-shared rows
+    Returns (DPOOutput, the policy's TokenStats); for kto (KTOOutput, TokenStats)."""
+    if family_loss_type(cfg) == "kto":
+        return kto_forward(policy, ref_model, batch, cfg, accelerator)
+    # orpo's NLL term scores the chosen prompt tokens too (TRL's ORPOTrainer does); every other loss, the completions.
+    scored = with_chosen_prompt_scored(batch) if family_loss_type(cfg) == "orpo" else batch
+    inputs = preference_model_inputs(policy, scored)  # padded, padding-free or prefix-shared rows
     policy_stats = token_logps(policy, inputs, cfg.logps, with_sum_sq=cfg.use_weighting)
-    if cfg.reference_free:
+    completion_mask = batch["completion_mask"][:, 1:].to(policy_stats.logps.dtype)
+    if not needs_reference(cfg):
         ref_chosen_logps = ref_rejected_logps = None
     elif "ref_chosen_logps" in batch:  # --precompute_ref_logps
         ref_chosen_logps, ref_rejected_logps = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
@@ -75,7 +92,22 @@ def dpo_forward(policy, ref_model, batch: dict, cfg, accelerator):
         ref_chosen_logps, ref_rejected_logps = compute_reference_logps(
             policy, ref_model, inputs, cfg.ld_alpha, accelerator, cfg.logps
         )
-    return dpo_loss(policy_stats, policy_stats.mask, ref_chosen_logps, ref_rejected_logps, cfg), policy_stats
+    return dpo_loss(policy_stats, completion_mask, ref_chosen_logps, ref_rejected_logps, cfg), policy_stats
+
+
+def kto_forward(policy, ref_model, batch: dict, cfg, accelerator):
+    """One KTO micro-batch, laid out [rows; mismatched rows] like a [chosen; rejected] batch: policy forward,
+    reference log-probs of both halves, loss. Returns (KTOOutput, the policy's TokenStats)."""
+    inputs = preference_model_inputs(policy, batch)
+    policy_stats = token_logps(policy, inputs, cfg.logps)
+    ref_logps, ref_mismatched_logps = compute_reference_logps(policy, ref_model, inputs, None, accelerator, cfg.logps)
+    several = accelerator is not None and accelerator.num_processes > 1
+    mean_over_processes = (lambda value: accelerator.reduce(value, "mean")) if several else None
+    completion_mask = batch["completion_mask"][:, 1:].to(policy_stats.logps.dtype)
+    out = kto_micro_batch_loss(
+        policy_stats, completion_mask, ref_logps, ref_mismatched_logps, batch["label"], cfg, mean_over_processes
+    )
+    return out, policy_stats
 
 
 @torch.no_grad()
@@ -90,9 +122,9 @@ def evaluate(policy, ref_model, eval_loader, cfg, accelerator) -> dict[str, floa
     with eval_mode(policy):
         for batch in eval_loader:
             out, policy_stats = dpo_forward(policy, ref_model, batch, cfg, accelerator)
-            pair_stats.append(accelerator.gather_for_metrics(dpo_pair_stats(out, policy_stats)))
+            pair_stats.append(accelerator.gather_for_metrics(eval_stats(out, policy_stats)))  # kto: per row
     stats = {name: torch.cat([s[name] for s in pair_stats]).cpu() for name in pair_stats[0]}
-    return pair_stats_metrics(stats, prefix="eval_")
+    return eval_metrics(stats, prefix="eval_")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -112,8 +144,12 @@ def main(argv: list[str] | None = None) -> None:
     # --batch_layout: prefix-shared, padding-free rows by default (nanodpo/dpo_packing.py), or TRL's padded
     # [chosen; rejected] batch. The numbers are the same.
     collator = make_preference_collator(cfg, tokenizer.pad_token_id)
-    train_examples = load_preference_data(cfg, tokenizer, split="train")
-    eval_examples = load_preference_data(cfg, tokenizer, split="eval")
+    # kto trains on unpaired rows, collated in the pairs' [chosen; rejected] shape (nanodpo/dpo_data.py).
+    load_data = load_unpaired_data if family_loss_type(cfg) == "kto" else load_preference_data
+    if family_loss_type(cfg) == "kto":
+        collator = UnpairedCollator(collator)
+    train_examples = load_data(cfg, tokenizer, split="train")
+    eval_examples = load_data(cfg, tokenizer, split="eval")
 
     # ------------------------------------------------------------------------------------------------------------
     # 3. The policy and the reference policy.
@@ -121,7 +157,9 @@ def main(argv: list[str] | None = None) -> None:
     #    copy — unless --precompute_ref_logps (step 4 scores the data with the untrained policy, whose weights are
     #    the reference) or --reference_free.
     policy = load_policy(cfg, accelerator.device)
-    needs_ref_model = not (cfg.reference_free or cfg.precompute_ref_logps or is_peft_model(policy))
+    needs_ref_model = needs_reference(cfg) and not (cfg.precompute_ref_logps or is_peft_model(policy))
+    if family_loss_type(cfg) in REFERENCE_FREE_LOSS_TYPES:
+        accelerator.print(f"loss type {cfg.loss_type[0]} is reference-free: no reference model is loaded")
     ref_model = load_reference(cfg, accelerator.device) if needs_ref_model else None
     if ref_model is not None:
         ref_model = prepare_reference(accelerator, ref_model)  # frozen; sharded like the policy under FSDP2/ZeRO-3
@@ -161,9 +199,10 @@ def main(argv: list[str] | None = None) -> None:
     total_steps, steps_per_epoch = training.count_training_steps(cfg, len(train_loader))
     # Stepped by hand once per optimizer step (not prepared: accelerate would step it once per process).
     scheduler = training.make_scheduler(optimizer, cfg, total_steps)
+    unit = "rows" if family_loss_type(cfg) == "kto" else "pairs"
     accelerator.print(
-        f"train pairs: {len(train_examples)} | eval pairs: {len(eval_examples) if eval_examples else 0} | "
-        f"{training.describe_step(cfg, accelerator, 'pairs')} | optimizer steps: {total_steps}"
+        f"train {unit}: {len(train_examples)} | eval {unit}: {len(eval_examples) if eval_examples else 0} | "
+        f"{training.describe_step(cfg, accelerator, unit)} | optimizer steps: {total_steps}"
     )
     state = start_or_resume(accelerator, policy, optimizer, scheduler, cfg, ref_cache_key)
     steps = training.optimizer_steps(accelerator, train_loader, cfg.gradient_accumulation_steps, state)
@@ -186,11 +225,14 @@ def main(argv: list[str] | None = None) -> None:
                     # micro-batch losses (each the mean over its pairs), as TRL's.
                     accelerator.backward(out.loss)
                 step_losses.append(out.loss.item())
-                state.num_tokens += int(accelerator.gather(batch["attention_mask"].sum()).sum().item())
-                metrics = {"loss": step_losses[-1], **dpo_metrics(out, policy_stats)}
+                attention_mask = batch["attention_mask"]
+                if "label" in batch:  # kto: the rows, not their mismatched copies (as TRL counts)
+                    attention_mask = attention_mask[: len(batch["label"])]
+                state.num_tokens += int(accelerator.gather(attention_mask.sum()).sum().item())
+                metrics = {"loss": step_losses[-1], **micro_batch_metrics(out, policy_stats)}
                 metrics["padding_fraction"] = batch_padding_fraction(batch)
                 # Every process's micro-batch enters the logged means (as one process with n× accumulation would).
-                train_means.add(*training.gather_metrics(accelerator, metrics))
+                train_means.add(*combine_process_metrics(cfg, training.gather_metrics(accelerator, metrics)))
             grad_norm = float(accelerator.clip_grad_norm_(policy.parameters(), training.clip_norm(cfg)))
             # A NaN/inf would poison the weights for good: such an update is skipped (and counted).
             if update_ok := training.updates_are_finite(accelerator, grad_norm, *step_losses):
@@ -207,16 +249,14 @@ def main(argv: list[str] | None = None) -> None:
                 record = train_record(train_means, state, grad_norm=grad_norm, learning_rate=learning_rate,
                                       epoch=step / steps_per_epoch)  # fmt: skip
                 tracker.log(record, step)
-                progress.set_postfix(loss=f"{record['loss']:.4f}", margin=f"{record['rewards/margins']:.3f}")
+                progress.set_postfix(loss=f"{record['loss']:.4f}", margin=f"{record.get('rewards/margins', 0.0):.3f}")
             if eval_loader is not None and ((cfg.eval_steps and step % cfg.eval_steps == 0) or last_step):
                 eval_record = evaluate(policy, ref_model, eval_loader, cfg, accelerator)
                 tracker.log({**eval_record, "epoch": step / steps_per_epoch}, step)
                 update_best(cfg, state, eval_record)
-                accelerator.print(
-                    f"step {step}: eval_loss {eval_record['eval_loss']:.4f} "
-                    f"eval_rewards/accuracies {eval_record['eval_rewards/accuracies']:.3f} "
-                    f"eval_rewards/margins {eval_record['eval_rewards/margins']:.4f}"
-                )
+                shown = [n for n in ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins", "eval_kl")
+                         if n in eval_record]  # fmt: skip
+                accelerator.print(f"step {step}: " + " ".join(f"{n} {eval_record[n]:.4f}" for n in shown))
             if last_step:
                 break
             if cfg.save_steps and step % cfg.save_steps == 0:

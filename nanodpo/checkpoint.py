@@ -47,7 +47,8 @@ TRAINER_STATE = "trainer_state.json"
 MUST_MATCH = (
     "model", "use_lora", "lora_r", "lora_alpha", "lora_target_modules", "load_in_4bit", "from_scratch",
     "hidden_size", "num_hidden_layers", "dataset", "dataset_split", "max_samples", "max_length", "seed",
-    "train_sampling_strategy", "packing", "packing_strategy", "loss_type", "beta",
+    "train_sampling_strategy", "packing", "packing_strategy", "loss_type", "beta", "simpo_gamma", "cpo_alpha",
+    "desirable_weight", "undesirable_weight", "unpair_preference_data",
 )  # fmt: skip
 
 

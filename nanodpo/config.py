@@ -152,12 +152,13 @@ class DPOConfig(TrainConfig):
     loss_type: list[str] = opt(
         ["sigmoid"],
         "One or more of: sigmoid hinge ipo exo_pair nca_pair robust bco_pair sppo_hard aot aot_unpaired apo_zero "
-        "apo_down discopop sft sigmoid_norm (several are summed with --loss_weights).",
+        "apo_down discopop sft sigmoid_norm (several are summed with --loss_weights); or one of the rest of the "
+        "family, alone: simpo cpo orpo (no reference model; orpo's --beta is its λ) kto (unpaired rows).",
     )
     loss_weights: list[float] | None = opt(None, "Weight of each --loss_type (default 1.0 each).")
     label_smoothing: float = opt(
         0.0,
-        "ε: label-noise rate for robust, exo_pair, aot, aot_unpaired — and conservative DPO for sigmoid "
+        "ε: label-noise rate for robust, exo_pair, aot, aot_unpaired, simpo, cpo — and conservative DPO for sigmoid "
         "(TRL 1.16 ignores it there; nanodpo applies it like TRL <= 0.28 and the DPO authors' code).",
     )
     f_divergence_type: str = opt(
@@ -171,6 +172,18 @@ class DPOConfig(TrainConfig):
     discopop_tau: float = opt(0.05, "τ of the DiscoPOP loss.")
     rpo_alpha: float | None = opt(None, "RPO: add α × the NLL of the chosen completion (= loss_type sigmoid+sft).")
     reference_free: bool = opt(False, "Use no reference model: its log-probs are taken as 0.")
+    # --- the rest of the preference family (nanodpo/dpo.py, second table); checked in dpo.check_dpo_options ---
+    simpo_gamma: float = opt(0.5, "simpo: γ, the target reward margin (TRL's CPOConfig default).")
+    cpo_alpha: float | None = opt(
+        None, "cpo, simpo: weight α of the chosen completion's NLL term. Default (none): 1.0 for cpo, 0.0 for simpo."
+    )
+    desirable_weight: float = opt(1.0, "kto: λ_D, the weight of the desirable rows' losses.")
+    undesirable_weight: float = opt(1.0, "kto: λ_U, the weight of the undesirable rows' losses.")
+    unpair_preference_data: bool = opt(
+        False,
+        "kto: read pairs (prompt, chosen, rejected) as two unpaired rows each, chosen desirable and rejected "
+        "undesirable (TRL's unpair_preference_dataset).",
+    )
     precompute_ref_logps: bool = opt(
         False, "Compute the reference log-probs once before training (cached on disk), then free the reference."
     )
@@ -272,6 +285,10 @@ RANGES = {
     "precompute_ref_batch_size": ">= 1",
     "max_tokens_per_batch": ">= 1",
     "max_prompt_length": ">= 0",
+    "simpo_gamma": ">= 0",  # SimPO's target margin
+    "cpo_alpha": ">= 0",
+    "desirable_weight": "> 0",
+    "undesirable_weight": "> 0",
     # PT
     "hidden_size": ">= 1",
     "num_hidden_layers": ">= 1",

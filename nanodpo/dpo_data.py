@@ -26,6 +26,15 @@ Per row, in order (TRL's `DPOTrainer._prepare_dataset`, checked token for token 
 7. With `--max_length` and `truncation_mode=keep_start`, a row whose prompt alone has >= max_length tokens is
    dropped (truncation would leave no completion token). Sequences are truncated later, in `PreferenceCollator`.
 
+Unpaired rows (KTO, `--loss_type kto`; TRL's KTOTrainer format), loaded by `load_unpaired_data`:
+
+    {"prompt": "What is 2+2?", "completion": " 4.", "label": true}        label: true = desirable (thumbs up)
+    {"prompt": [{"role": "user", ...}], "completion": [{"role": "assistant", ...}], "label": false}
+
+With `--unpair_preference_data`, preference rows are read instead, each giving a desirable row (its chosen) and an
+undesirable one (its rejected), in the order of TRL's `unpair_preference_dataset` (per block of 1000 pairs: the
+chosen rows, then the rejected rows). Tokenization is the same as for pairs (steps 3-7, the completion split per row).
+
 Roles allowed in messages: system, developer, user, assistant, tool. Anything else (a typo like "assitant", or a
 model-specific role) is refused up front rather than rendered wrongly or failing mid-run inside a chat template.
 """
@@ -63,7 +72,20 @@ def load_preference_data(cfg, tokenizer, split: str = "train") -> list[dict] | N
         max_prompt_length=getattr(cfg, "max_prompt_length", None),
     )
     print(f"preference data ({split}): {stats.summary()}")
+    identical = count_identical_pairs(examples)
+    if identical:
+        print(
+            f"notice: {identical} of {len(examples)} {split} pairs have the same chosen and rejected completion "
+            f"(e.g. {next(ex['origin'] for ex in examples if ex['chosen_ids'] == ex['rejected_ids'])}): a loss on "
+            "the chosen - rejected difference (sigmoid, ipo, hinge, simpo, cpo, orpo, ...) gets zero gradient from "
+            "them, yet they count in each batch's mean"
+        )
     return examples
+
+
+def count_identical_pairs(examples: list[dict]) -> int:
+    """Pairs whose chosen and rejected token ids are equal: a loss on their difference sees 0 there."""
+    return sum(ex["chosen_ids"] == ex["rejected_ids"] for ex in examples)
 
 
 @dataclass
@@ -291,6 +313,157 @@ def apply_template(row: Row, tokenizer, messages: list[dict], **kwargs) -> list[
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Unpaired rows (KTO).
+
+UNPAIR_BLOCK = 1000  # the rows `datasets.map(batched=True)` hands TRL's `_unpair_row` at a time (its default)
+
+
+def load_unpaired_data(cfg, tokenizer, split: str = "train") -> list[dict] | None:
+    """Tokenized unpaired examples for `split` "train" or "eval" (None when no evaluation data is configured).
+
+    Each example: {"prompt_ids", "completion_ids": list[int], "label": bool, "origin": "file, row N"}. Every row is
+    validated before any is tokenized; with `--unpair_preference_data` the rows are pairs (see the module docstring).
+    """
+    rows = load_split_rows(cfg, split)
+    if rows is None:
+        return None
+    if not rows:
+        raise UserError("the unpaired dataset has no rows")
+    if getattr(cfg, "unpair_preference_data", False):
+        prepared = unpair_rows(rows)
+    else:
+        prepared = [prepare_unpaired_row(row) for row in rows]
+    examples, stats = build_unpaired_examples(
+        prepared,
+        tokenizer,
+        max_length=cfg.max_length,
+        truncation_mode=getattr(cfg, "truncation_mode", "keep_start"),
+        max_prompt_length=getattr(cfg, "max_prompt_length", None),
+    )
+    batch_size = cfg.per_device_train_batch_size if split == "train" else cfg.per_device_eval_batch_size
+    if len(examples) % batch_size == 1:
+        flag = "--max_samples" if split == "train" else "--max_eval_samples"
+        raise UserError(
+            f"{len(examples)} {split} rows in batches of {batch_size} leave a last batch of 1 row, too few to estimate "
+            f"kto's KL reference point (from the other rows of its batch); use {flag} {len(examples) - 1} or another "
+            "batch size"
+        )
+    desirable = sum(ex["label"] for ex in examples)
+    print(
+        f"unpaired data ({split}): {stats.summary()}; {desirable} desirable, {len(examples) - desirable} undesirable"
+    )
+    return examples
+
+
+def prepare_unpaired_row(row: Row) -> tuple[Row, Any, Any, bool]:
+    """Check one unpaired row; return (row, prompt, completion, label)."""
+    data = row.data
+    if "chosen" in data and "rejected" in data and "completion" not in data:
+        raise UserError(
+            f"{row.where()}: a preference pair (chosen, rejected), but --loss_type kto reads unpaired rows "
+            "(prompt, completion, label); add --unpair_preference_data to use each pair as one desirable and one "
+            "undesirable row"
+        )
+    for name in ("prompt", "completion", "label"):
+        if name not in data:
+            columns = ", ".join(map(repr, data)) or "none"
+            raise UserError(
+                f"{row.where(name)}: missing; unpaired rows need 'prompt', 'completion' and 'label' "
+                f"(this row has: {columns})"
+            )
+    for name in ("image", "images"):
+        if data.get(name) is not None:
+            raise UserError(f"{row.where(name)}: images are not supported (nanodpo trains text-only models)")
+    label = data["label"]
+    if not isinstance(label, bool):
+        raise UserError(
+            f"{row.where('label')}: expected true (desirable) or false (undesirable), got {label!r} "
+            f"({type(label).__name__})"
+        )
+    prompt, completion = data["prompt"], data["completion"]
+    check_value(row, "prompt", prompt)
+    check_value(row, "completion", completion)
+    if isinstance(prompt, str) != isinstance(completion, str):
+        kinds = {True: "a string", False: "a list of messages"}
+        raise UserError(
+            f"{row.where('completion')}: is {kinds[isinstance(completion, str)]} but 'prompt' is "
+            f"{kinds[isinstance(prompt, str)]}; both must be the same kind"
+        )
+    return row, prompt, completion, label
+
+
+def unpair_rows(rows: list[Row]) -> list[tuple[Row, Any, Any, bool]]:
+    """Pairs -> unpaired rows, as TRL's `unpair_preference_dataset`: for each block of UNPAIR_BLOCK pairs, a
+    desirable row (prompt, chosen) for each pair, then an undesirable row (prompt, rejected) for each. Rows without
+    a prompt column get the prompt extracted first (`prepare_row`), as TRL's KTOTrainer does before unpairing."""
+    prepared = [(row, prepare_row(row)) for row in rows]  # validation of every pair first
+    unpaired = []
+    for start in range(0, len(prepared), UNPAIR_BLOCK):
+        block = prepared[start : start + UNPAIR_BLOCK]
+        unpaired += [(row, prompt, chosen, True) for row, (prompt, chosen, _, _) in block]
+        unpaired += [(row, prompt, rejected, False) for row, (prompt, _, rejected, _) in block]
+    return unpaired
+
+
+def build_unpaired_examples(
+    prepared: list[tuple[Row, Any, Any, bool]],
+    tokenizer,
+    max_length: int | None = None,
+    truncation_mode: str = "keep_start",
+    max_prompt_length: int | None = None,
+) -> tuple[list[dict], Stats]:
+    """Tokenize validated unpaired rows as TRL's KTOTrainer does: the same steps 3-7 as a pair whose two completions
+    are this row's one (so the completion starts where prompt and prompt+completion ids diverge)."""
+    stats = Stats(read=len(prepared), max_length=max_length)
+    examples = []
+    first_dropped = None
+    for row, prompt, completion, label in prepared:
+        prompt_ids, completion_ids, _ = tokenize_row(row, tokenizer, prompt, completion, completion)
+        if max_prompt_length is not None and len(prompt_ids) > max_prompt_length:
+            prompt_ids = prompt_ids[len(prompt_ids) - max_prompt_length :]
+            stats.prompt_cut += 1
+        if max_length is not None and truncation_mode == "keep_start" and len(prompt_ids) >= max_length:
+            stats.dropped += 1
+            first_dropped = first_dropped or f"{row.where('prompt')} has {len(prompt_ids)} tokens"
+            continue
+        examples.append(
+            {"prompt_ids": prompt_ids, "completion_ids": completion_ids, "label": label, "origin": row.where()}
+        )
+    if not examples:
+        raise UserError(
+            f"all {stats.read} rows were dropped: each prompt alone has >= --max_length {max_length} tokens "
+            f"(e.g. {first_dropped}); raise --max_length, set --max_prompt_length, or use --truncation_mode keep_end"
+        )
+    return examples, stats
+
+
+@dataclass
+class UnpairedCollator:
+    """A KTO micro-batch in the [chosen; rejected] shape of the pair collators, so every layout (padded,
+    padding-free, prefix-shared) and log-prob path serves it unchanged:
+
+        rows 0 .. B-1     (x_i, y_i)        the micro-batch's rows, scored by the loss
+        rows B .. 2B-1    (x_i, y_{i-1})    mismatched: row i's prompt with the previous row's completion (row 0 takes
+                                            the last one's), for the KL reference point z_ref (TRL's rotation)
+
+    plus `label` [B] (bool). `pairs` is the pair collator (PreferenceCollator or PackedPreferenceCollator); with
+    prefix sharing, each row and its mismatched row share the prompt, computed once.
+    """
+
+    pairs: Any
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        rotated = [
+            {"prompt_ids": ex["prompt_ids"], "chosen_ids": ex["completion_ids"],
+             "rejected_ids": examples[i - 1]["completion_ids"]}
+            for i, ex in enumerate(examples)
+        ]  # fmt: skip
+        batch = self.pairs(rotated)
+        batch["label"] = torch.tensor([bool(ex["label"]) for ex in examples])
+        return batch
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Batching.
 
 
@@ -351,6 +524,15 @@ class PreferenceCollator:
             if key in examples[0]:
                 batch[key] = torch.tensor([ex[key] for ex in examples])
         return batch
+
+
+def with_chosen_prompt_scored(batch: dict) -> dict:
+    """The batch with `completion_mask` also 1 on the chosen sequences' prompt tokens (every real token of the first
+    half): ORPO's NLL term covers the whole chosen sequence, as TRL's ORPOTrainer computes it. The rejected rows keep
+    their completion mask. Works with every layout: the packed ones map every token of every sequence."""
+    chosen_attention, _ = batch["attention_mask"].chunk(2)
+    _, rejected_completion = batch["completion_mask"].chunk(2)
+    return {**batch, "completion_mask": torch.cat([chosen_attention, rejected_completion]).to(batch["completion_mask"])}
 
 
 def _pad(rows: list[list[int]], length: int, value: int) -> torch.Tensor:

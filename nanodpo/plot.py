@@ -198,7 +198,11 @@ def plot_metrics(records: list[dict], out_dir: str | Path) -> list[Path]:
     names = panel_names(records)
     if not names:
         raise UserError("metrics.jsonl has no numeric metrics to plot")
-    is_dpo = any("rewards/margins" in r or "eval_rewards/margins" in r for r in records)
+    # The ln 2 line marks where DPO's sigmoid loss starts (policy = reference); other losses (ipo, simpo, cpo, orpo,
+    # kto, an added NLL term) start elsewhere, so it is drawn only for a run whose loss starts there.
+    _, losses = series(records, "loss")
+    is_dpo = bool(losses) and abs(losses[0] - LN2) < 0.05
+    is_dpo = is_dpo and any("rewards/margins" in r or "eval_rewards/margins" in r for r in records)
     written = []
     for name in names:
         fig, ax = plt.subplots(figsize=(6, 4))

@@ -241,6 +241,12 @@ def test_resume_refuses_another_model_or_batch(data, tmp_path):
         in_process("dpo", data, out, "--resume_from_checkpoint", "latest", "--gradient_accumulation_steps", "1")
     with pytest.raises(UserError, match="not a nanodpo checkpoint"):
         in_process("dpo", data, out, "--resume_from_checkpoint", str(tmp_path))
+    # The preference family's options change the objective too (simpo's target margin here).
+    simpo_out = tmp_path / "simpo"
+    in_process("dpo", data, simpo_out, "--max_steps", "4", "--loss_type", "simpo")
+    with pytest.raises(UserError, match="simpo_gamma"):
+        in_process("dpo", data, simpo_out, "--resume_from_checkpoint", "latest", "--loss_type", "simpo",
+                   "--simpo_gamma", "1.0")  # fmt: skip
 
 
 def test_save_total_limit_keeps_the_newest_and_the_best(data, tmp_path, monkeypatch):
