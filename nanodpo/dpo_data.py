@@ -95,6 +95,29 @@ class Stats:
     prompt_cut: int = 0  # rows whose prompt was cut to --max_prompt_length
     dropped: int = 0  # rows whose prompt alone fills --max_length (keep_start)
     max_length: int | None = None
+    first_dropped: str | None = None  # where the first dropped row is, for the error when none is left
+
+    def fit_prompt(self, row, prompt_ids: list[int], truncation_mode: str, max_prompt_length: int | None):
+        """The prompt ids as trained (cut to --max_prompt_length, keeping the end: the latest turns), or None when
+        the row is dropped: TRL's filter, since keep_start truncation would cut every completion token of a prompt
+        that alone reaches --max_length, leaving no learning signal. (keep_end keeps the end of each sequence, so the
+        completion survives and nothing is dropped.)"""
+        if max_prompt_length is not None and len(prompt_ids) > max_prompt_length:
+            prompt_ids = prompt_ids[len(prompt_ids) - max_prompt_length :]
+            self.prompt_cut += 1
+        if self.max_length is not None and truncation_mode == "keep_start" and len(prompt_ids) >= self.max_length:
+            self.dropped += 1
+            self.first_dropped = self.first_dropped or f"{row.where('prompt')} has {len(prompt_ids)} tokens"
+            return None
+        return prompt_ids
+
+    def check_some_kept(self) -> None:
+        if self.dropped == self.read:
+            raise UserError(
+                f"all {self.read} rows were dropped: each prompt alone has >= --max_length {self.max_length} tokens "
+                f"(e.g. {self.first_dropped}); raise --max_length, set --max_prompt_length, or use --truncation_mode "
+                "keep_end"
+            )
 
     def summary(self) -> str:
         text = f"{self.read} rows read"
@@ -126,27 +149,16 @@ def build_examples(
     prepared = [prepare_row(row) for row in rows]  # validation of the whole dataset first
 
     examples = []
-    first_dropped = None
     for row, (prompt, chosen, rejected, extracted) in zip(rows, prepared):
         stats.extracted += extracted
         prompt_ids, chosen_ids, rejected_ids = tokenize_row(row, tokenizer, prompt, chosen, rejected)
-        if max_prompt_length is not None and len(prompt_ids) > max_prompt_length:
-            prompt_ids = prompt_ids[len(prompt_ids) - max_prompt_length :]  # keep the end: the latest turns
-            stats.prompt_cut += 1
-        if max_length is not None and truncation_mode == "keep_start" and len(prompt_ids) >= max_length:
-            # TRL's filter: keep_start truncation would cut every completion token, leaving no learning signal.
-            # (keep_end keeps the end of each sequence, so the completion survives and nothing is dropped.)
-            stats.dropped += 1
-            first_dropped = first_dropped or f"{row.where('prompt')} has {len(prompt_ids)} tokens"
+        prompt_ids = stats.fit_prompt(row, prompt_ids, truncation_mode, max_prompt_length)
+        if prompt_ids is None:
             continue
         examples.append(
             {"prompt_ids": prompt_ids, "chosen_ids": chosen_ids, "rejected_ids": rejected_ids, "origin": row.where()}
         )
-    if not examples:
-        raise UserError(
-            f"all {stats.read} rows were dropped: each prompt alone has >= --max_length {max_length} tokens "
-            f"(e.g. {first_dropped}); raise --max_length, set --max_prompt_length, or use --truncation_mode keep_end"
-        )
+    stats.check_some_kept()
     return examples, stats
 
 
@@ -416,24 +428,15 @@ def build_unpaired_examples(
     are this row's one (so the completion starts where prompt and prompt+completion ids diverge)."""
     stats = Stats(read=len(prepared), max_length=max_length)
     examples = []
-    first_dropped = None
     for row, prompt, completion, label in prepared:
         prompt_ids, completion_ids, _ = tokenize_row(row, tokenizer, prompt, completion, completion)
-        if max_prompt_length is not None and len(prompt_ids) > max_prompt_length:
-            prompt_ids = prompt_ids[len(prompt_ids) - max_prompt_length :]
-            stats.prompt_cut += 1
-        if max_length is not None and truncation_mode == "keep_start" and len(prompt_ids) >= max_length:
-            stats.dropped += 1
-            first_dropped = first_dropped or f"{row.where('prompt')} has {len(prompt_ids)} tokens"
+        prompt_ids = stats.fit_prompt(row, prompt_ids, truncation_mode, max_prompt_length)
+        if prompt_ids is None:
             continue
         examples.append(
             {"prompt_ids": prompt_ids, "completion_ids": completion_ids, "label": label, "origin": row.where()}
         )
-    if not examples:
-        raise UserError(
-            f"all {stats.read} rows were dropped: each prompt alone has >= --max_length {max_length} tokens "
-            f"(e.g. {first_dropped}); raise --max_length, set --max_prompt_length, or use --truncation_mode keep_end"
-        )
+    stats.check_some_kept()
     return examples, stats
 
 
