@@ -2,8 +2,9 @@
 ACCELERATE_USE_CPU=1 and how the runs are made comparable: batch b × accumulation a on 2 processes covers the same
 micro-batches, in the same steps, as batch b × accumulation 2a on 1 process with sequential order).
 
-  * orpo (reference-free; its NLL term scores the chosen prompts too), in the default prefix-shared layout: every
-    logged value of 2 processes equals 1 process with twice the accumulation (step 1 within 1e-5, later 1e-3).
+  * simpo, cpo and orpo (reference-free; orpo's NLL term scores the chosen prompts too), in the default prefix-shared
+    layout: every logged value of 2 processes equals 1 process with twice the accumulation (step 1 within 1e-5,
+    later 1e-3).
   * kto: z_ref is averaged over the processes' micro-batches (TRL gathers it), so 2 processes are NOT 1 process with
     twice the accumulation; they are compared with TRL's KTOTrainer on the same 2 processes instead (step 1 within
     1e-5, later 1e-3), its metrics reduced over the rows of both processes.
@@ -55,11 +56,17 @@ for kind, argv, out in json.load(open(sys.argv[1])):
 """
 
 
-def test_orpo_and_kto_on_two_processes(tmp_path):
+REFERENCE_FREE = ("simpo", "cpo", "orpo")
+
+
+def test_reference_free_losses_and_kto_on_two_processes(tmp_path):
     tiny.make_model_dir(tmp_path / "model", seed=0)
     tiny.write_jsonl(tmp_path / "pairs.jsonl", tiny.preference_rows(16, "explicit"))
     tiny.write_jsonl(tmp_path / "rows.jsonl", unpaired_rows(16))
-    orpo = dict(dataset=str(tmp_path / "pairs.jsonl"), loss_type="orpo", learning_rate=1e-3, max_length=64)
+    pair_runs = {
+        loss_type: dict(dataset=str(tmp_path / "pairs.jsonl"), loss_type=loss_type, learning_rate=1e-3, max_length=64)
+        for loss_type in REFERENCE_FREE
+    }
     kto = dict(dataset=str(tmp_path / "rows.jsonl"), loss_type="kto", learning_rate=1e-3, max_length=64,
                undesirable_weight=1.33)  # fmt: skip
     trl_kto = dict(
@@ -70,7 +77,8 @@ def test_orpo_and_kto_on_two_processes(tmp_path):
     )  # fmt: skip
     (tmp_path / "trl_kto").mkdir()
     plan = [
-        ("nanodpo", to_argv(common(tmp_path, tmp_path / "orpo_two", **orpo)), ""),
+        *[("nanodpo", to_argv(common(tmp_path, tmp_path / f"{name}_two", **run_options)), "")
+          for name, run_options in pair_runs.items()],  # fmt: skip
         ("nanodpo", to_argv(common(tmp_path, tmp_path / "kto_two", **kto)), ""),
         ("trl_kto", [json.dumps(trl_kto)], str(tmp_path / "trl_kto")),
     ]
@@ -83,14 +91,15 @@ def test_orpo_and_kto_on_two_processes(tmp_path):
     ]  # fmt: skip
     output = run(cmd, base_env(ACCELERATE_USE_CPU="1"))
     assert output.count("accumulation x 2 processes)") == len(plan)
-    assert "loss type orpo is reference-free: no reference model is loaded" in output
-
-    run_one("train_dpo.py", common(tmp_path, tmp_path / "orpo_one", gradient_accumulation_steps=4, **orpo))
-    two, one = (
-        [r for r in read_metrics(tmp_path / name / "metrics.jsonl") if "loss" in r] for name in ("orpo_two", "orpo_one")
-    )
-    assert len(two) == 4
-    assert_same_curve(two, one, rtol=1e-3, label="orpo")
+    for name, run_options in pair_runs.items():
+        assert f"loss type {name} is reference-free: no reference model is loaded" in output
+        one_process = common(tmp_path, tmp_path / f"{name}_one", gradient_accumulation_steps=4, **run_options)
+        run_one("train_dpo.py", one_process)
+        two, one = (
+            [r for r in read_metrics(tmp_path / f"{name}_{n}" / "metrics.jsonl") if "loss" in r] for n in ("two", "one")
+        )
+        assert len(two) == 4
+        assert_same_curve(two, one, rtol=1e-3, label=name)
 
     ours = [r for r in read_metrics(tmp_path / "kto_two" / "metrics.jsonl") if "loss" in r]
     theirs = [r for r in json.loads((tmp_path / "trl_kto" / "log_history.json").read_text()) if "loss" in r]
