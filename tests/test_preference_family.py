@@ -285,25 +285,6 @@ def trl_trainer(workdir: Path, out: Path, loss_type: str, accumulation: int, max
     )
 
 
-def assert_curves_close(ours, theirs, keys, rtol, first_step_rtol=1e-5) -> dict:
-    assert len(ours) == len(theirs) == STEPS
-    worst = {"step 1": 0.0, "curve": 0.0}
-    for i, (a, b) in enumerate(zip(ours, theirs)):
-        assert a["step"] == b["step"] == i + 1
-        for key in keys + (["grad_norm"] if i == 0 else []):
-            scale = max(abs(b[key]), 1e-2)
-            # Differences: fp32 rounding is relative to what they are the difference of (log odds ≈ ℓ for ℓ << 0).
-            if key == "rewards/margins":
-                scale = max(scale, abs(b["rewards/chosen"]) + abs(b["rewards/rejected"]))
-            if key == "log_odds_chosen":
-                scale = max(scale, abs(b["logps/chosen"]) + abs(b["logps/rejected"]))
-            rel = abs(a[key] - b[key]) / scale
-            tol = first_step_rtol if i == 0 else rtol
-            worst["step 1" if i == 0 else "curve"] = max(worst["step 1" if i == 0 else "curve"], rel)
-            assert rel <= tol, f"step {i + 1} {key}: nanodpo {a[key]} vs TRL {b[key]} (relative {rel:.1e})"
-    return worst
-
-
 @pytest.mark.slow
 @pytest.mark.usefixtures("fresh_accelerate_state")
 @pytest.mark.parametrize("accumulation", [1, 2])
@@ -322,7 +303,7 @@ def test_curve_matches_trl(workdir, tmp_path, loss_type, accumulation):
     trainer = trl_trainer(workdir, tmp_path / "trl", loss_type, accumulation, **options)
     trainer.train()
     theirs = [r for r in trainer.state.log_history if "loss" in r]
-    worst = assert_curves_close(ours, theirs, COMPARED[loss_type], rtol=1e-3)
+    worst = tiny.assert_curves_close(ours, theirs, COMPARED[loss_type], STEPS, rtol=1e-3)
     # The evaluation after step 10 (one batch of 6 pairs), under TRL's eval_ names.
     our_eval = next(r for r in records if "eval_loss" in r)
     their_eval = next(r for r in trainer.state.log_history if "eval_loss" in r)

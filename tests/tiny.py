@@ -154,3 +154,31 @@ def preference_rows(n: int = 16, kind: str = "explicit") -> list[dict]:
         else:
             raise ValueError(kind)
     return rows
+
+
+def assert_curves_close(ours: list[dict], theirs: list[dict], keys, steps: int, rtol: float,
+                        first_step_rtol: float = 1e-5, present_only: bool = False) -> dict:  # fmt: skip
+    """nanodpo's logged records against TRL's log_history, step by step: every key in `keys` (and grad_norm at step 1)
+    within first_step_rtol at step 1 and rtol later. Returns the largest relative differences ("step 1", "curve").
+    present_only: compare only the keys TRL logged at that step (KTO logs rewards/chosen only for steps that had a
+    desirable row); otherwise every key must be there.
+
+    A difference is compared relative to what it is the difference of: fp32 rounding of rewards/margins is relative
+    to |rewards/chosen| + |rewards/rejected|, of log_odds_chosen (≈ ℓ_w - ℓ_l for ℓ << 0) to |logps/chosen| +
+    |logps/rejected|."""
+    assert len(ours) == len(theirs) == steps
+    worst = {"step 1": 0.0, "curve": 0.0}
+    for i, (a, b) in enumerate(zip(ours, theirs)):
+        assert a["step"] == b["step"] == i + 1
+        for key in [k for k in keys if k in b or not present_only] + (["grad_norm"] if i == 0 else []):
+            scale = max(abs(b[key]), 1e-2)
+            if key == "rewards/margins":
+                scale = max(scale, abs(b["rewards/chosen"]) + abs(b["rewards/rejected"]))
+            if key == "log_odds_chosen":
+                scale = max(scale, abs(b["logps/chosen"]) + abs(b["logps/rejected"]))
+            rel = abs(a[key] - b[key]) / scale
+            where = "step 1" if i == 0 else "curve"
+            worst[where] = max(worst[where], rel)
+            tol = first_step_rtol if i == 0 else rtol
+            assert rel <= tol, f"step {i + 1} {key}: nanodpo {a[key]} vs TRL {b[key]} (relative {rel:.1e})"
+    return worst
