@@ -222,12 +222,7 @@ def test_layouts_equal_padded_batch():
         policy.zero_grad(set_to_none=True)
         loss, metrics = dpo_step(policy, reference, batch, cfg)
         loss.backward()
-        assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-5), layout
-        for name, value in ref_metrics.items():
-            if name != "padding_fraction":
-                assert metrics[name] == pytest.approx(value, rel=1e-5, abs=1e-5), (layout, name)
-        for name, param in policy.named_parameters():
-            torch.testing.assert_close(param.grad, ref_grads[name], rtol=1e-4, atol=1e-6, msg=f"{layout} {name}")
+        tiny.assert_same_step(policy, loss, metrics, ref_loss, ref_metrics, ref_grads, layout, metric_atol=1e-5)
 
 
 # ----------------------------------------------------------------------------------------------------------------

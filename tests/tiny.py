@@ -8,6 +8,7 @@ Qwen2/Llama configs with a few layers.
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
@@ -182,3 +183,15 @@ def assert_curves_close(ours: list[dict], theirs: list[dict], keys, steps: int, 
             tol = first_step_rtol if i == 0 else rtol
             assert rel <= tol, f"step {i + 1} {key}: nanodpo {a[key]} vs TRL {b[key]} (relative {rel:.1e})"
     return worst
+
+
+def assert_same_step(policy, loss, metrics: dict, ref_loss, ref_metrics: dict, ref_grads: dict, label: str,
+                     metric_atol: float) -> None:  # fmt: skip
+    """One micro-batch in another batch layout against the padded reference: the loss (relative 1e-5), every metric
+    but padding_fraction (relative 1e-5, absolute metric_atol) and every parameter's gradient."""
+    assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-5), label
+    for name, value in ref_metrics.items():
+        if name != "padding_fraction":
+            assert metrics[name] == pytest.approx(value, rel=1e-5, abs=metric_atol), (label, name)
+    for name, param in policy.named_parameters():
+        torch.testing.assert_close(param.grad, ref_grads[name], rtol=1e-4, atol=1e-6, msg=f"{label} {name}")
