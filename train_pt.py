@@ -5,9 +5,9 @@ Every document is tokenized, gets EOS appended, and is packed into rows of --max
 concatenate-and-chunk. Every token is a target except the first of each document (nothing before it in the same
 document predicts it). Loss = mean NLL over the target tokens of the whole optimizer step (see train_sft.py).
 
-From scratch: --from_scratch takes the architecture and tokenizer of --model (a hub id, a local folder, or the preset
-`nanodpo-tiny`, a few-million-parameter Qwen2 with the project's own bilingual tokenizer) with optional overrides,
-e.g. scaling Qwen2.5-0.5B's config up to ~1B:
+From scratch: --from_scratch takes the architecture and tokenizer of --model (a hub id, a local folder, a GGUF file —
+its metadata: the weights are not loaded — or the preset `nanodpo-tiny`, a few-million-parameter Qwen2 with the
+project's own bilingual tokenizer) with optional overrides, e.g. scaling Qwen2.5-0.5B's config up to ~1B:
     python train_pt.py --model Qwen/Qwen2.5-0.5B --from_scratch --hidden_size 1536 --num_hidden_layers 28 \
         --intermediate_size 8960 --num_attention_heads 12 --num_key_value_heads 2 --dataset corpus/*.jsonl
 

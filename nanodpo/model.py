@@ -151,7 +151,8 @@ def load_tokenizer(cfg):
 
 
 def load_model_config(cfg, vocab_size: int):
-    """The architecture of --model (a preset, or a hub id / folder's config.json), for a model built from scratch."""
+    """The architecture of --model (a preset, a hub id / folder's config.json, or a GGUF file's metadata), for a model
+    built from scratch."""
     if cfg.model in PRESETS:
         return PRESETS[cfg.model][0](vocab_size)
     try:

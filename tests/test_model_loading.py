@@ -123,6 +123,53 @@ def test_every_script_trains_from_a_gguf_and_saves_safetensors(tiny_gguf, tmp_pa
         assert changed, f"{name}: one step changed no weight"
 
 
+@pytest.mark.slow
+@pytest.mark.usefixtures("fresh_accelerate_state")
+def test_pretraining_from_scratch_takes_a_ggufs_architecture_and_tokenizer_only(tiny_gguf, tmp_path):
+    """`train_pt.py --model FILE.gguf --from_scratch`: the GGUF's config (with the overrides) and tokenizer, new
+    random weights; the run saves an ordinary safetensors model."""
+    from safetensors.torch import load_file
+
+    import train_pt
+
+    path, model, tokenizer = tiny_gguf
+    tiny.write_jsonl(tmp_path / "pt.jsonl", [{"text": r["prompt"] + r["chosen"]} for r in tiny.preference_rows(8)])
+    out = tmp_path / "out"
+    train_pt.main([
+        "--model", str(path), "--from_scratch", "--num_hidden_layers", "1", "--intermediate_size", "96",
+        "--dataset", str(tmp_path / "pt.jsonl"), "--output_dir", str(out), "--max_steps", "2", "--max_length", "32",
+        "--per_device_train_batch_size", "2", "--learning_rate", "1e-3", "--disable_tqdm",
+    ])  # fmt: skip
+    assert (out / "model.safetensors").exists() and not list(out.glob("*.gguf"))
+    saved = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    # The architecture is the GGUF's, with --num_hidden_layers and --intermediate_size applied.
+    assert type(saved) is type(model)
+    expected = {**model.config.to_dict(), "num_hidden_layers": 1, "intermediate_size": 96}
+    architecture = (
+        "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+        "num_key_value_heads", "max_position_embeddings", "rope_parameters", "tie_word_embeddings",
+    )  # fmt: skip
+    for key in architecture:
+        assert getattr(saved.config, key) == expected[key], key
+    assert saved.config.rms_norm_eps == pytest.approx(model.config.rms_norm_eps)  # stored as float32 in the GGUF
+    # Random init, not the GGUF's weights: two Adam steps of 1e-3 move a weight by at most ~2e-3, so a model
+    # started from the GGUF would still be within 1e-2 of it everywhere.
+    original = model.state_dict()
+    same_shape = [n for n, p in saved.state_dict().items() if p.ndim == 2 and original[n].shape == p.shape]
+    assert {"model.embed_tokens.weight", "lm_head.weight", "model.layers.0.self_attn.q_proj.weight"} <= set(same_shape)
+    for name in same_shape:
+        assert not torch.allclose(saved.state_dict()[name], original[name], atol=1e-2), name
+    # What was saved is exactly what loads back.
+    for name, tensor in load_file(out / "model.safetensors").items():
+        assert torch.equal(saved.state_dict()[name], tensor), name
+    # The tokenizer saved with it is the GGUF's.
+    ours = AutoTokenizer.from_pretrained(out)
+    text = "<|im_start|>user\nName a fruit.<|im_end|>\n很好，很暴躁。"
+    assert ours(text)["input_ids"] == tokenizer(text)["input_ids"] and ours.get_vocab() == tokenizer.get_vocab()
+    assert (ours.eos_token, ours.pad_token) == ("<|im_end|>", "<|endoftext|>")
+    assert ours.chat_template == tokenizer.chat_template
+
+
 def test_missing_model_folder_says_so():
     with pytest.raises(UserError, match=r"--model '/no/such/dir': no such local folder, and not a hub id either"):
         check_model_options(model_cfg("/no/such/dir"))
