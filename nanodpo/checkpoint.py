@@ -103,6 +103,11 @@ def _write_model_files(accelerator, model, tokenizer, cfg, directory: Path) -> N
     unwrapped = accelerator.unwrap_model(model)
     # Under FSDP/ZeRO-3 each process holds a shard; get_state_dict gathers the full weights (on the main process).
     state_dict = accelerator.get_state_dict(model)
+    # Tied weights (lm_head = embed_tokens): gathered from FSDP2 shards they come back as two separate copies, which
+    # save_pretrained cannot tell are one tensor. Keep only the source, as a one-process save does.
+    for tied, source in (getattr(unwrapped, "all_tied_weights_keys", None) or {}).items():
+        if tied in state_dict and source in state_dict:
+            del state_dict[tied]
     unwrapped.save_pretrained(directory, state_dict=state_dict, safe_serialization=True)
     tokenizer.save_pretrained(directory)
     save_config(cfg, directory / "config.yaml")

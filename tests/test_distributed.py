@@ -554,7 +554,7 @@ def fsdp_dpo_runs(workdir: Path) -> dict[str, tuple[str, dict]]:
     full_online: full fine-tuning, the reference a frozen copy sharded like the policy
         (nanodpo.model.prepare_reference), with gradient checkpointing (the chunked head inside a checkpointed model).
     full_precomputed: full fine-tuning, reference log-probs precomputed before sharding; tied embeddings (the LM
-        head's weight is the input embedding: its one FSDP unit gets both gradients).
+        head's weight is the input embedding: its one FSDP unit gets both gradients); a checkpoint at step 2.
     lora / lora_readable: a LoRA adapter on the sharded base, the reference the same model with the adapter off;
         lora_readable takes TRL's padded batch and full logits (--logps readable --batch_layout padded).
     """
@@ -565,7 +565,7 @@ def fsdp_dpo_runs(workdir: Path) -> dict[str, tuple[str, dict]]:
     return {
         "full_online": ("fsdp2_full.yaml", {**dpo, "gradient_checkpointing": "true"}),
         "full_precomputed": ("fsdp2_full.yaml", {**dpo, "model": str(workdir / "model_tied"),
-                                                 "precompute_ref_logps": "true"}),
+                                                 "precompute_ref_logps": "true", "save_steps": 2}),
         "lora": ("fsdp2_lora.yaml", {**dpo, **lora}),
         "lora_readable": ("fsdp2_lora.yaml", {**dpo, **lora, "logps": "readable", "batch_layout": "padded"}),
     }  # fmt: skip
@@ -601,18 +601,19 @@ def fsdp_runs(workdir, tmp_path_factory):
 def test_fsdp2_dpo_two_processes_match_one(fsdp_runs, name):
     """DPO under FSDP2 (configs/accelerate/fsdp2_full.yaml, fsdp2_lora.yaml) equals 1 process with the same global
     batch: every logged value of 3 SGD steps within 1e-4 (step 1 within 1e-5), and the saved weights (gathered
-    from the shards) within 1e-5."""
+    from the shards) within 1e-5, under the same names (tied embeddings: the shared tensor once, as
+    save_pretrained writes it), in the final model and in a checkpoint."""
     root, output = fsdp_runs
     assert "fast log-prob path unavailable" not in output  # the chunked head runs on sharded weights
     two, one = root / f"{name}_two", root / f"{name}_one"
     assert_same_curve(train_records(two), train_records(one), rtol=1e-4, label=f"fsdp2 dpo {name}")
     saved = "adapter_model.safetensors" if name.startswith("lora") else "model.safetensors"
-    two_weights, one_weights = load_file(two / saved), load_file(one / saved)
-    if name == "full_precomputed":  # tied: the state dict gathered from the shards names the shared tensor twice
-        assert torch.equal(two_weights.pop("lm_head.weight"), two_weights["model.embed_tokens.weight"])
-    assert two_weights.keys() == one_weights.keys() and len(one_weights) > 0
-    for key, tensor in one_weights.items():
-        torch.testing.assert_close(two_weights[key], tensor, rtol=0, atol=1e-5, msg=key)
+    folders = ["", "checkpoint-2"] if name == "full_precomputed" else [""]
+    for folder in folders:
+        two_weights, one_weights = load_file(two / folder / saved), load_file(one / folder / saved)
+        assert two_weights.keys() == one_weights.keys() and len(one_weights) > 0, folder
+        for key, tensor in one_weights.items():
+            torch.testing.assert_close(two_weights[key], tensor, rtol=0, atol=1e-5, msg=f"{folder} {key}")
     if name.startswith("lora"):
         assert json.loads((two / "adapter_config.json").read_text())["r"] == 8
 
