@@ -143,8 +143,6 @@ def build_examples(
         raise UserError("the preference dataset has no rows")
     if truncation_mode not in ("keep_start", "keep_end"):
         raise UserError(f"--truncation_mode {truncation_mode!r} is not one of: keep_start, keep_end")
-    if max_prompt_length is not None and max_prompt_length < 0:
-        raise UserError(f"--max_prompt_length must be >= 0, got {max_prompt_length}")
     stats = Stats(read=len(rows), max_length=max_length)
     prepared = [prepare_row(row) for row in rows]  # validation of the whole dataset first
 

@@ -170,8 +170,6 @@ def pack_documents(
     group_size: pack each run of `group_size` consecutive documents on its own (None = all at once). TRL packs inside
     each `datasets.map` batch, i.e. group_size=1000; whole-set packing wastes less.
     """
-    if max_length < 1:
-        raise UserError(f"--max_length must be positive to pack, got {max_length}")
     if strategy not in ("bfd", "wrapped"):
         raise UserError(f"--packing_strategy {strategy!r} is not one of: bfd, wrapped")
     if overflow not in ("truncate", "split"):
