@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
     # ------------------------------------------------------------------------------------------------------------
     # 3. The policy and the reference policy.
     #    LoRA: the reference is the policy with its adapter disabled (no second copy). Full fine-tuning: a frozen
-    #    copy — unless --precompute_ref_logps (step 4 scores the data with the untrained policy, whose weights are
+    #    copy — unless --precompute_ref_logps (step 5 scores the data with the untrained policy, whose weights are
     #    the reference) or --reference_free.
     policy = load_policy(cfg, accelerator.device)
     needs_ref_model = needs_reference(cfg) and not (cfg.precompute_ref_logps or is_peft_model(policy))
@@ -165,12 +165,17 @@ def main(argv: list[str] | None = None) -> None:
         ref_model = prepare_reference(accelerator, ref_model)  # frozen; sharded like the policy under FSDP2/ZeRO-3
 
     # ------------------------------------------------------------------------------------------------------------
-    # 4. Precomputed reference log-probs: one no_grad pass before the first update (or the disk cache); training then
-    #    reads them from the batch and no reference model is ever held in memory.
+    # 4. The optimizer, and the policy placed for training: wrapped for DDP, sharded under FSDP2, a DeepSpeed engine.
+    optimizer = training.make_optimizer(policy, cfg)
+    policy, optimizer = accelerator.prepare(policy, optimizer)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # 5. Precomputed reference log-probs: one no_grad pass before the first update (or the disk cache); training then
+    #    reads them from the batch and no reference model is ever held in memory. It runs on the prepared policy, so
+    #    a sharded model is scored sharded (under ZeRO-3 the weights were partitioned from the moment they loaded).
     ref_cache_key = None
     eval_batch_size = cfg.per_device_eval_batch_size
     if cfg.precompute_ref_logps:
-        policy = policy.to(accelerator.device) if not cfg.load_in_4bit else policy
         batch_size = cfg.precompute_ref_batch_size or eval_batch_size
         for name in ("train", "eval"):
             examples = train_examples if name == "train" else eval_examples
@@ -186,14 +191,13 @@ def main(argv: list[str] | None = None) -> None:
                 eval_examples = examples
 
     # ------------------------------------------------------------------------------------------------------------
-    # 5. Optimizer, data order and learning-rate schedule; resume.
+    # 6. Data order and learning-rate schedule; resume.
     if cfg.max_tokens_per_batch:  # micro-batches filled to a token budget rather than a pair count
         train_loader = make_token_budget_loader(train_examples, collator, cfg)
     else:
         train_loader = training.make_train_loader(train_examples, collator, cfg)
+    train_loader = accelerator.prepare_data_loader(train_loader)
     eval_loader = training.make_eval_loader(eval_examples, collator, eval_batch_size) if eval_examples else None
-    optimizer = training.make_optimizer(policy, cfg)
-    policy, optimizer, train_loader = accelerator.prepare(policy, optimizer, train_loader)
     if eval_loader is not None:
         eval_loader = accelerator.prepare_data_loader(eval_loader)
     total_steps, steps_per_epoch = training.count_training_steps(cfg, len(train_loader))
@@ -210,7 +214,7 @@ def main(argv: list[str] | None = None) -> None:
     tracker = make_tracker(cfg, accelerator.is_main_process, {**config_to_dict(cfg), "ref_cache_key": ref_cache_key})
 
     # ------------------------------------------------------------------------------------------------------------
-    # 6. The loop. One optimizer step = gradient_accumulation_steps micro-batches of pairs on each process.
+    # 7. The loop. One optimizer step = gradient_accumulation_steps micro-batches of pairs on each process.
     policy.train()
     train_means = MetricMeans(state.pending_metrics)  # the logging interval's values, saved with every checkpoint
     start_time = time.perf_counter()

@@ -10,6 +10,7 @@ HF `transformers` is used only to load (`AutoModelForCausalLM`, `AutoTokenizer`,
 import copy
 import importlib.util
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from types import MethodType
 
@@ -17,6 +18,7 @@ import torch
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 from torch import nn
+from torch.distributed.tensor import DTensor
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, GgufConfig
 
 from nanodpo.demo import TOKENIZER_DIR, tiny_model_config
@@ -259,10 +261,15 @@ def load_policy(cfg, device: torch.device | None = None) -> nn.Module:
     if cfg.use_lora:
         model = add_lora(model, cfg)
     if cfg.print_trainable_parameters and is_main_process():
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        total = sum(p.numel() for p in model.parameters())
+        trainable = sum(numel(p) for p in model.parameters() if p.requires_grad)
+        total = sum(numel(p) for p in model.parameters())
         print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")
     return model
+
+
+def numel(param: torch.Tensor) -> int:
+    """A parameter's full size, also when ZeRO-3 has already partitioned it (its own tensor is then empty)."""
+    return getattr(param, "ds_numel", param.numel())
 
 
 def load_reference(cfg, device: torch.device | None = None) -> nn.Module:
@@ -335,6 +342,22 @@ def deepspeed_inference_engine(accelerator, model: nn.Module) -> nn.Module:
     engine, *_ = deepspeed.initialize(model=model, config=config)
     engine.eval()
     return engine
+
+
+def gathered_state_dict(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, whole tensor) for each entry of the model's state dict, one at a time: gathered from the shards under
+    FSDP2 (DTensor) or ZeRO-3 (a partitioned parameter), so every process sees what one process would. Collective
+    under sharding: every process must iterate it to the end, and never keep a tensor past its own step."""
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if hasattr(tensor, "ds_id"):  # a ZeRO-3 parameter: gathered for this step only
+            import deepspeed  # optional: only DeepSpeed runs hold such parameters
+
+            with deepspeed.zero.GatheredParameters([tensor]):
+                yield name, tensor.detach()
+        elif isinstance(tensor, DTensor):
+            yield name, tensor.full_tensor().detach()
+        else:
+            yield name, tensor.detach()
 
 
 def is_peft_model(model: nn.Module) -> bool:

@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from nanodpo.dpo import reference_logps
 from nanodpo.dpo_packing import preference_model_inputs
 from nanodpo.logps import ModelInputs, token_logps
-from nanodpo.model import is_peft_model
+from nanodpo.model import gathered_state_dict, is_peft_model
 
 
 @torch.no_grad()
@@ -62,7 +62,7 @@ def model_fingerprint(model) -> str:
     """A cheap fingerprint of the weights: names, shapes, dtypes and a strided sample of every tensor's values."""
     h = hashlib.sha256()
     h.update(str(getattr(model.config, "_name_or_path", "")).encode())
-    for name, tensor in model.state_dict().items():
+    for name, tensor in gathered_state_dict(model):  # the same under FSDP2 / ZeRO-3 as on one process
         h.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
         flat = tensor.detach().reshape(-1)
         step = max(1, flat.numel() // 4096)

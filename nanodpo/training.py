@@ -41,6 +41,24 @@ def make_accelerator(cfg) -> Accelerator:
         ds_config = deepspeed_plugin.deepspeed_config
         if ds_config.get("gradient_clipping", "auto") == "auto":
             ds_config["gradient_clipping"] = cfg.max_grad_norm
+        # Accumulation and batch sizes, which accelerate would otherwise fill in inside `prepare` (reading the batch
+        # size off the data loader): the reference engine is built before that, and a token-budget loader has no
+        # fixed batch size. DeepSpeed divides the loss by the accumulation; the batch sizes it only checks and reports.
+        micro_batch = cfg.per_device_train_batch_size
+        wanted = {
+            "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+            "train_micro_batch_size_per_gpu": micro_batch,
+            "train_batch_size": micro_batch * cfg.gradient_accumulation_steps * accelerator.num_processes,
+        }
+        for key, value in wanted.items():
+            if ds_config.get(key, "auto") == "auto":
+                ds_config[key] = value
+        if ds_config["gradient_accumulation_steps"] != cfg.gradient_accumulation_steps:
+            raise UserError(
+                f"the DeepSpeed config sets gradient_accumulation_steps {ds_config['gradient_accumulation_steps']} "
+                f"but --gradient_accumulation_steps is {cfg.gradient_accumulation_steps}: remove it from the DeepSpeed "
+                "config (or set it to \"auto\"), the training config decides"
+            )
         for section in ("optimizer", "scheduler"):
             if section in ds_config:
                 raise UserError(

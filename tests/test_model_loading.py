@@ -227,7 +227,9 @@ def test_bench_reads_a_gguf_once_into_a_safetensors_folder(tiny_gguf, tmp_path):
 def test_deepspeed_reference_engine_is_inference_only(stage, monkeypatch):
     """Under DeepSpeed the reference becomes an engine without optimizer (TRL 1.16's `prepare_deepspeed`): the run's
     config minus optimizer, scheduler and optimizer offload; ZeRO-3 keeps partitioning it (buckets sized to the
-    model), ZeRO-1/2 hold a plain copy (stage 0). DeepSpeed itself needs a GPU: `deepspeed.initialize` is recorded."""
+    model), ZeRO-1/2 hold a plain copy (stage 0). Here `deepspeed.initialize` is only recorded, to see the config
+    it gets from every kind of run config (optimizer offload included, which the CPU runs cannot use); the real
+    engine runs in tests/test_deepspeed.py."""
     from nanodpo.model import prepare_reference
 
     seen = {}

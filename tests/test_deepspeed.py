@@ -1,0 +1,212 @@
+"""DeepSpeed ZeRO-2 and ZeRO-3 on 2 CPU processes (gloo): DPO and SFT equal 1 process with the same global batch.
+
+DeepSpeed itself runs on CPU: with no GPU visible it picks its CPU accelerator, and its collectives go over gloo.
+What accelerate lacks there is bookkeeping: `ACCELERATE_USE_DEEPSPEED` makes its state DEEPSPEED, but on a machine
+without GPUs every process is left with num_processes 1 and process_index 0 (each would read all the data and each
+would write the files). A 6-line shim (SHIM below) fills both in from the process group DeepSpeed formed, and turns
+off DeepSpeed's shared-memory all-reduce (a C++ op compiled at start-up; gloo does the same reduction). Everything
+after that is accelerate's, DeepSpeed's and nanodpo's real path:
+  * the run's DeepSpeed config, built by accelerate's own launch-argument code from configs/accelerate/zero2.yaml
+    or zero3.yaml (ZeRO stage, 16-bit save; accumulation, batch sizes and clipping filled in from the training
+    config by nanodpo.training.make_accelerator);
+  * under ZeRO-3, weights partitioned from the moment they load (transformers loads inside `deepspeed.zero.Init`
+    once accelerate's DeepSpeed config is set: each process never holds a whole copy);
+  * `deepspeed.initialize` and the engine's backward / step / clipping (accelerator.backward, gradient_sync);
+  * the full-fine-tuning reference as an inference-only engine (nanodpo.model.prepare_reference), ZeRO-3-
+    partitioned under ZeRO-3, a plain copy (stage 0) under ZeRO-2;
+  * the chunked LM head inside the head's own forward, so ZeRO-3's hooks gather its weight;
+  * --precompute_ref_logps scored by the prepared, partitioned policy, with the same cache key as on 1 process;
+  * the final model gathered into one state dict and saved by the main process.
+
+Each 2-process run (batch 2 x accumulation 2) is compared with 1 process without DeepSpeed (batch 2 x accumulation
+4) on the same micro-batches (see tests/test_distributed.py): every logged value of 3 SGD steps within 1e-4 (step 1
+within 1e-5), eval values within 1e-4, and the saved weights within 1e-5. All runs share one launch, as the DDP and
+FSDP2 tests do.
+"""
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests import tiny
+from tests.test_distributed import (
+    ROOT,
+    assert_same_curve,
+    base_env,
+    common,
+    eval_records,
+    free_port,
+    launch_env,
+    run,
+    run_one,
+    sft_rows,
+    to_argv,
+    train_records,
+)
+
+pytestmark = pytest.mark.slow
+deepspeed = pytest.importorskip("deepspeed", reason="DeepSpeed is in the test extra: pip install -e '.[test]'")
+
+SHIM = """
+import importlib
+import torch.distributed as dist
+from accelerate.state import PartialState
+
+# Plain gloo collectives: no shared-memory C++ op compiled at start-up. (By its module: `deepspeed.comm.torch` as an
+# attribute is torch itself, re-exported by deepspeed.comm.)
+importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+state = PartialState()  # DeepSpeed's init_distributed forms the gloo group here
+# On a machine without GPUs accelerate leaves every process at "process 0 of 1": fill in the group's real ranks.
+state._shared_state.update(num_processes=dist.get_world_size(), process_index=dist.get_rank(),
+                           local_process_index=dist.get_rank(), backend="gloo")
+"""
+
+# Every run's main() in turn on the one process group, each with its own accelerate state and the DeepSpeed
+# environment of its config; the reference engine of every DPO run is described for the test to check.
+DRIVER = SHIM + """
+import json, os, sys
+from accelerate.state import AcceleratorState
+import nanodpo.model
+
+_prepare_reference = nanodpo.model.prepare_reference
+
+def prepare_reference(accelerator, ref_model):
+    engine = _prepare_reference(accelerator, ref_model)
+    params = list(engine.module.parameters())
+    full = sum(getattr(p, "ds_numel", p.numel()) for p in params)
+    local = sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in params)
+    facts = dict(engine=type(engine).__name__, optimizer=type(engine.optimizer).__name__,
+                 zero_stage=engine.zero_optimization_stage(), partitioned=sum(hasattr(p, "ds_id") for p in params),
+                 params=len(params), trainable=sum(p.requires_grad for p in params),
+                 registered=any(m is engine for m in accelerator._models), local_fraction=round(local / full, 2))
+    print(f"reference under {os.environ['ACCELERATE_DEEPSPEED_ZERO_STAGE']}: " + json.dumps(facts), flush=True)
+    return engine
+
+nanodpo.model.prepare_reference = prepare_reference
+
+no_op = lambda self, group=None: None
+PartialState.destroy_process_group = AcceleratorState.destroy_process_group = no_op
+for script, argv, env in json.load(open(sys.argv[1])):
+    os.environ.update(env)
+    __import__(script).main(argv)
+    AcceleratorState._reset_state(reset_partial_state=False)
+"""
+
+
+def deepspeed_env(config: str) -> dict:
+    """The DeepSpeed environment `accelerate launch --config_file configs/accelerate/CONFIG` gives its processes."""
+    _, _, env = launch_env(ROOT / "configs" / "accelerate" / config)
+    assert env["ACCELERATE_USE_DEEPSPEED"] == "true"
+    return {k: v for k, v in env.items() if k.startswith("ACCELERATE_DEEPSPEED_") or k == "ACCELERATE_USE_DEEPSPEED"}
+
+
+def deepspeed_runs(workdir: Path) -> dict[str, tuple[str, str, dict]]:
+    """(script, accelerate config, options) of every run; SGD, 3 steps; the chunked LM head unless named readable.
+
+    zero3_full_online: full fine-tuning, the reference an inference engine partitioned like the policy, gradient
+        checkpointing, eval every 2 steps on 7 pairs (uneven last batch: collective forwards on padded batches).
+    zero3_full_precomputed: the reference log-probs scored by the partitioned policy; tied embeddings.
+    zero3_full_readable: TRL's padded batch and full logits (--logps readable --batch_layout padded).
+    zero3_lora: a LoRA adapter on the partitioned base; the reference is the same model with the adapter off.
+    zero2_full_online: ZeRO-2 (optimizer state and gradients partitioned), the reference a stage-0 engine.
+    zero3_sft: train_sft.py, eval every 2 steps on 5 rows.
+    """
+    dpo = dict(
+        dataset=str(workdir / "dpo_train.jsonl"), optim="sgd", learning_rate=0.5, max_length=64, beta=0.1, max_steps=3,
+    )  # fmt: skip
+    evals = dict(eval_dataset=str(workdir / "dpo_eval.jsonl"), eval_steps=2)
+    sft = dict(
+        dataset=str(workdir / "sft_train.jsonl"), eval_dataset=str(workdir / "sft_eval.jsonl"), eval_steps=2,
+        optim="sgd", learning_rate=0.5, max_length=128, max_steps=3,
+    )  # fmt: skip
+    return {
+        "zero3_full_online": ("train_dpo", "zero3.yaml", {**dpo, **evals, "gradient_checkpointing": "true"}),
+        "zero3_full_precomputed": ("train_dpo", "zero3.yaml", {**dpo, "model": str(workdir / "model_tied"),
+                                                               "precompute_ref_logps": "true"}),
+        "zero3_full_readable": ("train_dpo", "zero3.yaml", {**dpo, "logps": "readable", "batch_layout": "padded"}),
+        "zero3_lora": ("train_dpo", "zero3.yaml", {**dpo, "use_lora": "true", "lora_r": 8, "lora_alpha": 16}),
+        "zero2_full_online": ("train_dpo", "zero2.yaml", dpo),
+        "zero3_sft": ("train_sft", "zero3.yaml", sft),
+    }  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("deepspeed")
+    tiny.make_model_dir(root / "model", seed=0)
+    tiny.make_model_dir(root / "model_tied", seed=1, tie_word_embeddings=True)
+    tiny.write_jsonl(root / "dpo_train.jsonl", tiny.preference_rows(16, "explicit"))
+    tiny.write_jsonl(root / "dpo_eval.jsonl", tiny.preference_rows(23, "explicit")[16:])
+    tiny.write_jsonl(root / "sft_train.jsonl", sft_rows(16))
+    tiny.write_jsonl(root / "sft_eval.jsonl", sft_rows(5))
+    return root
+
+
+@pytest.fixture(scope="module")
+def deepspeed_launch(workdir):
+    """Every run with 2 processes under DeepSpeed (one launch) and 1 process without it (in this process).
+    Returns the output of the launch."""
+    runs = deepspeed_runs(workdir)
+    plan = []
+    for name, (script, config, options) in runs.items():
+        env = {**deepspeed_env(config), "NANODPO_CACHE": str(workdir / "cache_two")}
+        plan.append((script, to_argv(common(workdir, workdir / f"{name}_two", **options)), env))
+    (workdir / "plan.json").write_text(json.dumps(plan))
+    (workdir / "driver.py").write_text(DRIVER)
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+        str(workdir / "driver.py"), str(workdir / "plan.json"),
+    ]  # fmt: skip
+    # DeepSpeed must see the DeepSpeed setting when the process group is formed (the shim's PartialState).
+    output = run(cmd, base_env(ACCELERATE_USE_DEEPSPEED="true", DS_ACCELERATOR="cpu"), timeout=420)
+    assert output.count("accumulation x 2 processes)") == len(runs)
+    for name, (script, _, options) in runs.items():
+        run_one(f"{script}.py", common(workdir, workdir / f"{name}_one", gradient_accumulation_steps=4, **options),
+                env={"NANODPO_CACHE": str(workdir / "cache_one")})  # fmt: skip
+    return output
+
+
+@pytest.mark.parametrize("name", list(deepspeed_runs(Path("."))))
+def test_deepspeed_two_processes_match_one(workdir, deepspeed_launch, name):
+    """2 processes under ZeRO-2/ZeRO-3 equal 1 process without DeepSpeed: every logged value of 3 SGD steps within
+    1e-4 (step 1 within 1e-5), the evals within 1e-4, and the saved weights (gathered from the partitions) within
+    1e-5, with the same tensor names."""
+    two, one = workdir / f"{name}_two", workdir / f"{name}_one"
+    assert_same_curve(train_records(two), train_records(one), rtol=1e-4, label=f"deepspeed {name}")
+    if eval_records(one):
+        assert_same_curve(eval_records(two), eval_records(one), rtol=1e-4, first_rtol=1e-4, label=f"{name} eval")
+    saved = "adapter_model.safetensors" if "lora" in name else "model.safetensors"
+    two_weights, one_weights = load_file(two / saved), load_file(one / saved)
+    assert two_weights.keys() == one_weights.keys() and len(one_weights) > 0
+    for key, tensor in one_weights.items():
+        assert two_weights[key].dtype == tensor.dtype, key
+        torch.testing.assert_close(two_weights[key], tensor, rtol=0, atol=1e-5, msg=key)
+
+
+def test_deepspeed_reference_is_an_inference_engine(deepspeed_launch):
+    """The full-fine-tuning reference is a DeepSpeed engine without optimizer, never registered with accelerate,
+    nothing trainable: ZeRO-3-partitioned under ZeRO-3 (each process holds half of it; its only "optimizer" is
+    DeepSpeedZeRoOffload, ZeRO-3's parameter gatherer), a whole copy (stage 0, no optimizer) under ZeRO-2."""
+    facts = {}  # both processes print to one pipe, so lines may run into each other: find records by their braces
+    for stage, text in re.findall(r"reference under (\d): (\{[^{}]*\})", deepspeed_launch):
+        facts.setdefault(stage, []).append(json.loads(text))
+    common_facts = dict(engine="DeepSpeedEngine", params=27, trainable=0, registered=False)
+    zero3 = dict(optimizer="DeepSpeedZeRoOffload", zero_stage=3, partitioned=27, local_fraction=0.5)
+    zero2 = dict(optimizer="NoneType", zero_stage=0, partitioned=0, local_fraction=1.0)
+    assert facts["3"] == 4 * [{**common_facts, **zero3}]  # zero3_full_online and zero3_full_readable, 2 processes
+    assert facts["2"] == 2 * [{**common_facts, **zero2}]
+
+
+def test_deepspeed_precomputed_reference_has_the_one_process_cache_key(workdir, deepspeed_launch):
+    """Scored by the partitioned policy, the reference log-probs get the cache key of the whole weights (each
+    parameter gathered for the fingerprint), so 1 and 2 processes name the same file — and hold the same values."""
+    two = sorted((workdir / "cache_two" / "ref_logps").glob("*.safetensors"))
+    one = sorted((workdir / "cache_one" / "ref_logps").glob("*.safetensors"))
+    assert [p.name for p in two] == [p.name for p in one] and len(one) == 1
+    for key, tensor in load_file(one[0]).items():
+        torch.testing.assert_close(load_file(two[0])[key], tensor, rtol=1e-5, atol=1e-6)
