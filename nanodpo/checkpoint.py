@@ -36,6 +36,7 @@ import numpy as np
 import torch
 import yaml
 from safetensors.torch import load_file
+from torch.distributed.tensor import DTensor
 
 from nanodpo.config import config_to_dict, save_config
 from nanodpo.errors import UserError
@@ -67,6 +68,7 @@ class RunState:
     ref_cache_key: str | None = None
     world_size: int = 1
     global_batch: int = 0
+    sharding: str | None = None  # "fsdp2" / "deepspeed": how the optimizer state below was written (None: whole)
     best_metric: float | None = None
     best_checkpoint: str | None = None
 
@@ -118,6 +120,35 @@ def _save_failed(directory: Path, err: OSError) -> UserError:
         f"cannot write {directory}: {err.strerror or err} — nothing was replaced; earlier checkpoints in "
         f"{directory.parent} are intact (free some space or fix permissions, then --resume_from_checkpoint latest)"
     )
+
+
+def sharding(accelerator) -> str | None:
+    """How the optimizer state is split over the processes: "fsdp2", "deepspeed", or None (whole on each)."""
+    from accelerate.utils import DistributedType
+
+    return {DistributedType.FSDP: "fsdp2", DistributedType.DEEPSPEED: "deepspeed"}.get(accelerator.distributed_type)
+
+
+def _optimizer_state(accelerator, model, optimizer, directory: Path) -> dict | None:
+    """The optimizer state for optimizer.pt (main process), or None where it is written otherwise. Every process.
+
+    * Whole (one process, DDP): `optimizer.state_dict()`.
+    * FSDP2: each process holds its shard of every moment (DTensor). torch's `get_optimizer_state_dict` gathers
+      them into the full state, keyed by parameter name, so it loads on any number of processes.
+    * DeepSpeed: the ZeRO optimizer also holds the fp32 master weights, partitioned over the processes: the
+      engine writes its own files (`engine.save_checkpoint`, one per process, into DIR/deepspeed), which load back
+      on the same number of processes.
+    """
+    kind = sharding(accelerator)
+    if kind == "deepspeed":
+        model.save_checkpoint(str(directory / "deepspeed"), tag="state")
+        return None
+    if kind == "fsdp2":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_optimizer_state_dict(model, optimizer.optimizer, options=options)
+    return optimizer.state_dict()
 
 
 def save_model(accelerator, model, tokenizer, cfg, directory: str | Path) -> Path:
@@ -186,13 +217,16 @@ def save_checkpoint(accelerator, model, optimizer, scheduler, tokenizer, cfg, st
             if error is not None:
                 raise error
             _write_model_files(accelerator, model, tokenizer, cfg, tmp)
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        else:
+            accelerator.get_state_dict(model)  # non-main processes still take part in gathering sharded weights
+        optimizer_state = _optimizer_state(accelerator, model, optimizer, tmp)  # every process: collective if sharded
+        if accelerator.is_main_process:
+            if optimizer_state is not None:
+                torch.save(optimizer_state, tmp / "optimizer.pt")
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
             if accelerator.scaler is not None:  # fp16 loss scaling: its current scale and growth tracker
                 torch.save(accelerator.scaler.state_dict(), tmp / "scaler.pt")
             (tmp / TRAINER_STATE).write_text(json.dumps(dataclasses.asdict(state), indent=1))
-        else:
-            accelerator.get_state_dict(model)
         accelerator.wait_for_everyone()
         torch.save(_rng_state(), tmp / f"rng_state_{accelerator.process_index}.pth")
         accelerator.wait_for_everyone()
@@ -281,7 +315,7 @@ def resolve_resume(cfg) -> Path | None:
     return path
 
 
-def _check_compatible(cfg, path: Path, saved: RunState, global_batch: int, world_size: int) -> None:
+def _check_compatible(cfg, path: Path, saved: RunState, global_batch: int, world_size: int, kind: str | None) -> None:
     saved_cfg = yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8")) or {}
     current = config_to_dict(cfg)
     for key in MUST_MATCH:
@@ -295,6 +329,17 @@ def _check_compatible(cfg, path: Path, saved: RunState, global_batch: int, world
             f"--resume_from_checkpoint {path}: its global batch was {saved.global_batch} pairs/rows, this run's is "
             f"{global_batch} (per-device batch × accumulation × processes); keep the global batch the same"
         )
+    if saved.sharding != kind:
+        written, now = saved.sharding or "one process or DDP", kind or "one process or DDP"
+        raise UserError(
+            f"--resume_from_checkpoint {path}: its optimizer state was written under {written}, this run is under "
+            f"{now}; resume it the way it was trained (its weights alone load anywhere: --model {path})"
+        )
+    if kind == "deepspeed" and saved.world_size != world_size:
+        raise UserError(
+            f"--resume_from_checkpoint {path}: a DeepSpeed checkpoint holds the ZeRO optimizer state split over "
+            f"{saved.world_size} processes; resume it on {saved.world_size} processes, not {world_size}"
+        )
     if saved.world_size != world_size:
         # Safe: with the same global batch, step k covers the same examples whatever the number of processes.
         if is_main_process():  # once, not once per process
@@ -302,12 +347,18 @@ def _check_compatible(cfg, path: Path, saved: RunState, global_batch: int, world
 
 
 def _load_weights(model, path: Path) -> None:
+    sharded = any(isinstance(p, DTensor) for p in model.parameters())  # FSDP2
     if (path / "adapter_model.safetensors").is_file():
         # Imported here, not at the top: peft pulls in bitsandbytes, ~180 MB of RSS and seconds of start-up that a
         # full fine-tuning run never uses.
         from peft import set_peft_model_state_dict
 
-        result = set_peft_model_state_dict(model, load_file(path / "adapter_model.safetensors"))
+        tensors = load_file(path / "adapter_model.safetensors")
+        if sharded:  # the file names the adapter's weights without the adapter's name, as peft saves them
+            by_saved_name = {name.replace(f".{model.active_adapter}.", "."): name for name in model.state_dict()}
+            _copy_weights(model, {by_saved_name.get(k, k): v for k, v in tensors.items()}, sharded)
+            return
+        result = set_peft_model_state_dict(model, tensors)
         unexpected = getattr(result, "unexpected_keys", [])
         if unexpected:
             raise UserError(f"{path}: adapter weights do not fit this model ({unexpected[:3]} ...)")
@@ -322,13 +373,27 @@ def _load_weights(model, path: Path) -> None:
         unknown = [k for k in tensors if k not in params]
         if unknown:
             raise UserError(f"{file}: weights of another model ({unknown[:3]} ...)")
-        model.load_state_dict(tensors, strict=False)
+        _copy_weights(model, tensors, sharded)
         loaded |= set(tensors)
     # save_pretrained leaves out weights tied to another (lm_head = embed_tokens); everything else must be there.
-    pointers = {params[k].data_ptr() for k in loaded}
-    missing = [k for k in params if k not in loaded and params[k].data_ptr() not in pointers]
+    storage = {k: (v.to_local() if isinstance(v, DTensor) else v).data_ptr() for k, v in params.items()}
+    pointers = {storage[k] for k in loaded}
+    missing = [k for k in params if k not in loaded and storage[k] not in pointers]
     if missing:
         raise UserError(f"{path}: weights missing for {missing[:3]} ...")
+
+
+def _copy_weights(model, tensors: dict[str, torch.Tensor], sharded: bool) -> None:
+    """Whole tensors into the model's parameters: as they are, or under FSDP2 each process's shard of them."""
+    if not sharded:
+        model.load_state_dict(tensors, strict=False)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    unknown = set(tensors) - set(model.state_dict())
+    if unknown:
+        raise UserError(f"checkpoint weights do not fit this model ({sorted(unknown)[:3]} ...)")
+    set_model_state_dict(model, tensors, options=StateDictOptions(full_state_dict=True, strict=False))
 
 
 def start_or_resume(accelerator, model, optimizer, scheduler, cfg, ref_cache_key: str | None = None) -> RunState:
@@ -337,7 +402,8 @@ def start_or_resume(accelerator, model, optimizer, scheduler, cfg, ref_cache_key
     global_batch = cfg.per_device_train_batch_size * cfg.gradient_accumulation_steps * accelerator.num_processes
     path = resolve_resume(cfg)
     if path is None:
-        return RunState(ref_cache_key=ref_cache_key, world_size=accelerator.num_processes, global_batch=global_batch)
+        return RunState(ref_cache_key=ref_cache_key, world_size=accelerator.num_processes, global_batch=global_batch,
+                        sharding=sharding(accelerator))  # fmt: skip
     state = load_checkpoint(accelerator, model, optimizer, scheduler, cfg, path, global_batch)
     if ref_cache_key is not None and state.ref_cache_key not in (None, ref_cache_key):
         raise UserError(f"{path} was trained against other reference log-probs (data or model changed)")
@@ -348,9 +414,21 @@ def start_or_resume(accelerator, model, optimizer, scheduler, cfg, ref_cache_key
 def load_checkpoint(accelerator, model, optimizer, scheduler, cfg, path: Path, global_batch: int) -> RunState:
     """Restore weights, optimizer, schedule, random states and the run's position from `path`."""
     saved = RunState(**json.loads((path / TRAINER_STATE).read_text()))
-    _check_compatible(cfg, path, saved, global_batch, accelerator.num_processes)
-    _load_weights(accelerator.unwrap_model(model), path)
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
+    kind = sharding(accelerator)
+    _check_compatible(cfg, path, saved, global_batch, accelerator.num_processes, kind)
+    if kind == "deepspeed":
+        # The engine's own files: weights, the ZeRO optimizer's fp32 master weights and its moments, per process.
+        model.load_checkpoint(str(path / "deepspeed"), tag="state", load_lr_scheduler_states=False)
+    else:
+        _load_weights(accelerator.unwrap_model(model), path)
+        optimizer_state = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
+        if kind == "fsdp2":  # the full state, keyed by parameter name: each process keeps its shard of it
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            options = StateDictOptions(full_state_dict=True)
+            set_optimizer_state_dict(model, optimizer.optimizer, optimizer_state, options=options)
+        else:
+            optimizer.load_state_dict(optimizer_state)
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
     if accelerator.scaler is not None and (path / "scaler.pt").is_file():
         accelerator.scaler.load_state_dict(torch.load(path / "scaler.pt", weights_only=True))

@@ -92,12 +92,6 @@ def check_sharding_options(cfg, env) -> None:
                 "fsdp_cpu_ram_efficient_loading: true cannot load 4-bit weights (they are quantized while loading, "
                 "which the meta device of ranks > 0 cannot do): set it to false in the accelerate config"
             )
-        if getattr(cfg, "precompute_ref_logps", False):
-            raise UserError(
-                "fsdp_cpu_ram_efficient_loading: true with --precompute_ref_logps: ranks > 0 hold no weights until "
-                "the model is sharded, but the reference log-probs are computed before that; set it to false in the "
-                "accelerate config (or drop --precompute_ref_logps: the reference is then sharded like the policy)"
-            )
 
 
 def check_model_source(name: str, flag: str = "--model") -> None:

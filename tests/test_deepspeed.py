@@ -35,6 +35,7 @@ from safetensors.torch import load_file
 
 from tests import tiny
 from tests.test_distributed import (
+    NOT_COMPARED,
     ROOT,
     assert_same_curve,
     base_env,
@@ -135,6 +136,23 @@ def deepspeed_runs(workdir: Path) -> dict[str, tuple[str, str, dict]]:
     }  # fmt: skip
 
 
+def resume_runs(workdir: Path) -> dict[str, tuple[str, str, dict]]:
+    """2-process runs only: AdamW for 4 steps with a checkpoint at step 2, and the same run resumed from it (the
+    engine's own per-process files: weights, fp32 master weights, moments), full fine-tuning under ZeRO-3 and LoRA
+    under ZeRO-2."""
+    adamw = dict(
+        dataset=str(workdir / "dpo_train.jsonl"), optim="adamw_torch", learning_rate=1e-3, max_length=64, beta=0.1,
+        max_steps=4, save_steps=2,
+    )  # fmt: skip
+    lora = dict(use_lora="true", lora_r=8, lora_alpha=16)
+    runs = {"zero3_adamw": ("zero3.yaml", adamw), "zero2_lora_adamw": ("zero2.yaml", {**adamw, **lora})}
+    resumed = {
+        f"{name}_resumed": (config, {**options, "resume_from_checkpoint": str(workdir / f"{name}_two/checkpoint-2")})
+        for name, (config, options) in runs.items()
+    }
+    return {name: ("train_dpo", config, options) for name, (config, options) in {**runs, **resumed}.items()}
+
+
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     root = tmp_path_factory.mktemp("deepspeed")
@@ -153,7 +171,7 @@ def deepspeed_launch(workdir):
     Returns the output of the launch."""
     runs = deepspeed_runs(workdir)
     plan = []
-    for name, (script, config, options) in runs.items():
+    for name, (script, config, options) in {**runs, **resume_runs(workdir)}.items():
         env = {**deepspeed_env(config), "NANODPO_CACHE": str(workdir / "cache_two")}
         plan.append((script, to_argv(common(workdir, workdir / f"{name}_two", **options)), env))
     (workdir / "plan.json").write_text(json.dumps(plan))
@@ -164,7 +182,7 @@ def deepspeed_launch(workdir):
     ]  # fmt: skip
     # DeepSpeed must see the DeepSpeed setting when the process group is formed (the shim's PartialState).
     output = run(cmd, base_env(ACCELERATE_USE_DEEPSPEED="true", DS_ACCELERATOR="cpu"), timeout=420)
-    assert output.count("accumulation x 2 processes)") == len(runs)
+    assert output.count("accumulation x 2 processes)") == len(plan)
     for name, (script, _, options) in runs.items():
         run_one(f"{script}.py", common(workdir, workdir / f"{name}_one", gradient_accumulation_steps=4, **options),
                 env={"NANODPO_CACHE": str(workdir / "cache_one")})  # fmt: skip
@@ -198,7 +216,8 @@ def test_deepspeed_reference_is_an_inference_engine(deepspeed_launch):
     common_facts = dict(engine="DeepSpeedEngine", params=27, trainable=0, registered=False)
     zero3 = dict(optimizer="DeepSpeedZeRoOffload", zero_stage=3, partitioned=27, local_fraction=0.5)
     zero2 = dict(optimizer="NoneType", zero_stage=0, partitioned=0, local_fraction=1.0)
-    assert facts["3"] == 4 * [{**common_facts, **zero3}]  # zero3_full_online and zero3_full_readable, 2 processes
+    # zero3_full_online, zero3_full_readable, zero3_adamw and its resumed run; zero2_full_online: 2 processes each
+    assert facts["3"] == 8 * [{**common_facts, **zero3}]
     assert facts["2"] == 2 * [{**common_facts, **zero2}]
 
 
@@ -210,3 +229,22 @@ def test_deepspeed_precomputed_reference_has_the_one_process_cache_key(workdir, 
     assert [p.name for p in two] == [p.name for p in one] and len(one) == 1
     for key, tensor in load_file(one[0]).items():
         torch.testing.assert_close(load_file(two[0])[key], tensor, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["zero3_adamw", "zero2_lora_adamw"])
+def test_deepspeed_checkpoint_resumes_exactly(workdir, deepspeed_launch, name):
+    """A DeepSpeed run resumed from its step-2 checkpoint continues exactly as the run that wrote it: steps 3 and 4
+    (AdamW, so the moments and the fp32 master weights must come back too) and the final weights bit for bit."""
+    original, resumed = workdir / f"{name}_two", workdir / f"{name}_resumed_two"
+    assert "resumed from" in deepspeed_launch
+    files = {p.name for p in (original / "checkpoint-2" / "deepspeed" / "state").iterdir()}
+    assert {f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt" for rank in (0, 1)} <= files  # one ZeRO shard each
+    continued = [r for r in train_records(resumed) if r["step"] > 2]
+    assert [r["step"] for r in continued] == [3, 4]
+    for ours, theirs in zip(continued, train_records(original)[2:]):
+        assert {k: v for k, v in ours.items() if k not in NOT_COMPARED} == {
+            k: v for k, v in theirs.items() if k not in NOT_COMPARED
+        }
+    saved = "adapter_model.safetensors" if "lora" in name else "model.safetensors"
+    for key, tensor in load_file(original / saved).items():
+        assert torch.equal(load_file(resumed / saved)[key], tensor), key

@@ -554,8 +554,10 @@ def fsdp_dpo_runs(workdir: Path) -> dict[str, tuple[str, dict]]:
 
     full_online: full fine-tuning, the reference a frozen copy sharded like the policy
         (nanodpo.model.prepare_reference), with gradient checkpointing (the chunked head inside a checkpointed model).
-    full_precomputed: full fine-tuning, reference log-probs precomputed before sharding; tied embeddings (the LM
+    full_precomputed: full fine-tuning, reference log-probs scored by the sharded policy; tied embeddings (the LM
         head's weight is the input embedding: its one FSDP unit gets both gradients); a checkpoint at step 2.
+    full_precomputed_ram_efficient: fsdp_cpu_ram_efficient_loading: true — sharding puts rank 0's weights on every
+        process (accelerate's fsdp2_load_full_state_dict); the reference log-probs are scored after that.
     lora / lora_readable: a LoRA adapter on the sharded base, the reference the same model with the adapter off;
         lora_readable takes TRL's padded batch and full logits (--logps readable --batch_layout padded).
     """
@@ -567,9 +569,29 @@ def fsdp_dpo_runs(workdir: Path) -> dict[str, tuple[str, dict]]:
         "full_online": ("fsdp2_full.yaml", {**dpo, "gradient_checkpointing": "true"}),
         "full_precomputed": ("fsdp2_full.yaml", {**dpo, "model": str(workdir / "model_tied"),
                                                  "precompute_ref_logps": "true", "save_steps": 2}),
+        "full_precomputed_ram_efficient": ("fsdp2_full.yaml", {**dpo, "precompute_ref_logps": "true"}),
         "lora": ("fsdp2_lora.yaml", {**dpo, **lora}),
         "lora_readable": ("fsdp2_lora.yaml", {**dpo, **lora, "logps": "readable", "batch_layout": "padded"}),
     }  # fmt: skip
+
+
+def fsdp_resume_runs(workdir: Path, root: Path) -> dict[str, tuple[str, dict]]:
+    """2-process runs only: AdamW for 4 steps with a checkpoint at step 2, and the same run resumed from it (the
+    optimizer's full state gathered from the shards, keyed by parameter name, and sharded again on loading), full
+    fine-tuning with an online reference and LoRA."""
+    adamw = dict(
+        dataset=str(workdir / "dpo_train.jsonl"), optim="adamw_torch", learning_rate=1e-3, max_length=64, beta=0.1,
+        max_steps=4, save_steps=2,
+    )  # fmt: skip
+    runs = {
+        "full_adamw": ("fsdp2_full.yaml", adamw),
+        "lora_adamw": ("fsdp2_lora.yaml", {**adamw, "use_lora": "true", "lora_r": 8, "lora_alpha": 16}),
+    }
+    resumed = {
+        f"{name}_resumed": (config, {**options, "resume_from_checkpoint": str(root / f"{name}_two/checkpoint-2")})
+        for name, (config, options) in runs.items()
+    }
+    return {**runs, **resumed}
 
 
 @pytest.fixture(scope="module")
@@ -580,8 +602,10 @@ def fsdp_runs(workdir, tmp_path_factory):
     tiny.make_model_dir(workdir / "model_tied", seed=1, tie_word_embeddings=True)
     runs = fsdp_dpo_runs(workdir)
     plan = []
-    for name, (config, options) in runs.items():
+    for name, (config, options) in {**runs, **fsdp_resume_runs(workdir, root)}.items():
         env = {**fsdp_env(config), "NANODPO_CACHE": str(root / "cache_two")}
+        if name.endswith("ram_efficient"):  # what fsdp_cpu_ram_efficient_loading: true launches with
+            env.update(FSDP_CPU_RAM_EFFICIENT_LOADING="true")
         plan.append(("train_dpo", to_argv(common(workdir, root / f"{name}_two", **options)), env))
     (root / "plan.json").write_text(json.dumps(plan))
     (root / "driver.py").write_text(FSDP_DRIVER)
@@ -590,15 +614,16 @@ def fsdp_runs(workdir, tmp_path_factory):
         str(root / "driver.py"), str(root / "plan.json"),
     ]  # fmt: skip
     output = run(cmd, base_env(ACCELERATE_USE_CPU="1"))
-    assert output.count("fsdp2 on cpu") == 2 * len(runs)
-    assert output.count("accumulation x 2 processes)") == len(runs)
+    assert output.count("fsdp2 on cpu") == 2 * len(plan)
+    assert output.count("accumulation x 2 processes)") == len(plan)
     for name, (_, options) in runs.items():
         run_one("train_dpo.py", common(workdir, root / f"{name}_one", gradient_accumulation_steps=4, **options),
                 env={"NANODPO_CACHE": str(root / "cache_one")})  # fmt: skip
     return root, output
 
 
-@pytest.mark.parametrize("name", ["full_online", "full_precomputed", "lora", "lora_readable"])
+@pytest.mark.parametrize("name", ["full_online", "full_precomputed", "full_precomputed_ram_efficient", "lora",
+                                  "lora_readable"])  # fmt: skip
 def test_fsdp2_dpo_two_processes_match_one(fsdp_runs, name):
     """DPO under FSDP2 (configs/accelerate/fsdp2_full.yaml, fsdp2_lora.yaml) equals 1 process with the same global
     batch: every logged value of 3 SGD steps within 1e-4 (step 1 within 1e-5), and the saved weights (gathered
@@ -619,6 +644,24 @@ def test_fsdp2_dpo_two_processes_match_one(fsdp_runs, name):
         assert json.loads((two / "adapter_config.json").read_text())["r"] == 8
 
 
+@pytest.mark.parametrize("name", ["full_adamw", "lora_adamw"])
+def test_fsdp2_checkpoint_resumes_exactly(fsdp_runs, name):
+    """An FSDP2 run resumed from its step-2 checkpoint continues exactly as the run that wrote it: steps 3 and 4
+    (AdamW: the moments must come back, each process its shard) and the final weights bit for bit."""
+    root, output = fsdp_runs
+    original, resumed = root / f"{name}_two", root / f"{name}_resumed_two"
+    assert json.loads((original / "checkpoint-2" / "trainer_state.json").read_text())["sharding"] == "fsdp2"
+    continued = [r for r in train_records(resumed) if r["step"] > 2]
+    assert [r["step"] for r in continued] == [3, 4]
+    for ours, theirs in zip(continued, train_records(original)[2:]):
+        assert {k: v for k, v in ours.items() if k not in NOT_COMPARED} == {
+            k: v for k, v in theirs.items() if k not in NOT_COMPARED
+        }
+    saved = "adapter_model.safetensors" if name.startswith("lora") else "model.safetensors"
+    for key, tensor in load_file(original / saved).items():
+        assert torch.equal(load_file(resumed / saved)[key], tensor), key
+
+
 def test_fsdp2_reference_is_sharded_and_frozen(fsdp_runs):
     """The full-fine-tuning reference under FSDP2 is sharded like the policy — each process holds half of every
     parameter (DTensor shards), none trainable — and not registered among the models accelerate trains."""
@@ -626,4 +669,4 @@ def test_fsdp2_reference_is_sharded_and_frozen(fsdp_runs):
     # Both processes print to one pipe, so their lines may run into each other: find each record by its braces.
     found = [json.loads(text) for text in re.findall(r"reference under fsdp2: (\{[^{}]*\})", output)]
     facts = {"params": 27, "dtensor_params": 27, "trainable": 0, "registered": False, "local_fraction": 0.5}
-    assert found == 2 * [facts]  # the one full_online run, on each process
+    assert found == 6 * [facts]  # full_online, full_adamw and its resumed run, on each process

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from nanodpo.checkpoint import checkpoints_in
+from nanodpo.checkpoint import RunState, _check_compatible, checkpoints_in
+from nanodpo.config import DPOConfig, parse_config
 from nanodpo.errors import UserError
 from nanodpo.tracking import read_metrics
 from tests import tiny
@@ -241,6 +242,18 @@ def test_resume_refuses_another_model_or_batch(data, tmp_path):
         in_process("dpo", data, out, "--resume_from_checkpoint", "latest", "--gradient_accumulation_steps", "1")
     with pytest.raises(UserError, match="not a nanodpo checkpoint"):
         in_process("dpo", data, out, "--resume_from_checkpoint", str(tmp_path))
+    # Sharded optimizer state resumes only the way it was written; DeepSpeed's ZeRO shards on as many processes.
+    checkpoint = checkpoints_in(out)[-1]
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    assert state["sharding"] is None
+    (checkpoint / "trainer_state.json").write_text(json.dumps({**state, "sharding": "fsdp2"}))
+    with pytest.raises(UserError, match="written under fsdp2, this run is under one process or DDP"):
+        in_process("dpo", data, out, "--resume_from_checkpoint", "latest")
+    cfg = parse_config(DPOConfig, script_args("dpo", data, out)[1:] + ["--max_steps", "4"])
+    saved = RunState(**{**state, "sharding": "deepspeed", "world_size": 2})
+    with pytest.raises(UserError, match="split over 2 processes; resume it on 2 processes, not 4"):
+        _check_compatible(cfg, checkpoint, saved, saved.global_batch, 4, "deepspeed")
+    _check_compatible(cfg, checkpoint, saved, saved.global_batch, 2, "deepspeed")  # the same process count: fine
     # The preference family's options change the objective too (simpo's target margin here).
     simpo_out = tmp_path / "simpo"
     in_process("dpo", data, simpo_out, "--max_steps", "4", "--loss_type", "simpo")
