@@ -31,7 +31,7 @@ from nanodpo import training
 from nanodpo.checkpoint import check_output_dir, save_checkpoint, save_model, start_or_resume, stop_early, update_best
 from nanodpo.config import SFTConfig, config_to_dict, parse_config
 from nanodpo.demo.stages import main_or_demo
-from nanodpo.errors import exit_on_user_error
+from nanodpo.errors import UserError, exit_on_user_error
 from nanodpo.faults import GracefulStop
 from nanodpo.logps import token_logps
 from nanodpo.model import check_model_options, load_policy, load_tokenizer
@@ -44,6 +44,8 @@ def main(argv: list[str] | None = None) -> None:
     # ------------------------------------------------------------------------------------------------------------
     # 1. Options.
     cfg = parse_config(SFTConfig, argv, description=__doc__)
+    if cfg.packing and cfg.max_length is None:
+        raise UserError("--packing needs --max_length (the length of a packed row)")
     check_model_options(cfg)
     check_output_dir(cfg)
     accelerator = training.make_accelerator(cfg)

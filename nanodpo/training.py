@@ -59,6 +59,15 @@ def make_accelerator(cfg) -> Accelerator:
                 f"but --gradient_accumulation_steps is {cfg.gradient_accumulation_steps}: remove it from the DeepSpeed "
                 "config (or set it to \"auto\"), the training config decides"
             )
+        offload = ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
+        if offload not in ("none", None) and cfg.optim != "adamw_torch":
+            # accelerate turns the optimizer of an offloaded run into DeepSpeed's CPU Adam: torch's AdamW into CPU
+            # AdamW with the same parameter groups (betas, epsilon, decoupled decay), but SGD silently into Adam too.
+            raise UserError(
+                f"--optim {cfg.optim} with ZeRO-Offload (offload_optimizer_device: cpu in the accelerate config): "
+                "the offloaded step runs on the CPU with DeepSpeed's CPU AdamW only; use --optim adamw_torch, or "
+                "an accelerate config without optimizer offload"
+            )
         for section in ("optimizer", "scheduler"):
             if section in ds_config:
                 raise UserError(

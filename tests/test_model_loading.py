@@ -228,8 +228,7 @@ def test_deepspeed_reference_engine_is_inference_only(stage, monkeypatch):
     """Under DeepSpeed the reference becomes an engine without optimizer (TRL 1.16's `prepare_deepspeed`): the run's
     config minus optimizer, scheduler and optimizer offload; ZeRO-3 keeps partitioning it (buckets sized to the
     model), ZeRO-1/2 hold a plain copy (stage 0). Here `deepspeed.initialize` is only recorded, to see the config
-    it gets from every kind of run config (optimizer offload included, which the CPU runs cannot use); the real
-    engine runs in tests/test_deepspeed.py."""
+    it gets from every kind of run config; the real engine runs in tests/test_deepspeed.py."""
     from nanodpo.model import prepare_reference
 
     seen = {}

@@ -35,6 +35,7 @@ import pytest
 import torch
 
 import train_sft
+from nanodpo.errors import UserError
 from nanodpo.tracking import read_metrics
 from tests import tiny
 
@@ -480,3 +481,14 @@ def test_bad_data_is_refused(refusals, case):
     for needed in BAD_DATA[case][1]:
         assert needed in error[0], (needed, error[0])
     assert not out.exists(), "a refused run must not write to output_dir"
+
+
+def test_packing_without_a_row_length_is_refused(tmp_path):
+    """--packing packs into rows of --max_length tokens: with `--max_length none` there is no row length, which is
+    said before anything loads (it used to end in a TypeError inside the packer)."""
+    data = tiny.write_jsonl(tmp_path / "data.jsonl", [{"prompt": "Hi", "completion": "Hello"}])
+    argv = ["--model", "nanodpo-tiny", "--dataset", str(data), "--output_dir", str(tmp_path / "out"), "--packing",
+            "--max_length", "none"]  # fmt: skip
+    with pytest.raises(UserError, match="--packing needs --max_length"):
+        train_sft.main(argv)
+    assert not (tmp_path / "out").exists()

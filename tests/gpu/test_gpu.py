@@ -1,5 +1,5 @@
 """The GPU suite: what a CPU cannot run — bf16 on CUDA, bitsandbytes 4-bit (QLoRA), flash-attention's varlen kernel,
-FSDP2 over NCCL on 2 GPUs, and the bench's CUDA numbers (tokens/s, MFU, peak memory) against TRL.
+FSDP2 and DeepSpeed ZeRO-2/3 over NCCL on 2 GPUs, and the bench's CUDA numbers (tokens/s, MFU, peak memory) against TRL.
 
 Run it on any CUDA machine, from the repository root, with one command:
 
@@ -7,7 +7,7 @@ Run it on any CUDA machine, from the repository root, with one command:
 
 Without CUDA every test here is skipped with the reason (the default `pytest` run collects and skips them). Tests
 that need more are skipped with theirs: flash-attention when `flash_attn` does not import (pip install flash-attn
---no-build-isolation), the FSDP2 test below 2 GPUs.
+--no-build-isolation), the FSDP2 and DeepSpeed tests below 2 GPUs.
 
 Reviewed against the libraries' documentation (November 2026):
   * bf16: `Accelerator(mixed_precision="bf16")` autocasts the forward (train_*.py --bf16); weights stay fp32.
@@ -20,6 +20,9 @@ Reviewed against the libraries' documentation (November 2026):
     return_flash_attn_kwargs=True)` gives), no attention_mask; nanodpo.packing.collate_packed builds exactly that.
   * FSDP2: accelerate's `fsdp_version: 2` config (configs/accelerate/fsdp2_full.yaml) under `accelerate launch`,
     NCCL; the global batch kept equal between 2 processes and 1 (per_device × accumulation × processes).
+  * DeepSpeed: configs/accelerate/zero2.yaml / zero3.yaml under `accelerate launch` (its DeepSpeed plugin builds the
+    engine config; `bf16` comes from `Accelerator(mixed_precision=...)`, i.e. --bf16); the reference engine as TRL's
+    `prepare_deepspeed`.
 """
 
 import os
@@ -188,6 +191,32 @@ def test_fsdp2_dpo_two_gpus_equal_one(workdir, tmp_path):
     keys = ("loss", "grad_norm", "logps/chosen", "logps/rejected", "rewards/margins")
     assert_close_curves(two[:1], one[:1], keys, rtol=1e-4, label="fsdp2 2 GPUs vs 1, step 1")
     assert_close_curves(two, one, keys, rtol=1e-3, label="fsdp2 2 GPUs vs 1")
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason=f"DeepSpeed needs 2 GPUs, found {torch.cuda.device_count()}")
+@pytest.mark.parametrize("config", ["zero2.yaml", "zero3.yaml"])
+def test_deepspeed_dpo_two_gpus_equal_one(workdir, tmp_path, config):
+    """Full-fine-tuning DPO under configs/accelerate/zero2.yaml / zero3.yaml on 2 GPUs (NCCL; DeepSpeed's CUDA
+    accelerator) with an online reference (an inference-only engine, partitioned under ZeRO-3) and the chunked LM
+    head, against 1 GPU without DeepSpeed with twice the accumulation: fp32, SGD, step 1 within 1e-4, 3 steps within
+    1e-3 (tests/test_deepspeed.py runs the same on CPU/gloo to 1e-6). Then --bf16 under the same config (DeepSpeed's
+    bf16 engine: bf16 weights, fp32 master copy) tracks the fp32 run to bf16 precision (2e-2), loss going down."""
+    pytest.importorskip("deepspeed", reason="pip install -e '.[deepspeed]'")
+    options = dict(dataset=str(workdir / "dpo.jsonl"), optim="sgd", learning_rate=0.5, max_steps=3)
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                str(ROOT / "configs/accelerate" / config), "--num_processes", "2", "--mixed_precision", "no"]
+    out = train("train_dpo.py", common(workdir, tmp_path / "two", **options), launcher)  # fmt: skip
+    assert "accumulation x 2 processes)" in out
+    train("train_dpo.py", common(workdir, tmp_path / "one", gradient_accumulation_steps=4, **options))
+    two, one = records(tmp_path / "two"), records(tmp_path / "one")
+    keys = ("loss", "grad_norm", "logps/chosen", "logps/rejected", "rewards/margins")
+    assert_close_curves(two[:1], one[:1], keys, rtol=1e-4, label=f"{config} 2 GPUs vs 1, step 1")
+    assert_close_curves(two, one, keys, rtol=1e-3, label=f"{config} 2 GPUs vs 1")
+    launcher[-1] = "bf16"
+    train("train_dpo.py", common(workdir, tmp_path / "two_bf16", bf16="true", **options), launcher)
+    bf16 = records(tmp_path / "two_bf16")
+    assert_close_curves(bf16, two, ("loss", "logps/chosen", "logps/rejected"), rtol=2e-2, label=f"{config} bf16")
+    assert bf16[-1]["loss"] < bf16[0]["loss"]
 
 
 def test_bench_dpo_on_cuda_prints_tokens_per_s_mfu_and_peak_memory_vs_trl(tmp_path):
