@@ -27,7 +27,6 @@ within 1e-5), eval values within 1e-4, and the saved weights within 1e-5 (AdamW 
 import json
 import os
 import re
-import sys
 from pathlib import Path
 from unittest import mock
 
@@ -37,15 +36,16 @@ from safetensors.torch import load_file
 
 from tests import tiny
 from tests.test_distributed import (
-    NOT_COMPARED,
     ROOT,
+    RUN_PLAN,
+    assert_resumed_exactly,
     assert_same_curve,
     base_env,
     common,
     eval_records,
-    free_port,
     launch_env,
-    run,
+    launch_plan,
+    resumed_twins,
     run_one,
     sft_rows,
     to_argv,
@@ -72,8 +72,7 @@ state._shared_state.update(num_processes=dist.get_world_size(), process_index=di
 # Every run's main() in turn on the one process group, each with its own accelerate state and the DeepSpeed
 # environment of its config; the reference engine of every DPO run is described for the test to check.
 DRIVER = SHIM + """
-import json, os, sys
-from accelerate.state import AcceleratorState
+import json, os
 import nanodpo.model
 
 _prepare_reference = nanodpo.model.prepare_reference
@@ -91,14 +90,7 @@ def prepare_reference(accelerator, ref_model):
     return engine
 
 nanodpo.model.prepare_reference = prepare_reference
-
-no_op = lambda self, group=None: None
-PartialState.destroy_process_group = AcceleratorState.destroy_process_group = no_op
-for script, argv, env in json.load(open(sys.argv[1])):
-    os.environ.update(env)
-    __import__(script).main(argv)
-    AcceleratorState._reset_state(reset_partial_state=False)
-"""
+""" + RUN_PLAN
 
 
 def deepspeed_env(config: str) -> dict:
@@ -152,12 +144,9 @@ def resume_runs(workdir: Path) -> dict[str, tuple[str, str, dict]]:
         max_steps=4, save_steps=2,
     )  # fmt: skip
     lora = dict(use_lora="true", lora_r=8, lora_alpha=16)
-    runs = {"zero3_adamw": ("zero3.yaml", adamw), "zero2_lora_adamw": ("zero2.yaml", {**adamw, **lora})}
-    resumed = {
-        f"{name}_resumed": (config, {**options, "resume_from_checkpoint": str(workdir / f"{name}_two/checkpoint-2")})
-        for name, (config, options) in runs.items()
-    }
-    return {name: ("train_dpo", config, options) for name, (config, options) in {**runs, **resumed}.items()}
+    runs = {"zero3_adamw": ("train_dpo", "zero3.yaml", adamw),
+            "zero2_lora_adamw": ("train_dpo", "zero2.yaml", {**adamw, **lora})}  # fmt: skip
+    return {**runs, **resumed_twins(runs, workdir)}
 
 
 @pytest.fixture(scope="module")
@@ -181,15 +170,9 @@ def deepspeed_launch(workdir):
     for name, (script, config, options) in {**runs, **resume_runs(workdir)}.items():
         env = {**deepspeed_env(config), "NANODPO_CACHE": str(workdir / "cache_two")}
         plan.append((script, to_argv(common(workdir, workdir / f"{name}_two", **options)), env))
-    (workdir / "plan.json").write_text(json.dumps(plan))
-    (workdir / "driver.py").write_text(DRIVER)
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-        str(workdir / "driver.py"), str(workdir / "plan.json"),
-    ]  # fmt: skip
     # DeepSpeed must see the DeepSpeed setting when the process group is formed (the shim's PartialState).
-    output = run(cmd, base_env(ACCELERATE_USE_DEEPSPEED="true", DS_ACCELERATOR="cpu"), timeout=420)
-    assert output.count("accumulation x 2 processes)") == len(plan)
+    env = base_env(ACCELERATE_USE_DEEPSPEED="true", DS_ACCELERATOR="cpu")
+    output = launch_plan(workdir, plan, DRIVER, env, timeout=420)
     for name, (script, _, options) in runs.items():
         run_one(f"{script}.py", common(workdir, workdir / f"{name}_one", gradient_accumulation_steps=4, **options),
                 env={"NANODPO_CACHE": str(workdir / "cache_one")})  # fmt: skip
@@ -250,15 +233,7 @@ def test_deepspeed_checkpoint_resumes_exactly(workdir, deepspeed_launch, name):
     assert "resumed from" in deepspeed_launch
     files = {p.name for p in (original / "checkpoint-2" / "deepspeed" / "state").iterdir()}
     assert {f"zero_pp_rank_{rank}_mp_rank_00_optim_states.pt" for rank in (0, 1)} <= files  # one ZeRO shard each
-    continued = [r for r in train_records(resumed) if r["step"] > 2]
-    assert [r["step"] for r in continued] == [3, 4]
-    for ours, theirs in zip(continued, train_records(original)[2:]):
-        assert {k: v for k, v in ours.items() if k not in NOT_COMPARED} == {
-            k: v for k, v in theirs.items() if k not in NOT_COMPARED
-        }
-    saved = "adapter_model.safetensors" if "lora" in name else "model.safetensors"
-    for key, tensor in load_file(original / saved).items():
-        assert torch.equal(load_file(resumed / saved)[key], tensor), key
+    assert_resumed_exactly(original, resumed)
 
 
 def test_deepspeed_configs_that_would_change_the_run_are_refused():

@@ -299,7 +299,7 @@ def test_accelerate_configs_are_valid():
 # One 2-process launch runs the scripts' main() one after the other (a start-up of two Python processes importing
 # torch and transformers costs more than all the training here); each builds its own Accelerator on the same gloo
 # group of processes. test_fsdp2_* launches train_dpo.py itself as a script.
-DRIVER = """
+RUN_PLAN = """
 import json, os, sys
 from accelerate.state import AcceleratorState, PartialState
 
@@ -311,6 +311,7 @@ for script, argv, env in json.load(open(sys.argv[1])):
     __import__(script).main(argv)
     AcceleratorState._reset_state(reset_partial_state=False)  # the next script builds its own Accelerator
 """
+DRIVER = RUN_PLAN
 
 
 def dpo_options(workdir: Path) -> dict:
@@ -521,8 +522,7 @@ def fsdp_env(config: str) -> dict:
 # own accelerate state (forced to FSDP by the shim's make_accelerator) and the FSDP_* environment of its config.
 FSDP_DRIVER = FSDP_SHIM.split("training.make_accelerator = make_accelerator")[0] + """
 training.make_accelerator = make_accelerator
-import json, os
-from accelerate.state import AcceleratorState
+import json
 import nanodpo.model
 
 _prepare_reference = nanodpo.model.prepare_reference
@@ -539,14 +539,7 @@ def prepare_reference(accelerator, ref_model):  # what the run's reference becam
     return ref_model
 
 nanodpo.model.prepare_reference = prepare_reference
-
-no_op = lambda self, group=None: None
-PartialState.destroy_process_group = AcceleratorState.destroy_process_group = no_op
-for script, argv, env in json.load(open(sys.argv[1])):
-    os.environ.update(env)
-    __import__(script).main(argv)
-    AcceleratorState._reset_state(reset_partial_state=False)
-"""
+""" + RUN_PLAN
 
 
 def fsdp_dpo_runs(workdir: Path) -> dict[str, tuple[str, dict]]:
@@ -587,11 +580,29 @@ def fsdp_resume_runs(workdir: Path, root: Path) -> dict[str, tuple[str, dict]]:
         "full_adamw": ("fsdp2_full.yaml", adamw),
         "lora_adamw": ("fsdp2_lora.yaml", {**adamw, "use_lora": "true", "lora_r": 8, "lora_alpha": 16}),
     }
-    resumed = {
-        f"{name}_resumed": (config, {**options, "resume_from_checkpoint": str(root / f"{name}_two/checkpoint-2")})
-        for name, (config, options) in runs.items()
+    return {**runs, **resumed_twins(runs, root)}
+
+
+def resumed_twins(runs: dict[str, tuple], root: Path) -> dict[str, tuple]:
+    """Each run (its options last) again, named NAME_resumed, resumed from ROOT/NAME_two/checkpoint-2."""
+    return {
+        f"{name}_resumed": (*head, {**options, "resume_from_checkpoint": str(root / f"{name}_two" / "checkpoint-2")})
+        for name, (*head, options) in runs.items()
     }
-    return {**runs, **resumed}
+
+
+def launch_plan(root: Path, plan: list[tuple[str, list, dict]], driver: str, env: dict, timeout: int = 240) -> str:
+    """The plan's runs, (script, argv, env) each, in turn on 2 processes: one torchrun launch of `driver`. Every run
+    must really have had 2 processes. Returns the launch's output."""
+    (root / "plan.json").write_text(json.dumps(plan))
+    (root / "driver.py").write_text(driver)
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+        str(root / "driver.py"), str(root / "plan.json"),
+    ]  # fmt: skip
+    output = run(cmd, env, timeout)
+    assert output.count("accumulation x 2 processes)") == len(plan)
+    return output
 
 
 @pytest.fixture(scope="module")
@@ -607,15 +618,8 @@ def fsdp_runs(workdir, tmp_path_factory):
         if name.endswith("ram_efficient"):  # what fsdp_cpu_ram_efficient_loading: true launches with
             env.update(FSDP_CPU_RAM_EFFICIENT_LOADING="true")
         plan.append(("train_dpo", to_argv(common(workdir, root / f"{name}_two", **options)), env))
-    (root / "plan.json").write_text(json.dumps(plan))
-    (root / "driver.py").write_text(FSDP_DRIVER)
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-        str(root / "driver.py"), str(root / "plan.json"),
-    ]  # fmt: skip
-    output = run(cmd, base_env(ACCELERATE_USE_CPU="1"))
+    output = launch_plan(root, plan, FSDP_DRIVER, base_env(ACCELERATE_USE_CPU="1"))
     assert output.count("fsdp2 on cpu") == 2 * len(plan)
-    assert output.count("accumulation x 2 processes)") == len(plan)
     for name, (_, options) in runs.items():
         run_one("train_dpo.py", common(workdir, root / f"{name}_one", gradient_accumulation_steps=4, **options),
                 env={"NANODPO_CACHE": str(root / "cache_one")})  # fmt: skip
@@ -644,6 +648,20 @@ def test_fsdp2_dpo_two_processes_match_one(fsdp_runs, name):
         assert json.loads((two / "adapter_config.json").read_text())["r"] == 8
 
 
+def assert_resumed_exactly(original: Path, resumed: Path) -> None:
+    """The run resumed from checkpoint-2 of `original` logs steps 3 and 4 exactly as `original` did (all but
+    wall-clock values) and saves the same final weights, bit for bit."""
+    continued = [r for r in train_records(resumed) if r["step"] > 2]
+    assert [r["step"] for r in continued] == [3, 4]
+    for ours, theirs in zip(continued, train_records(original)[2:]):
+        assert {k: v for k, v in ours.items() if k not in NOT_COMPARED} == {
+            k: v for k, v in theirs.items() if k not in NOT_COMPARED
+        }
+    saved = "adapter_model.safetensors" if (original / "adapter_model.safetensors").exists() else "model.safetensors"
+    for key, tensor in load_file(original / saved).items():
+        assert torch.equal(load_file(resumed / saved)[key], tensor), key
+
+
 @pytest.mark.parametrize("name", ["full_adamw", "lora_adamw"])
 def test_fsdp2_checkpoint_resumes_exactly(fsdp_runs, name):
     """An FSDP2 run resumed from its step-2 checkpoint continues exactly as the run that wrote it: steps 3 and 4
@@ -651,15 +669,7 @@ def test_fsdp2_checkpoint_resumes_exactly(fsdp_runs, name):
     root, output = fsdp_runs
     original, resumed = root / f"{name}_two", root / f"{name}_resumed_two"
     assert json.loads((original / "checkpoint-2" / "trainer_state.json").read_text())["sharding"] == "fsdp2"
-    continued = [r for r in train_records(resumed) if r["step"] > 2]
-    assert [r["step"] for r in continued] == [3, 4]
-    for ours, theirs in zip(continued, train_records(original)[2:]):
-        assert {k: v for k, v in ours.items() if k not in NOT_COMPARED} == {
-            k: v for k, v in theirs.items() if k not in NOT_COMPARED
-        }
-    saved = "adapter_model.safetensors" if name.startswith("lora") else "model.safetensors"
-    for key, tensor in load_file(original / saved).items():
-        assert torch.equal(load_file(resumed / saved)[key], tensor), key
+    assert_resumed_exactly(original, resumed)
 
 
 def test_fsdp2_reference_is_sharded_and_frozen(fsdp_runs):
