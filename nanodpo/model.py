@@ -20,6 +20,7 @@ from huggingface_hub.utils import validate_repo_id
 from torch import nn
 from torch.distributed.tensor import DTensor
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, GgufConfig
+from transformers.integrations import is_deepspeed_zero3_enabled
 
 from nanodpo.demo import TOKENIZER_DIR, tiny_model_config
 from nanodpo.errors import UserError
@@ -180,8 +181,10 @@ def load_pretrained(cfg, device: torch.device | None = None) -> nn.Module:
     quant = quantization_config(cfg)
     if quant is not None:
         kwargs["quantization_config"] = quant
-        # bitsandbytes quantizes while loading, so the weights must land on their device right away.
-        kwargs["device_map"] = {"": device if device is not None else "cpu"}
+        # bitsandbytes quantizes while loading, so the weights must land on their device right away. Under ZeRO-3
+        # DeepSpeed places them (transformers refuses a device_map there).
+        if not is_deepspeed_zero3_enabled():
+            kwargs["device_map"] = {"": device if device is not None else "cpu"}
     location, gguf = pretrained_location(cfg.model)
     if gguf:
         # Every tensor unpacked to a dense --dtype weight while loading (transformers would otherwise keep quantized

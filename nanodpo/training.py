@@ -59,7 +59,15 @@ def make_accelerator(cfg) -> Accelerator:
                 f"but --gradient_accumulation_steps is {cfg.gradient_accumulation_steps}: remove it from the DeepSpeed "
                 "config (or set it to \"auto\"), the training config decides"
             )
-        offload = ds_config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none")
+        zero = ds_config.get("zero_optimization", {})
+        if zero.get("stage") == 3 and not zero.get("stage3_gather_16bit_weights_on_model_save", False):
+            # Checked now, not at the first save after hours of training: every save gathers the whole model.
+            raise UserError(
+                "ZeRO-3 without zero3_save_16bit_model: true in the accelerate config cannot save the model: each "
+                "save (checkpoints, the final model) gathers the partitioned weights into one state dict; set it to "
+                "true (configs/accelerate/zero3.yaml does)"
+            )
+        offload = zero.get("offload_optimizer", {}).get("device", "none")
         if offload not in ("none", None) and cfg.optim != "adamw_torch":
             # accelerate turns the optimizer of an offloaded run into DeepSpeed's CPU Adam: torch's AdamW into CPU
             # AdamW with the same parameter groups (betas, epsilon, decoupled decay), but SGD silently into Adam too.

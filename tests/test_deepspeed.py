@@ -108,6 +108,8 @@ def deepspeed_runs(workdir: Path) -> dict[str, tuple[str, str, dict]]:
     zero3_full_precomputed: the reference log-probs scored by the partitioned policy; tied embeddings.
     zero3_full_readable: TRL's padded batch and full logits (--logps readable --batch_layout padded).
     zero3_lora: a LoRA adapter on the partitioned base; the reference is the same model with the adapter off.
+    zero3_qlora: the same on a bitsandbytes 4-bit base (QLoRA), its packed weights stored as float so ZeRO-3 can
+        partition them (no device_map: DeepSpeed places the weights).
     zero2_full_online: ZeRO-2 (optimizer state and gradients partitioned), the reference a stage-0 engine.
     zero3_sft: train_sft.py, eval every 2 steps on 5 rows.
     zero3_offload_adamw: configs/accelerate/zero3_offload.yaml, optimizer state and parameters offloaded to CPU RAM:
@@ -118,6 +120,8 @@ def deepspeed_runs(workdir: Path) -> dict[str, tuple[str, str, dict]]:
         dataset=str(workdir / "dpo_train.jsonl"), optim="sgd", learning_rate=0.5, max_length=64, beta=0.1, max_steps=3,
     )  # fmt: skip
     evals = dict(eval_dataset=str(workdir / "dpo_eval.jsonl"), eval_steps=2)
+    lora = dict(use_lora="true", lora_r=8, lora_alpha=16)
+    qlora = dict(load_in_4bit="true", bnb_4bit_quant_storage="float32", dtype="float32")
     sft = dict(
         dataset=str(workdir / "sft_train.jsonl"), eval_dataset=str(workdir / "sft_eval.jsonl"), eval_steps=2,
         optim="sgd", learning_rate=0.5, max_length=128, max_steps=3,
@@ -127,7 +131,8 @@ def deepspeed_runs(workdir: Path) -> dict[str, tuple[str, str, dict]]:
         "zero3_full_precomputed": ("train_dpo", "zero3.yaml", {**dpo, "model": str(workdir / "model_tied"),
                                                                "precompute_ref_logps": "true"}),
         "zero3_full_readable": ("train_dpo", "zero3.yaml", {**dpo, "logps": "readable", "batch_layout": "padded"}),
-        "zero3_lora": ("train_dpo", "zero3.yaml", {**dpo, "use_lora": "true", "lora_r": 8, "lora_alpha": 16}),
+        "zero3_lora": ("train_dpo", "zero3.yaml", {**dpo, **lora}),
+        "zero3_qlora": ("train_dpo", "zero3.yaml", {**dpo, **lora, **qlora}),
         "zero2_full_online": ("train_dpo", "zero2.yaml", dpo),
         "zero3_sft": ("train_sft", "zero3.yaml", sft),
         "zero3_offload_adamw": ("train_dpo", "zero3_offload.yaml", {**dpo, "optim": "adamw_torch",
@@ -237,9 +242,10 @@ def test_deepspeed_checkpoint_resumes_exactly(workdir, deepspeed_launch, name):
 
 
 def test_deepspeed_configs_that_would_change_the_run_are_refused():
-    """Before anything loads: SGD with optimizer offload (accelerate would silently step with DeepSpeed's CPU Adam
-    instead), and a DeepSpeed config whose accumulation differs from --gradient_accumulation_steps (accelerate would
-    silently take DeepSpeed's). Left "auto", accumulation and batch sizes come from the training config."""
+    """Before anything loads: ZeRO-3 that cannot gather the model to save it (accelerate would fail at the first
+    save), SGD with optimizer offload (accelerate would silently step with DeepSpeed's CPU Adam instead), and a
+    DeepSpeed config whose accumulation differs from --gradient_accumulation_steps (accelerate would silently take
+    DeepSpeed's). Left "auto", accumulation and batch sizes come from the training config."""
     from accelerate.state import AcceleratorState
     from transformers.integrations import unset_hf_deepspeed_config
 
@@ -258,6 +264,8 @@ def test_deepspeed_configs_that_would_change_the_run_are_refused():
                 AcceleratorState._reset_state(reset_partial_state=True)
                 unset_hf_deepspeed_config()  # or this process's next model would load ZeRO-3-partitioned
 
+    with pytest.raises(UserError, match="ZeRO-3 without zero3_save_16bit_model: true"):
+        deepspeed_config_for("zero3.yaml", ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL="false")
     with pytest.raises(UserError, match="--optim sgd with ZeRO-Offload"):
         deepspeed_config_for("zero3_offload.yaml", "--optim", "sgd")
     with pytest.raises(UserError, match="sets gradient_accumulation_steps 8 but --gradient_accumulation_steps is 2"):

@@ -551,6 +551,7 @@ def fsdp_dpo_runs(workdir: Path) -> dict[str, tuple[str, dict]]:
         head's weight is the input embedding: its one FSDP unit gets both gradients); a checkpoint at step 2.
     full_precomputed_ram_efficient: fsdp_cpu_ram_efficient_loading: true — sharding puts rank 0's weights on every
         process (accelerate's fsdp2_load_full_state_dict); the reference log-probs are scored after that.
+    qlora: LoRA on a bitsandbytes 4-bit base whose packed weights are stored as float (FSDP2 shards them).
     lora / lora_readable: a LoRA adapter on the sharded base, the reference the same model with the adapter off;
         lora_readable takes TRL's padded batch and full logits (--logps readable --batch_layout padded).
     """
@@ -564,6 +565,8 @@ def fsdp_dpo_runs(workdir: Path) -> dict[str, tuple[str, dict]]:
                                                  "precompute_ref_logps": "true", "save_steps": 2}),
         "full_precomputed_ram_efficient": ("fsdp2_full.yaml", {**dpo, "precompute_ref_logps": "true"}),
         "lora": ("fsdp2_lora.yaml", {**dpo, **lora}),
+        "qlora": ("fsdp2_lora.yaml", {**dpo, **lora, "load_in_4bit": "true", "bnb_4bit_quant_storage": "float32",
+                                      "dtype": "float32"}),
         "lora_readable": ("fsdp2_lora.yaml", {**dpo, **lora, "logps": "readable", "batch_layout": "padded"}),
     }  # fmt: skip
 
@@ -627,7 +630,7 @@ def fsdp_runs(workdir, tmp_path_factory):
 
 
 @pytest.mark.parametrize("name", ["full_online", "full_precomputed", "full_precomputed_ram_efficient", "lora",
-                                  "lora_readable"])  # fmt: skip
+                                  "qlora", "lora_readable"])  # fmt: skip
 def test_fsdp2_dpo_two_processes_match_one(fsdp_runs, name):
     """DPO under FSDP2 (configs/accelerate/fsdp2_full.yaml, fsdp2_lora.yaml) equals 1 process with the same global
     batch: every logged value of 3 SGD steps within 1e-4 (step 1 within 1e-5), and the saved weights (gathered
@@ -637,14 +640,14 @@ def test_fsdp2_dpo_two_processes_match_one(fsdp_runs, name):
     assert "fast log-prob path unavailable" not in output  # the chunked head runs on sharded weights
     two, one = root / f"{name}_two", root / f"{name}_one"
     assert_same_curve(train_records(two), train_records(one), rtol=1e-4, label=f"fsdp2 dpo {name}")
-    saved = "adapter_model.safetensors" if name.startswith("lora") else "model.safetensors"
+    saved = "adapter_model.safetensors" if "lora" in name else "model.safetensors"
     folders = ["", "checkpoint-2"] if name == "full_precomputed" else [""]
     for folder in folders:
         two_weights, one_weights = load_file(two / folder / saved), load_file(one / folder / saved)
         assert two_weights.keys() == one_weights.keys() and len(one_weights) > 0, folder
         for key, tensor in one_weights.items():
             torch.testing.assert_close(two_weights[key], tensor, rtol=0, atol=1e-5, msg=f"{folder} {key}")
-    if name.startswith("lora"):
+    if "lora" in name:
         assert json.loads((two / "adapter_config.json").read_text())["r"] == 8
 
 
