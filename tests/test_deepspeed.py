@@ -275,3 +275,32 @@ def test_deepspeed_configs_that_would_change_the_run_are_refused():
                                      "--per_device_train_batch_size", "3", "--max_grad_norm", "0.5")  # fmt: skip
     assert (ds_config["gradient_accumulation_steps"], ds_config["train_micro_batch_size_per_gpu"],
             ds_config["train_batch_size"], ds_config["gradient_clipping"]) == (4, 3, 12, 0.5)  # fmt: skip
+
+
+def test_readme_launch_commands_pass_every_up_front_check():
+    """Each `accelerate launch --config_file configs/accelerate/A train_X.py --config configs/B` in README.md, with
+    the environment accelerate launches it with: the training config parses, the sharding checks pass
+    (nanodpo.model.check_sharding_options) and so does building its Accelerator (the DeepSpeed checks of
+    nanodpo.training.make_accelerator) — none of them would be refused at start."""
+    from accelerate.state import AcceleratorState
+    from transformers.integrations import unset_hf_deepspeed_config
+
+    from nanodpo import training
+    from nanodpo.config import DPOConfig, PTConfig, SFTConfig, parse_config
+    from nanodpo.model import check_sharding_options
+
+    pattern = r"accelerate launch --config_file configs/accelerate/(\S+)(?: --\S+ \S+)* (train_\w+)\.py --config (\S+)"
+    commands = set(re.findall(pattern, (ROOT / "README.md").read_text()))
+    assert len(commands) >= 8 and {"zero2.yaml", "zero3.yaml", "zero3_offload.yaml"} <= {c[0] for c in commands}
+    classes = {"train_dpo": DPOConfig, "train_sft": SFTConfig, "train_pt": PTConfig}
+    for accelerate_config, script, training_config in sorted(commands):
+        _, _, env = launch_env(ROOT / "configs" / "accelerate" / accelerate_config)
+        cfg = parse_config(classes[script], ["--config", str(ROOT / training_config), "--output_dir", "out"])
+        check_sharding_options(cfg, env)
+        AcceleratorState._reset_state(reset_partial_state=True)
+        with mock.patch.dict(os.environ, env):
+            try:
+                training.make_accelerator(cfg)
+            finally:
+                AcceleratorState._reset_state(reset_partial_state=True)
+                unset_hf_deepspeed_config()
