@@ -35,6 +35,15 @@ def make_accelerator(cfg) -> Accelerator:
         gradient_accumulation_steps=cfg.gradient_accumulation_steps, mixed_precision=mixed_precision
     )
     deepspeed_plugin = accelerator.state.deepspeed_plugin
+    group_size = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    if deepspeed_plugin is not None and group_size != accelerator.num_processes:
+        # accelerate's DeepSpeed state on a machine without GPUs: every process believes it is process 0 of 1, so
+        # each would read all the data and write every file.
+        raise UserError(
+            f"DeepSpeed here formed {group_size} processes but accelerate counts {accelerator.num_processes}: "
+            "accelerate runs DeepSpeed on GPUs only; on CPU use DDP (ACCELERATE_USE_CPU=1 accelerate launch "
+            "--multi_gpu --num_processes N ...)"
+        )
     if deepspeed_plugin is not None:
         # DeepSpeed clips inside engine.step (accelerator.clip_grad_norm_ then only reads the norm back). Left "auto",
         # accelerate would fill in 1.0 whatever --max_grad_norm says: use the training config's value (0 = off).

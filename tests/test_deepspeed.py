@@ -242,7 +242,8 @@ def test_deepspeed_checkpoint_resumes_exactly(workdir, deepspeed_launch, name):
 
 
 def test_deepspeed_configs_that_would_change_the_run_are_refused():
-    """Before anything loads: ZeRO-3 that cannot gather the model to save it (accelerate would fail at the first
+    """Before anything loads: DeepSpeed launched where accelerate miscounts the processes (no GPUs: each process
+    would think it is the only one), ZeRO-3 that cannot gather the model to save it (accelerate would fail at the first
     save), SGD with optimizer offload (accelerate would silently step with DeepSpeed's CPU Adam instead), and a
     DeepSpeed config whose accumulation differs from --gradient_accumulation_steps (accelerate would silently take
     DeepSpeed's). Left "auto", accumulation and batch sizes come from the training config."""
@@ -264,6 +265,10 @@ def test_deepspeed_configs_that_would_change_the_run_are_refused():
                 AcceleratorState._reset_state(reset_partial_state=True)
                 unset_hf_deepspeed_config()  # or this process's next model would load ZeRO-3-partitioned
 
+    with mock.patch("torch.distributed.is_initialized", return_value=True), \
+            mock.patch("torch.distributed.get_world_size", return_value=2):  # accelerate's DeepSpeed state on CPU
+        with pytest.raises(UserError, match="DeepSpeed here formed 2 processes but accelerate counts 1"):
+            deepspeed_config_for("zero3.yaml")
     with pytest.raises(UserError, match="ZeRO-3 without zero3_save_16bit_model: true"):
         deepspeed_config_for("zero3.yaml", ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL="false")
     with pytest.raises(UserError, match="--optim sgd with ZeRO-Offload"):
