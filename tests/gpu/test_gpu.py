@@ -44,8 +44,8 @@ pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(
         not torch.cuda.is_available(),
-        reason="no CUDA device: the GPU suite (bf16, bnb 4-bit, flash-attention varlen, FSDP2 over NCCL, the CUDA "
-        "bench) runs on a CUDA machine with `pytest -m gpu tests/gpu`",
+        reason="no CUDA device: the GPU suite (bf16, bnb 4-bit, flash-attention varlen, FSDP2 and DeepSpeed over "
+        "NCCL, the CUDA bench) runs on a CUDA machine with `pytest -m gpu tests/gpu`",
     ),
 ]
 
