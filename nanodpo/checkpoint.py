@@ -10,14 +10,17 @@ A LoRA run saves a peft adapter (`adapter_config.json`, `adapter_model.safetenso
 
 What a checkpoint holds, so `--resume_from_checkpoint latest` continues bit for bit (CPU, fp32):
     weights                 safetensors (the model, or only the adapter)
-    optimizer.pt            optimizer state (AdamW moments, step counts)
+    optimizer.pt            optimizer state (AdamW moments, step counts); under FSDP2 gathered from the shards,
+                            keyed by parameter name; under DeepSpeed the engine's own files in deepspeed/ instead
     scheduler.pt            learning-rate schedule position
     scaler.pt               fp16 loss-scaler state (with --fp16)
     rng_state_<rank>.pth    python / numpy / torch (/ cuda) random states of every process
     trainer_state.json      step, epoch, batches consumed in the epoch (the data position; for streamed data the
                             same count is replayed), token count, the unfinished logging interval's metric values,
-                            the reference-log-prob cache key, world size and global batch
-Loading uses safetensors for weights and `torch.load(weights_only=True)` for the rest: nothing is unpickled.
+                            the reference-log-prob cache key, world size, global batch and sharding
+Loading uses safetensors for weights and `torch.load(weights_only=True)` for the rest: nothing is unpickled — except
+under DeepSpeed, whose engine files (DIR/deepspeed/: the ZeRO partitions of weights, fp32 master weights and moments,
+one per process) DeepSpeed itself loads with pickle.
 
 Writes are atomic: everything goes to `OUTPUT_DIR/.tmp-checkpoint-<step>` first, is fsynced, and only then renamed;
 a kill or a full disk during a save leaves the previous checkpoints untouched and loadable.
