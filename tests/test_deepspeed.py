@@ -1,4 +1,4 @@
-"""DeepSpeed ZeRO-2 and ZeRO-3 on 2 CPU processes (gloo): DPO and SFT equal 1 process with the same global batch.
+"""DeepSpeed ZeRO-2 and ZeRO-3 on 2 CPU processes (gloo): DPO, SFT and PT equal 1 process with the same global batch.
 
 DeepSpeed itself runs on CPU: with no GPU visible it picks its CPU accelerator, and its collectives go over gloo.
 What accelerate lacks there is bookkeeping: `ACCELERATE_USE_DEEPSPEED` makes its state DEEPSPEED, but on a machine
@@ -45,6 +45,8 @@ from tests.test_distributed import (
     eval_records,
     launch_env,
     launch_plan,
+    pt_options,
+    pt_rows,
     resumed_twins,
     run_one,
     sft_rows,
@@ -112,6 +114,7 @@ def deepspeed_runs(workdir: Path) -> dict[str, tuple[str, str, dict]]:
         partition them (no device_map: DeepSpeed places the weights).
     zero2_full_online: ZeRO-2 (optimizer state and gradients partitioned), the reference a stage-0 engine.
     zero3_sft: train_sft.py, eval every 2 steps on 5 rows.
+    zero3_pt: train_pt.py, packed rows of 32 tokens, eval every 2 steps on 5 rows.
     zero3_offload_adamw: configs/accelerate/zero3_offload.yaml, optimizer state and parameters offloaded to CPU RAM:
         accelerate hands the step to DeepSpeed's CPU AdamW (a C++ op, compiled on first use), with the parameter
         groups of torch's AdamW (beta2 0.95, decoupled weight decay 0.1 on matrices only); compared with torch's AdamW.
@@ -135,6 +138,8 @@ def deepspeed_runs(workdir: Path) -> dict[str, tuple[str, str, dict]]:
         "zero3_qlora": ("train_dpo", "zero3.yaml", {**dpo, **lora, **qlora}),
         "zero2_full_online": ("train_dpo", "zero2.yaml", dpo),
         "zero3_sft": ("train_sft", "zero3.yaml", sft),
+        "zero3_pt": ("train_pt", "zero3.yaml", {**pt_options(workdir), "optim": "sgd", "learning_rate": 0.5,
+                                                "max_steps": 3}),
         "zero3_offload_adamw": ("train_dpo", "zero3_offload.yaml", {**dpo, "optim": "adamw_torch",
                                 "learning_rate": 1e-3, "adam_beta2": 0.95, "weight_decay": 0.1}),
     }  # fmt: skip
@@ -163,6 +168,8 @@ def workdir(tmp_path_factory):
     tiny.write_jsonl(root / "dpo_eval.jsonl", tiny.preference_rows(23, "explicit")[16:])
     tiny.write_jsonl(root / "sft_train.jsonl", sft_rows(16))
     tiny.write_jsonl(root / "sft_eval.jsonl", sft_rows(5))
+    tiny.write_jsonl(root / "pt_train.jsonl", pt_rows(48))
+    tiny.write_jsonl(root / "pt_eval.jsonl", pt_rows(5))
     return root
 
 
