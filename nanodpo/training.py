@@ -34,63 +34,8 @@ def make_accelerator(cfg) -> Accelerator:
     accelerator = Accelerator(
         gradient_accumulation_steps=cfg.gradient_accumulation_steps, mixed_precision=mixed_precision
     )
-    deepspeed_plugin = accelerator.state.deepspeed_plugin
-    group_size = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    if deepspeed_plugin is not None and group_size != accelerator.num_processes:
-        # accelerate's DeepSpeed state on a machine without GPUs: every process believes it is process 0 of 1, so
-        # each would read all the data and write every file.
-        raise UserError(
-            f"DeepSpeed here formed {group_size} processes but accelerate counts {accelerator.num_processes}: "
-            "accelerate runs DeepSpeed on GPUs only; on CPU use DDP (ACCELERATE_USE_CPU=1 accelerate launch "
-            "--multi_gpu --num_processes N ...)"
-        )
-    if deepspeed_plugin is not None:
-        # DeepSpeed clips inside engine.step (accelerator.clip_grad_norm_ then only reads the norm back). Left "auto",
-        # accelerate would fill in 1.0 whatever --max_grad_norm says: use the training config's value (0 = off).
-        ds_config = deepspeed_plugin.deepspeed_config
-        if ds_config.get("gradient_clipping", "auto") == "auto":
-            ds_config["gradient_clipping"] = cfg.max_grad_norm
-        # Accumulation and batch sizes, which accelerate would otherwise fill in inside `prepare` (reading the batch
-        # size off the data loader): the reference engine is built before that, and a token-budget loader has no
-        # fixed batch size. DeepSpeed divides the loss by the accumulation; the batch sizes it only checks and reports.
-        micro_batch = cfg.per_device_train_batch_size
-        wanted = {
-            "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
-            "train_micro_batch_size_per_gpu": micro_batch,
-            "train_batch_size": micro_batch * cfg.gradient_accumulation_steps * accelerator.num_processes,
-        }
-        for key, value in wanted.items():
-            if ds_config.get(key, "auto") == "auto":
-                ds_config[key] = value
-        if ds_config["gradient_accumulation_steps"] != cfg.gradient_accumulation_steps:
-            raise UserError(
-                f"the DeepSpeed config sets gradient_accumulation_steps {ds_config['gradient_accumulation_steps']} "
-                f"but --gradient_accumulation_steps is {cfg.gradient_accumulation_steps}: remove it from the DeepSpeed "
-                "config (or set it to \"auto\"), the training config decides"
-            )
-        zero = ds_config.get("zero_optimization", {})
-        if zero.get("stage") == 3 and not zero.get("stage3_gather_16bit_weights_on_model_save", False):
-            # Checked now, not at the first save after hours of training: every save gathers the whole model.
-            raise UserError(
-                "ZeRO-3 without zero3_save_16bit_model: true in the accelerate config cannot save the model: each "
-                "save (checkpoints, the final model) gathers the partitioned weights into one state dict; set it to "
-                "true (configs/accelerate/zero3.yaml does)"
-            )
-        offload = zero.get("offload_optimizer", {}).get("device", "none")
-        if offload not in ("none", None) and cfg.optim != "adamw_torch":
-            # accelerate turns the optimizer of an offloaded run into DeepSpeed's CPU Adam: torch's AdamW into CPU
-            # AdamW with the same parameter groups (betas, epsilon, decoupled decay), but SGD silently into Adam too.
-            raise UserError(
-                f"--optim {cfg.optim} with ZeRO-Offload (offload_optimizer_device: cpu in the accelerate config): "
-                "the offloaded step runs on the CPU with DeepSpeed's CPU AdamW only; use --optim adamw_torch, or "
-                "an accelerate config without optimizer offload"
-            )
-        for section in ("optimizer", "scheduler"):
-            if section in ds_config:
-                raise UserError(
-                    f"the DeepSpeed config has a '{section}' section: remove it, the optimizer and learning-rate "
-                    "schedule come from the training config (--optim, --learning_rate, --lr_scheduler_type)"
-                )
+    if accelerator.state.deepspeed_plugin is not None:
+        fit_deepspeed_config(accelerator, cfg)
     cores = os.cpu_count() or 1
     if accelerator.device.type == "cpu" and accelerator.num_processes == 1 and torch.get_num_threads() == 1 < cores:
         # `accelerate launch` without --cpu sets OMP_NUM_THREADS=1 on a machine with no GPU: a 2-4x slower run.
@@ -100,6 +45,73 @@ def make_accelerator(cfg) -> Accelerator:
             f"--num_cpu_threads_per_process {cores} ..., or python <script> ..."
         )
     return accelerator
+
+
+def fit_deepspeed_config(accelerator: Accelerator, cfg) -> None:
+    """The run's DeepSpeed config (accelerate's plugin, from the accelerate config file) made to follow the training
+    config, or refused before anything loads where it cannot:
+
+    * clipping, accumulation and batch sizes left "auto" are filled in from --max_grad_norm,
+      --gradient_accumulation_steps and --per_device_train_batch_size; a different accumulation is refused;
+    * no optimizer or scheduler section (they come from --optim, --learning_rate, --lr_scheduler_type);
+    * ZeRO-3 must be able to gather the model to save it; optimizer offload steps with AdamW only;
+    * accelerate must count the processes DeepSpeed formed (it does not on a machine without GPUs).
+    """
+    ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
+    group_size = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    if group_size != accelerator.num_processes:
+        # accelerate's DeepSpeed state on a machine without GPUs: every process believes it is process 0 of 1, so
+        # each would read all the data and write every file.
+        raise UserError(
+            f"DeepSpeed here formed {group_size} processes but accelerate counts {accelerator.num_processes}: "
+            "accelerate runs DeepSpeed on GPUs only; on CPU use DDP (ACCELERATE_USE_CPU=1 accelerate launch "
+            "--multi_gpu --num_processes N ...)"
+        )
+    # DeepSpeed clips inside engine.step (accelerator.clip_grad_norm_ then only reads the norm back). Left "auto",
+    # accelerate would fill in 1.0 whatever --max_grad_norm says: use the training config's value (0 = off).
+    if ds_config.get("gradient_clipping", "auto") == "auto":
+        ds_config["gradient_clipping"] = cfg.max_grad_norm
+    # Accumulation and batch sizes, which accelerate would otherwise fill in inside `prepare` (reading the batch
+    # size off the data loader): the reference engine is built before that, and a token-budget loader has no
+    # fixed batch size. DeepSpeed divides the loss by the accumulation; the batch sizes it only checks and reports.
+    micro_batch = cfg.per_device_train_batch_size
+    wanted = {
+        "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "train_batch_size": micro_batch * cfg.gradient_accumulation_steps * accelerator.num_processes,
+    }
+    for key, value in wanted.items():
+        if ds_config.get(key, "auto") == "auto":
+            ds_config[key] = value
+    if ds_config["gradient_accumulation_steps"] != cfg.gradient_accumulation_steps:
+        raise UserError(
+            f"the DeepSpeed config sets gradient_accumulation_steps {ds_config['gradient_accumulation_steps']} "
+            f"but --gradient_accumulation_steps is {cfg.gradient_accumulation_steps}: remove it from the DeepSpeed "
+            "config (or set it to \"auto\"), the training config decides"
+        )
+    zero = ds_config.get("zero_optimization", {})
+    if zero.get("stage") == 3 and not zero.get("stage3_gather_16bit_weights_on_model_save", False):
+        # Checked now, not at the first save after hours of training: every save gathers the whole model.
+        raise UserError(
+            "ZeRO-3 without zero3_save_16bit_model: true in the accelerate config cannot save the model: each "
+            "save (checkpoints, the final model) gathers the partitioned weights into one state dict; set it to "
+            "true (configs/accelerate/zero3.yaml does)"
+        )
+    offload = zero.get("offload_optimizer", {}).get("device", "none")
+    if offload not in ("none", None) and cfg.optim != "adamw_torch":
+        # accelerate turns the optimizer of an offloaded run into DeepSpeed's CPU Adam: torch's AdamW into CPU
+        # AdamW with the same parameter groups (betas, epsilon, decoupled decay), but SGD silently into Adam too.
+        raise UserError(
+            f"--optim {cfg.optim} with ZeRO-Offload (offload_optimizer_device: cpu in the accelerate config): "
+            "the offloaded step runs on the CPU with DeepSpeed's CPU AdamW only; use --optim adamw_torch, or "
+            "an accelerate config without optimizer offload"
+        )
+    for section in ("optimizer", "scheduler"):
+        if section in ds_config:
+            raise UserError(
+                f"the DeepSpeed config has a '{section}' section: remove it, the optimizer and learning-rate "
+                "schedule come from the training config (--optim, --learning_rate, --lr_scheduler_type)"
+            )
 
 
 def seed_everything(seed: int) -> None:
