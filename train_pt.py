@@ -36,7 +36,7 @@ from nanodpo.errors import UserError, exit_on_user_error
 from nanodpo.faults import GracefulStop
 from nanodpo.logps import token_logps
 from nanodpo.model import check_model_options, is_main_process, load_model_config, load_policy, load_tokenizer
-from nanodpo.packing import pack_documents, packing_efficiency
+from nanodpo.packing import check_row_length, pack_documents, packing_efficiency
 from nanodpo.pt_data import load_documents, stream_steps
 from nanodpo.tracking import MetricMeans, flops_per_token, make_tracker, train_record
 
@@ -76,8 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(PTConfig, argv, description=__doc__)
     if cfg.streaming and cfg.max_steps <= 0:
         raise UserError("--streaming reads the corpus lazily, so its length is unknown: give --max_steps")
-    if cfg.max_length is None:
-        raise UserError("--max_length is required for pretraining (the packed row length)")
+    check_row_length(cfg.max_length, "pretraining")
     check_model_options(cfg)
     check_output_dir(cfg)
     accelerator = training.make_accelerator(cfg)

@@ -31,11 +31,11 @@ from nanodpo import training
 from nanodpo.checkpoint import check_output_dir, save_checkpoint, save_model, start_or_resume, stop_early, update_best
 from nanodpo.config import SFTConfig, config_to_dict, parse_config
 from nanodpo.demo.stages import main_or_demo
-from nanodpo.errors import UserError, exit_on_user_error
+from nanodpo.errors import exit_on_user_error
 from nanodpo.faults import GracefulStop
 from nanodpo.logps import token_logps
 from nanodpo.model import check_model_options, load_policy, load_tokenizer
-from nanodpo.packing import pack_documents, packing_efficiency, padding_fraction
+from nanodpo.packing import check_row_length, pack_documents, packing_efficiency, padding_fraction
 from nanodpo.sft_data import load_sft_data
 from nanodpo.tracking import MetricMeans, make_tracker, train_record
 
@@ -44,8 +44,8 @@ def main(argv: list[str] | None = None) -> None:
     # ------------------------------------------------------------------------------------------------------------
     # 1. Options.
     cfg = parse_config(SFTConfig, argv, description=__doc__)
-    if cfg.packing and cfg.max_length is None:
-        raise UserError("--packing needs --max_length (the length of a packed row)")
+    if cfg.packing:
+        check_row_length(cfg.max_length, "--packing")
     check_model_options(cfg)
     check_output_dir(cfg)
     accelerator = training.make_accelerator(cfg)

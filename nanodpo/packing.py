@@ -157,6 +157,12 @@ def _make_row(pieces: list[tuple[list[int], list[int]]]) -> PackedRow:
     return row
 
 
+def check_row_length(max_length: int | None, packed_by: str) -> None:
+    """Packing fills rows of --max_length tokens: refuse, before anything loads, a run that packs without one."""
+    if max_length is None:
+        raise UserError(f"{packed_by} packs documents into rows of --max_length tokens: give --max_length")
+
+
 def pack_documents(
     documents: Sequence["Document | Sequence[int]"],
     max_length: int,

@@ -118,3 +118,14 @@ def test_missing_text_column_is_refused(workdir, tmp_path):
     assert result.returncode == 2, result.stderr[-2000:]
     assert "bad.jsonl, row 2" in result.stderr and "text" in result.stderr
     assert "Traceback" not in result.stderr and not out.exists()
+
+
+def test_no_row_length_is_refused(workdir, tmp_path):
+    """Pretraining packs into rows of --max_length tokens: `--max_length none` is refused before anything loads."""
+    from nanodpo.errors import UserError
+
+    argv = ["--model", str(workdir / "model"), "--dataset", str(tmp_path / "any.jsonl"), "--output_dir",
+            str(tmp_path / "out"), "--max_length", "none"]  # fmt: skip
+    with pytest.raises(UserError, match="pretraining packs documents into rows of --max_length tokens"):
+        train_pt.main(argv)
+    assert not (tmp_path / "out").exists()

@@ -489,6 +489,6 @@ def test_packing_without_a_row_length_is_refused(tmp_path):
     data = tiny.write_jsonl(tmp_path / "data.jsonl", [{"prompt": "Hi", "completion": "Hello"}])
     argv = ["--model", "nanodpo-tiny", "--dataset", str(data), "--output_dir", str(tmp_path / "out"), "--packing",
             "--max_length", "none"]  # fmt: skip
-    with pytest.raises(UserError, match="--packing needs --max_length"):
+    with pytest.raises(UserError, match="--packing packs documents into rows of --max_length tokens"):
         train_sft.main(argv)
     assert not (tmp_path / "out").exists()
