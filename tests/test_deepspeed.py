@@ -32,8 +32,14 @@ from unittest import mock
 
 import pytest
 import torch
+from accelerate.state import AcceleratorState
 from safetensors.torch import load_file
+from transformers.integrations import unset_hf_deepspeed_config
 
+from nanodpo import training
+from nanodpo.config import DPOConfig, PTConfig, SFTConfig, parse_config
+from nanodpo.errors import UserError
+from nanodpo.model import check_sharding_options
 from tests import tiny
 from tests.test_distributed import (
     ROOT,
@@ -248,29 +254,30 @@ def test_deepspeed_checkpoint_resumes_exactly(workdir, deepspeed_launch, name):
     assert_resumed_exactly(original, resumed)
 
 
+def accelerator_in_this_process(cfg, env: dict) -> dict | None:
+    """make_accelerator(cfg) here, under the environment `accelerate launch` would give (one process): a copy of the
+    run's DeepSpeed config as fitted (None without DeepSpeed). The accelerate state is reset after, and transformers'
+    ZeRO-3 flag too (or this process's next model would load partitioned)."""
+    AcceleratorState._reset_state(reset_partial_state=True)
+    with mock.patch.dict(os.environ, env):
+        try:
+            plugin = training.make_accelerator(cfg).state.deepspeed_plugin
+            return dict(plugin.deepspeed_config) if plugin is not None else None
+        finally:
+            AcceleratorState._reset_state(reset_partial_state=True)
+            unset_hf_deepspeed_config()
+
+
 def test_deepspeed_configs_that_would_change_the_run_are_refused():
     """Before anything loads: DeepSpeed launched where accelerate miscounts the processes (no GPUs: each process
     would think it is the only one), ZeRO-3 that cannot gather the model to save it (accelerate would fail at the first
     save), SGD with optimizer offload (accelerate would silently step with DeepSpeed's CPU Adam instead), and a
     DeepSpeed config whose accumulation differs from --gradient_accumulation_steps (accelerate would silently take
     DeepSpeed's). Left "auto", accumulation and batch sizes come from the training config."""
-    from accelerate.state import AcceleratorState
-    from transformers.integrations import unset_hf_deepspeed_config
-
-    from nanodpo import training
-    from nanodpo.config import DPOConfig, parse_config
-    from nanodpo.errors import UserError
 
     def deepspeed_config_for(config: str, *options: str, **env) -> dict:
         argv = ["--model", "nanodpo-tiny", "--dataset", "x.jsonl", "--output_dir", "out", *options]
-        AcceleratorState._reset_state(reset_partial_state=True)
-        with mock.patch.dict(os.environ, {**deepspeed_env(config), **env}):
-            try:
-                accelerator = training.make_accelerator(parse_config(DPOConfig, argv))
-                return dict(accelerator.state.deepspeed_plugin.deepspeed_config)
-            finally:
-                AcceleratorState._reset_state(reset_partial_state=True)
-                unset_hf_deepspeed_config()  # or this process's next model would load ZeRO-3-partitioned
+        return accelerator_in_this_process(parse_config(DPOConfig, argv), {**deepspeed_env(config), **env})
 
     with mock.patch("torch.distributed.is_initialized", return_value=True), \
             mock.patch("torch.distributed.get_world_size", return_value=2):  # accelerate's DeepSpeed state on CPU
@@ -293,14 +300,7 @@ def test_readme_launch_commands_pass_every_up_front_check():
     """Each `accelerate launch --config_file configs/accelerate/A train_X.py --config configs/B` in README.md, with
     the environment accelerate launches it with: the training config parses, the sharding checks pass
     (nanodpo.model.check_sharding_options) and so does building its Accelerator (the DeepSpeed checks of
-    nanodpo.training.make_accelerator) — none of them would be refused at start."""
-    from accelerate.state import AcceleratorState
-    from transformers.integrations import unset_hf_deepspeed_config
-
-    from nanodpo import training
-    from nanodpo.config import DPOConfig, PTConfig, SFTConfig, parse_config
-    from nanodpo.model import check_sharding_options
-
+    nanodpo.training.fit_deepspeed_config) — none of them would be refused at start."""
     pattern = r"accelerate launch --config_file configs/accelerate/(\S+)(?: --\S+ \S+)* (train_\w+)\.py --config (\S+)"
     commands = set(re.findall(pattern, (ROOT / "README.md").read_text()))
     assert len(commands) >= 8 and {"zero2.yaml", "zero3.yaml", "zero3_offload.yaml"} <= {c[0] for c in commands}
@@ -309,10 +309,4 @@ def test_readme_launch_commands_pass_every_up_front_check():
         _, _, env = launch_env(ROOT / "configs" / "accelerate" / accelerate_config)
         cfg = parse_config(classes[script], ["--config", str(ROOT / training_config), "--output_dir", "out"])
         check_sharding_options(cfg, env)
-        AcceleratorState._reset_state(reset_partial_state=True)
-        with mock.patch.dict(os.environ, env):
-            try:
-                training.make_accelerator(cfg)
-            finally:
-                AcceleratorState._reset_state(reset_partial_state=True)
-                unset_hf_deepspeed_config()
+        accelerator_in_this_process(cfg, env)

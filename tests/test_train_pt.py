@@ -12,6 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import train_pt
+from nanodpo.errors import UserError
 from nanodpo.tracking import read_metrics
 from tests import tiny
 
@@ -122,8 +123,6 @@ def test_missing_text_column_is_refused(workdir, tmp_path):
 
 def test_no_row_length_is_refused(workdir, tmp_path):
     """Pretraining packs into rows of --max_length tokens: `--max_length none` is refused before anything loads."""
-    from nanodpo.errors import UserError
-
     argv = ["--model", str(workdir / "model"), "--dataset", str(tmp_path / "any.jsonl"), "--output_dir",
             str(tmp_path / "out"), "--max_length", "none"]  # fmt: skip
     with pytest.raises(UserError, match="pretraining packs documents into rows of --max_length tokens"):
