@@ -119,6 +119,8 @@ def deepspeed_runs(workdir: Path) -> dict[str, tuple[str, str, dict]]:
     zero3_qlora: the same on a bitsandbytes 4-bit base (QLoRA), its packed weights stored as float so ZeRO-3 can
         partition them (no device_map: DeepSpeed places the weights).
     zero2_full_online: ZeRO-2 (optimizer state and gradients partitioned), the reference a stage-0 engine.
+    zero3_token_budget: --max_tokens_per_batch (micro-batches of 1-3 pairs: no fixed batch size for accelerate to
+        give DeepSpeed; the training config's is used), 2 steps.
     zero3_sft: train_sft.py, eval every 2 steps on 5 rows.
     zero3_pt: train_pt.py, packed rows of 32 tokens, eval every 2 steps on 5 rows.
     zero3_offload_adamw: configs/accelerate/zero3_offload.yaml, optimizer state and parameters offloaded to CPU RAM:
@@ -143,6 +145,7 @@ def deepspeed_runs(workdir: Path) -> dict[str, tuple[str, str, dict]]:
         "zero3_lora": ("train_dpo", "zero3.yaml", {**dpo, **lora}),
         "zero3_qlora": ("train_dpo", "zero3.yaml", {**dpo, **lora, **qlora}),
         "zero2_full_online": ("train_dpo", "zero2.yaml", dpo),
+        "zero3_token_budget": ("train_dpo", "zero3.yaml", {**dpo, "max_tokens_per_batch": 150, "max_steps": 2}),
         "zero3_sft": ("train_sft", "zero3.yaml", sft),
         "zero3_pt": ("train_pt", "zero3.yaml", {**pt_options(workdir), "optim": "sgd", "learning_rate": 0.5,
                                                 "max_steps": 3}),
@@ -227,9 +230,9 @@ def test_deepspeed_reference_is_an_inference_engine(deepspeed_launch):
     common_facts = dict(engine="DeepSpeedEngine", params=27, trainable=0, registered=False)
     zero3 = dict(optimizer="DeepSpeedZeRoOffload", zero_stage=3, partitioned=27, local_fraction=0.5)
     zero2 = dict(optimizer="NoneType", zero_stage=0, partitioned=0, local_fraction=1.0)
-    # zero3_full_online, zero3_full_readable, zero3_offload_adamw, zero3_adamw and its resumed run; zero2_full_online:
-    # 2 processes each
-    assert facts["3"] == 10 * [{**common_facts, **zero3}]
+    # zero3_full_online, zero3_full_readable, zero3_token_budget, zero3_offload_adamw, zero3_adamw and its resumed
+    # run; zero2_full_online: 2 processes each
+    assert facts["3"] == 12 * [{**common_facts, **zero3}]
     assert facts["2"] == 2 * [{**common_facts, **zero2}]
 
 
