@@ -358,7 +358,10 @@ def _load_weights(model, path: Path) -> None:
         tensors = load_file(path / "adapter_model.safetensors")
         if sharded:  # the file names the adapter's weights without the adapter's name, as peft saves them
             by_saved_name = {name.replace(f".{model.active_adapter}.", "."): name for name in model.state_dict()}
-            _copy_weights(model, {by_saved_name.get(k, k): v for k, v in tensors.items()}, sharded)
+            unknown = [k for k in tensors if k not in by_saved_name]
+            if unknown:
+                raise UserError(f"{path}: adapter weights do not fit this model ({unknown[:3]} ...)")
+            _copy_weights(model, {by_saved_name[k]: v for k, v in tensors.items()}, sharded)
             return
         result = set_peft_model_state_dict(model, tensors)
         unexpected = getattr(result, "unexpected_keys", [])
@@ -386,15 +389,13 @@ def _load_weights(model, path: Path) -> None:
 
 
 def _copy_weights(model, tensors: dict[str, torch.Tensor], sharded: bool) -> None:
-    """Whole tensors into the model's parameters: as they are, or under FSDP2 each process's shard of them."""
+    """Whole tensors, named as in the model's state dict (the callers check), into the model's parameters: as they
+    are, or under FSDP2 each process's shard of them."""
     if not sharded:
         model.load_state_dict(tensors, strict=False)
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict  # FSDP2 only
 
-    unknown = set(tensors) - set(model.state_dict())
-    if unknown:
-        raise UserError(f"checkpoint weights do not fit this model ({sorted(unknown)[:3]} ...)")
     set_model_state_dict(model, tensors, options=StateDictOptions(full_state_dict=True, strict=False))
 
 

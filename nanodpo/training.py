@@ -74,11 +74,10 @@ def fit_deepspeed_config(accelerator: Accelerator, cfg) -> None:
     # Accumulation and batch sizes, which accelerate would otherwise fill in inside `prepare` (reading the batch
     # size off the data loader): the reference engine is built before that, and a token-budget loader has no
     # fixed batch size. DeepSpeed divides the loss by the accumulation; the batch sizes it only checks and reports.
-    micro_batch = cfg.per_device_train_batch_size
     wanted = {
         "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
-        "train_micro_batch_size_per_gpu": micro_batch,
-        "train_batch_size": micro_batch * cfg.gradient_accumulation_steps * accelerator.num_processes,
+        "train_micro_batch_size_per_gpu": cfg.per_device_train_batch_size,
+        "train_batch_size": global_batch(cfg, accelerator),
     }
     for key, value in wanted.items():
         if ds_config.get(key, "auto") == "auto":
