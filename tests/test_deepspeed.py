@@ -53,6 +53,7 @@ from tests.test_distributed import (
     launch_plan,
     pt_options,
     pt_rows,
+    resume_options,
     resumed_twins,
     run_one,
     sft_rows,
@@ -158,10 +159,7 @@ def resume_runs(workdir: Path) -> dict[str, tuple[str, str, dict]]:
     """2-process runs only: AdamW for 4 steps with a checkpoint at step 2, and the same run resumed from it (the
     engine's own per-process files: weights, fp32 master weights, moments), full fine-tuning under ZeRO-3 and LoRA
     under ZeRO-2."""
-    adamw = dict(
-        dataset=str(workdir / "dpo_train.jsonl"), optim="adamw_torch", learning_rate=1e-3, max_length=64, beta=0.1,
-        max_steps=4, save_steps=2,
-    )  # fmt: skip
+    adamw = resume_options(workdir)
     lora = dict(use_lora="true", lora_r=8, lora_alpha=16)
     runs = {"zero3_adamw": ("train_dpo", "zero3.yaml", adamw),
             "zero2_lora_adamw": ("train_dpo", "zero2.yaml", {**adamw, **lora})}  # fmt: skip

@@ -575,15 +575,20 @@ def fsdp_resume_runs(workdir: Path, root: Path) -> dict[str, tuple[str, dict]]:
     """2-process runs only: AdamW for 4 steps with a checkpoint at step 2, and the same run resumed from it (the
     optimizer's full state gathered from the shards, keyed by parameter name, and sharded again on loading), full
     fine-tuning with an online reference and LoRA."""
-    adamw = dict(
-        dataset=str(workdir / "dpo_train.jsonl"), optim="adamw_torch", learning_rate=1e-3, max_length=64, beta=0.1,
-        max_steps=4, save_steps=2,
-    )  # fmt: skip
+    adamw = resume_options(workdir)
     runs = {
         "full_adamw": ("fsdp2_full.yaml", adamw),
         "lora_adamw": ("fsdp2_lora.yaml", {**adamw, "use_lora": "true", "lora_r": 8, "lora_alpha": 16}),
     }
     return {**runs, **resumed_twins(runs, root)}
+
+
+def resume_options(workdir: Path) -> dict:
+    """DPO with AdamW (whose moments must come back), 4 steps, a checkpoint at step 2 for a twin to resume from."""
+    return dict(
+        dataset=str(workdir / "dpo_train.jsonl"), optim="adamw_torch", learning_rate=1e-3, max_length=64, beta=0.1,
+        max_steps=4, save_steps=2,
+    )  # fmt: skip
 
 
 def resumed_twins(runs: dict[str, tuple], root: Path) -> dict[str, tuple]:
