@@ -36,7 +36,6 @@ import time
 import torch
 
 from nanodpo import training
-from nanodpo.checkpoint import check_output_dir, save_checkpoint, save_model, start_or_resume, stop_early, update_best
 from nanodpo.config import DPOConfig, config_to_dict, parse_config
 from nanodpo.demo.stages import main_or_demo
 from nanodpo.dpo import (
@@ -52,14 +51,13 @@ from nanodpo.dpo import (
     needs_reference,
 )
 from nanodpo.dpo_data import UnpairedCollator, load_preference_data, load_unpaired_data, with_chosen_prompt_scored
-from nanodpo.dpo_packing import (
+from nanodpo.errors import exit_on_user_error
+from nanodpo.fast.dpo_packing import (
     batch_padding_fraction,
     make_preference_collator,
     make_token_budget_loader,
     preference_model_inputs,
 )
-from nanodpo.errors import exit_on_user_error
-from nanodpo.faults import GracefulStop
 from nanodpo.logps import token_logps
 from nanodpo.model import (
     check_model_options,
@@ -69,8 +67,17 @@ from nanodpo.model import (
     load_tokenizer,
     prepare_reference,
 )
-from nanodpo.plot import diagnose, format_report
 from nanodpo.reference import compute_reference_logps, eval_mode, precompute_reference_logps
+from nanodpo.scale.checkpoint import (
+    check_output_dir,
+    save_checkpoint,
+    save_model,
+    start_or_resume,
+    stop_early,
+    update_best,
+)
+from nanodpo.scale.faults import GracefulStop
+from nanodpo.tools.plot import diagnose, format_report
 from nanodpo.tracking import MetricMeans, make_tracker, read_metrics, train_record
 
 
@@ -141,7 +148,7 @@ def main(argv: list[str] | None = None) -> None:
     # 2. Tokenizer and data: read, validate and tokenize every row before any model is loaded, so bad data fails
     #    in seconds, with the file, row and field named.
     tokenizer = load_tokenizer(cfg)
-    # --batch_layout: prefix-shared, padding-free rows by default (nanodpo/dpo_packing.py), or TRL's padded
+    # --batch_layout: prefix-shared, padding-free rows by default (nanodpo/fast/dpo_packing.py), or TRL's padded
     # [chosen; rejected] batch. The numbers are the same.
     collator = make_preference_collator(cfg, tokenizer.pad_token_id)
     # kto trains on unpaired rows, collated in the pairs' [chosen; rejected] shape (nanodpo/dpo_data.py).
@@ -272,7 +279,7 @@ def main(argv: list[str] | None = None) -> None:
     save_model(accelerator, policy, tokenizer, cfg, cfg.output_dir)  # the final model (or adapter), into OUTPUT_DIR
     accelerator.print(f"model saved to {cfg.output_dir}")
     if accelerator.is_main_process and "jsonl" in cfg.report_to:
-        # What the curves say, in plain words (python -m nanodpo.plot OUTPUT_DIR --diagnose draws them too).
+        # What the curves say, in plain words (python -m nanodpo.tools.plot OUTPUT_DIR --diagnose draws them too).
         print(format_report(diagnose(read_metrics(f"{cfg.output_dir}/metrics.jsonl"))))
     accelerator.end_training()
 

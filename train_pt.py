@@ -29,15 +29,22 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from nanodpo import training
-from nanodpo.checkpoint import check_output_dir, save_checkpoint, save_model, start_or_resume, stop_early, update_best
 from nanodpo.config import PTConfig, config_to_dict, parse_config
 from nanodpo.demo.stages import main_or_demo
 from nanodpo.errors import UserError, exit_on_user_error
-from nanodpo.faults import GracefulStop
 from nanodpo.logps import token_logps
 from nanodpo.model import check_model_options, is_main_process, load_model_config, load_policy, load_tokenizer
 from nanodpo.packing import check_row_length, pack_documents, packing_efficiency
 from nanodpo.pt_data import load_documents, stream_steps
+from nanodpo.scale.checkpoint import (
+    check_output_dir,
+    save_checkpoint,
+    save_model,
+    start_or_resume,
+    stop_early,
+    update_best,
+)
+from nanodpo.scale.faults import GracefulStop
 from nanodpo.tracking import MetricMeans, flops_per_token, make_tracker, train_record
 
 ARCH_OVERRIDES = (

@@ -28,14 +28,21 @@ import time
 import torch
 
 from nanodpo import training
-from nanodpo.checkpoint import check_output_dir, save_checkpoint, save_model, start_or_resume, stop_early, update_best
 from nanodpo.config import SFTConfig, config_to_dict, parse_config
 from nanodpo.demo.stages import main_or_demo
 from nanodpo.errors import exit_on_user_error
-from nanodpo.faults import GracefulStop
 from nanodpo.logps import token_logps
 from nanodpo.model import check_model_options, load_policy, load_tokenizer
 from nanodpo.packing import check_row_length, pack_documents, packing_efficiency, padding_fraction
+from nanodpo.scale.checkpoint import (
+    check_output_dir,
+    save_checkpoint,
+    save_model,
+    start_or_resume,
+    stop_early,
+    update_best,
+)
+from nanodpo.scale.faults import GracefulStop
 from nanodpo.sft_data import load_sft_data
 from nanodpo.tracking import MetricMeans, make_tracker, train_record
 

@@ -2,8 +2,8 @@
 
 Where to read what, in the order a DPO batch goes (README "Read the code"):
   nanodpo/dpo_data.py     preference data: formats, prompt extraction, tokenization, the padded collator
-  nanodpo/dpo_packing.py  model inputs: padding-free and prefix-shared rows (--batch_layout)
-  nanodpo/logps.py        token log-probs, the one entry point: the readable path, or fastpath.py's chunked head
+  nanodpo/fast/dpo_packing.py  model inputs: padding-free and prefix-shared rows (--batch_layout)
+  nanodpo/logps.py        token log-probs: the readable path (fast/chunked_head.py: the chunked head)
   nanodpo/reference.py    the reference policy's log-probs (and their on-disk cache)
   nanodpo/dpo.py          the DPO loss family (every TRL 1.16 loss type, with the paper equations)
   train_dpo.py            the DPO training loop, top to bottom

@@ -190,7 +190,7 @@ class DPOConfig(TrainConfig):
     precompute_ref_batch_size: int | None = opt(None, "Batch size for --precompute_ref_logps (default: eval batch).")
     batch_layout: str = opt(
         "prefix_shared",
-        "How a micro-batch's pairs are laid out (nanodpo/dpo_packing.py), the same numbers either way: padded "
+        "How a micro-batch's pairs are laid out (nanodpo/fast/dpo_packing.py), the same numbers either way: padded "
         "[chosen; rejected] rows (TRL's batch); padding_free: the sequences packed into rows without padding, each "
         "isolated; prefix_shared: packed, and each pair's prompt computed once for both answers (flash_attention_2 "
         "falls back to padding_free).",

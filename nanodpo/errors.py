@@ -5,6 +5,7 @@ Code that validates user input raises `UserError("data.jsonl, row 12, field 'cho
 nanodpo (or the environment) and keeps its full traceback.
 """
 
+import os
 import sys
 from collections.abc import Callable
 
@@ -19,3 +20,14 @@ def exit_on_user_error(main: Callable[..., object], *args) -> None:
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+
+
+_said_once: set[str] = set()
+
+
+def say_once(message: str) -> None:
+    """Print a notice once per run, on the main process only (RANK is set by torchrun / accelerate launch)."""
+    if message not in _said_once:
+        _said_once.add(message)
+        if os.environ.get("RANK", "0") == "0":
+            print(f"[nanodpo] {message}")

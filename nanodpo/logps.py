@@ -15,18 +15,18 @@ A sequence's log-prob log π(y|x) is then the masked sum of `logps` over its com
 Two paths, chosen by `--logps`, give the same TokenStats (tests/test_fastpath.py: within 1e-5 in fp32):
   * readable: `model(...).logits`, the full [N, T, V] tensor, then log_softmax + gather (`token_stats` below). The
     teaching code, and the oracle the other path is tested against.
-  * chunked (default): nanodpo/fastpath.py runs the LM head only at the scored tokens, a chunk at a time, so the
-    [N, T, V] logits never exist (with a 150k vocabulary they are gigabytes).
+  * chunked (default): nanodpo/fast/chunked_head.py runs the LM head only at the scored tokens, a chunk at a
+    time, so the [N, T, V] logits never exist (with a 150k vocabulary they are gigabytes).
 
 What the model is called with (`ModelInputs`) is built before this file: nanodpo/training.py for PT/SFT rows,
-nanodpo/dpo_packing.py for DPO's padded, padding-free or prefix-shared pairs.
+nanodpo/fast/dpo_packing.py for DPO's padded, padding-free or prefix-shared pairs.
 """
 
 from dataclasses import dataclass
 
 import torch
 
-from nanodpo.fastpath import DEFAULT_CHUNK_SIZE, fast_token_stats
+from nanodpo.fast.chunked_head import DEFAULT_CHUNK_SIZE, fast_token_stats
 from nanodpo.token_stats import TokenStats
 
 LOGPS_PATHS = ("chunked", "readable")

@@ -383,3 +383,10 @@ def decay_parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside DDP / accelerate wrappers (peft stays: its modules are the ones that run)."""
+    while hasattr(model, "module") and isinstance(model.module, nn.Module):
+        model = model.module
+    return getattr(model, "_orig_mod", model)  # torch.compile

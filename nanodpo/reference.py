@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from nanodpo.dpo import reference_logps
-from nanodpo.dpo_packing import preference_model_inputs
+from nanodpo.fast.dpo_packing import preference_model_inputs
 from nanodpo.logps import ModelInputs, token_logps
 from nanodpo.model import gathered_state_dict, is_peft_model
 

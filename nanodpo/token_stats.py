@@ -1,5 +1,5 @@
 """`TokenStats`: what a log-prob path returns, per scored token — the readable path (nanodpo/logps.py) and the
-chunked one (nanodpo/fastpath.py) fill the same fields, so the losses downstream never know which one ran."""
+chunked one (nanodpo/fast/chunked_head.py) fill the same fields, so the losses downstream never know which one ran."""
 
 from dataclasses import dataclass
 

@@ -142,7 +142,7 @@ def _clean(value):
 
 
 def read_metrics(path: str | Path) -> list[dict]:
-    """Read a metrics.jsonl back (used by tests and nanodpo.plot)."""
+    """Read a metrics.jsonl back (used by tests and nanodpo.tools.plot)."""
     records = []
     with Path(path).open(encoding="utf-8") as f:
         for line in f:

@@ -1,4 +1,4 @@
-"""`python -m nanodpo.bench` still runs and still compares the same training (a smoke run, not a measurement).
+"""`python -m nanodpo.tools.bench` still runs and still compares the same training (a smoke run, not a measurement).
 
 The numbers in README come from the full-size bench; here the smallest sizes (1 layer, hidden 32, 128 tokens, one
 repetition) only check that every implementation's worker runs, the table and the step-cost lines are printed, and
@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 def test_bench_dpo_smoke(tmp_path):
     command = [
-        sys.executable, "-m", "nanodpo.bench", "dpo", "--quick", "--max_length", "128", "--steps", "2",
+        sys.executable, "-m", "nanodpo.tools.bench", "dpo", "--quick", "--max_length", "128", "--steps", "2",
         "--layers", "1", "--hidden", "32", "--workdir", str(tmp_path),
     ]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}

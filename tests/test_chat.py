@@ -1,4 +1,4 @@
-"""nanodpo.chat: loading full models and LoRA adapters, greedy/sampled generation equal to HF's, one-shot answers,
+"""nanodpo.tools.chat: loading full models and LoRA adapters, greedy/sampled generation equal to HF's, one-shot answers,
 --compare, and the interactive loop fed through stdin."""
 
 import io
@@ -13,7 +13,8 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, DynamicCache
 
-from nanodpo.chat import (
+from nanodpo.errors import UserError
+from nanodpo.tools.chat import (
     Chat,
     adapter_base,
     generate_answer,
@@ -23,7 +24,6 @@ from nanodpo.chat import (
     new_kv_cache,
     render_prompt,
 )
-from nanodpo.errors import UserError
 from tests import tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
@@ -213,20 +213,20 @@ def test_long_conversation_drops_oldest_turns(base_model):
     assert [m["content"][0] for m in chat.turns[::2]] == [str(i) for i in range(6 - kept, 6)]
 
 
-@pytest.mark.filterwarnings("ignore:'nanodpo.chat' found in sys.modules")
+@pytest.mark.filterwarnings("ignore:'nanodpo.tools.chat' found in sys.modules")
 def test_command_line_entry_point(dirs, base_model, monkeypatch, capsys):
-    """`python -m nanodpo.chat` as a user runs it (the module executed as __main__), its REPL fed through stdin."""
+    """`python -m nanodpo.tools.chat` as a user runs it (the module run as __main__), its REPL fed through stdin."""
     model, tokenizer = base_model
-    monkeypatch.setattr(sys, "argv", ["nanodpo.chat", "--model", str(dirs.base), "--max_new_tokens", "6"])
+    monkeypatch.setattr(sys, "argv", ["nanodpo.tools.chat", "--model", str(dirs.base), "--max_new_tokens", "6"])
     monkeypatch.setattr(sys, "stdin", io.StringIO("/system Be brief.\nHello\n"))
-    runpy.run_module("nanodpo.chat", run_name="__main__")
+    runpy.run_module("nanodpo.tools.chat", run_name="__main__")
     a1 = generate_answer(model, tokenizer, [{"role": "system", "content": "Be brief."}, *HELLO], 6)
     assert capsys.readouterr().out.endswith(f"user> system: Be brief. (new conversation)\nuser> {a1}\nuser> \n")
 
     # A user error: one line on stderr, exit status 2, no traceback.
-    monkeypatch.setattr(sys, "argv", ["nanodpo.chat", "--model", str(dirs.root / "missing" / "x")])
+    monkeypatch.setattr(sys, "argv", ["nanodpo.tools.chat", "--model", str(dirs.root / "missing" / "x")])
     with pytest.raises(SystemExit) as exit_info:
-        runpy.run_module("nanodpo.chat", run_name="__main__")
+        runpy.run_module("nanodpo.tools.chat", run_name="__main__")
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "no such folder" in err

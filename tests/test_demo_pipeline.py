@@ -1,9 +1,10 @@
 """The offline demo end to end (README's first command), at reduced size: PT -> SFT -> DPO on Little World data.
 
-The full-size numbers (each stage's wall time, style rates, eval accuracies) come from `python -m nanodpo.bench demo`;
-here the same configs (configs/demo_*.yaml) run with fewer steps and smaller data, in a temporary folder, each
-stage in its own process as a user runs it, and the test checks what the demo is for: DPO makes the polite style
-the model's answer to held-out questions, with high eval accuracy, and the answers stay on topic.
+The full-size numbers (each stage's wall time, style rates, eval accuracies) come from `python -m
+nanodpo.tools.bench demo`; here the same configs (configs/demo_*.yaml) run with fewer steps and smaller data, in a
+temporary folder, each stage in its own process as a user runs it, and the test checks what the demo is for: DPO
+makes the polite style the model's answer to held-out questions, with high eval accuracy, and the answers stay on
+topic.
 """
 
 import json
@@ -107,9 +108,10 @@ def test_a_later_stage_alone_names_the_command_to_run_first(tmp_path, script, ea
 
 
 def test_bench_demo_is_dispatched_and_documented():
-    # The full-size numbers come from `python -m nanodpo.bench demo`; here only that the entry point is wired.
+    # The full-size numbers come from `python -m nanodpo.tools.bench demo`; here only that the entry point is wired.
     result = subprocess.run(
-        [sys.executable, "-m", "nanodpo.bench", "demo", "--help"], cwd=REPO, capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "nanodpo.tools.bench", "demo", "--help"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 0, result.stderr
     assert "--accelerate" in result.stdout and "--out" in result.stdout

@@ -1,4 +1,4 @@
-"""Padding-free and prefix-shared DPO (nanodpo/dpo_packing.py) equal the padded [chosen; rejected] batch.
+"""Padding-free and prefix-shared DPO (nanodpo/fast/dpo_packing.py) equal the padded [chosen; rejected] batch.
 
 The oracle is the readable path on PreferenceCollator's padded batch (TRL's layout). Every packed layout — padding-
 free, prefix-shared, both; sdpa and eager; keep_start and keep_end truncation — gives the same per-token log-probs,
@@ -10,11 +10,13 @@ import pytest
 import torch
 
 import train_dpo
+from nanodpo import errors
 from nanodpo.config import DPOConfig, parse_config
 from nanodpo.data import Row
 from nanodpo.dpo import dpo_metrics
 from nanodpo.dpo_data import PreferenceCollator, build_examples
-from nanodpo.dpo_packing import (
+from nanodpo.errors import UserError
+from nanodpo.fast.dpo_packing import (
     PackedPreferenceCollator,
     TokenBudgetBatchSampler,
     make_preference_collator,
@@ -23,7 +25,6 @@ from nanodpo.dpo_packing import (
     resolve_layout,
     shared_unit,
 )
-from nanodpo.errors import UserError
 from nanodpo.logps import token_logps
 from nanodpo.reference import compute_reference_logps
 from nanodpo.tracking import read_metrics
@@ -230,9 +231,8 @@ def test_token_budget_batches(examples):
 
 
 def test_layout_options(capsys):
-    from nanodpo import fastpath
 
-    fastpath._said_once.clear()
+    errors._said_once.clear()
     assert resolve_layout(config()) == "prefix_shared"  # the default
     assert resolve_layout(config(batch_layout="padding_free")) == "padding_free"
     assert type(make_preference_collator(config(batch_layout="padded"), 0)) is PreferenceCollator

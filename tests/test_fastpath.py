@@ -1,4 +1,4 @@
-"""The fast log-prob path (nanodpo/fastpath.py) equals the readable one (nanodpo/logps.py).
+"""The fast log-prob path (nanodpo/fast/chunked_head.py) equals the readable one (nanodpo/logps.py).
 
 Same model, same batch: per-token log-probs, metrics (entropy, mean logit, top-1, WPO's log Σp²) and every
 parameter's gradient agree within 1e-5 in fp32 — untied and tied embeddings, LoRA on the LM head, several chunk
@@ -9,7 +9,7 @@ sizes — and no LM-head projection ever sees more than `chunk_size` tokens.
 import pytest
 import torch
 
-from nanodpo.fastpath import ChunkedLabelLogps, fast_token_stats, label_stats
+from nanodpo.fast.chunked_head import ChunkedLabelLogps, fast_token_stats, label_stats
 from nanodpo.logps import token_logps, token_stats
 from nanodpo.training import lm_model_inputs
 from tests import tiny
@@ -86,14 +86,14 @@ def test_equal_to_readable_path(tokenizer, tied, chunk_size):
 
 def test_large_logits_take_the_shifted_path(tokenizer):
     """Logits beyond ±UNSHIFTED_LIMIT: exp(logits - max) instead of exp(logits); still equal, no inf/nan."""
-    from nanodpo import fastpath
+    from nanodpo.fast import chunked_head
 
     model = tiny.make_model(tokenizer)
     with torch.no_grad():
         model.lm_head.weight.mul_(300.0)
     batch = make_batch(len(tokenizer), seed=2)
     logits = model(input_ids=batch[0]).logits
-    assert logits.abs().amax() > 3 * fastpath.UNSHIFTED_LIMIT
+    assert logits.abs().amax() > 3 * chunked_head.UNSHIFTED_LIMIT
     ref, ref_grads = stats_and_grads(model, *batch, chunk_size=0)
     ours, our_grads = stats_and_grads(model, *batch, chunk_size=7)
     assert torch.isfinite(ours.logps).all()
@@ -149,18 +149,18 @@ def test_no_projection_sees_more_than_one_chunk_and_hooks_run_once(tokenizer, mo
     """Every projection (forward and backward's recompute) covers at most chunk_size tokens, into one reused buffer
     for a plain fp32 head; and the whole chunk loop runs as ONE call of the head module — its hooks (where FSDP2 and
     ZeRO-3 gather the sharded weight) fire once around it, as in an ordinary forward, never per chunk."""
-    from nanodpo import fastpath
+    from nanodpo.fast import chunked_head
 
     model = tiny.make_model(tokenizer)
     ids, attention, loss_mask = make_batch(len(tokenizer))
     sizes, hook_inputs = [], []
-    original = fastpath._Projection.raw
+    original = chunked_head._Projection.raw
 
     def recording(self, h):
         sizes.append((h.shape[0], self.buffered))
         return original(self, h)
 
-    monkeypatch.setattr(fastpath._Projection, "raw", recording)
+    monkeypatch.setattr(chunked_head._Projection, "raw", recording)
     handle = model.lm_head.register_forward_pre_hook(lambda module, args: hook_inputs.append(tuple(args[0].shape)))
     stats = fast_token_stats(model, {"input_ids": ids, "attention_mask": attention}, ids, loss_mask, None, 6)
     stats.logps.sum().backward()

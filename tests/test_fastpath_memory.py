@@ -9,7 +9,7 @@ log-softmax (4 sequences x 512 x 151,936 x 4 bytes = 1.2 GB each); the chunked p
 tokens.
 The chunked process's peak must be at most 0.7x the readable one's (measured: see the printed line with -s).
 
-The same measurement checks the memory plan's logits formula (nanodpo/memplan.py `logits_bytes`): the readable
+The same measurement checks the memory plan's logits formula (nanodpo/tools/memplan.py `logits_bytes`): the readable
 peak above the chunked one is predicted from the padded micro-batch's token count within 25%.
 """
 
@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from nanodpo.bench import VOCAB_SIZE, make_model_dir, make_rows, write_data
-from nanodpo.memplan import logits_bytes
+from nanodpo.tools.bench import VOCAB_SIZE, make_model_dir, make_rows, write_data
+from nanodpo.tools.memplan import logits_bytes
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]

@@ -9,7 +9,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = """
 import os, signal, sys, time
 sys.path.insert(0, os.getcwd())
-from nanodpo.faults import GracefulStop
+from nanodpo.scale.faults import GracefulStop
 stop = GracefulStop()
 os.kill(os.getpid(), signal.SIGTERM)
 time.sleep(0.1)

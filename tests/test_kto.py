@@ -31,8 +31,8 @@ from nanodpo.dpo_data import (
     prepare_unpaired_row,
     unpair_rows,
 )
-from nanodpo.dpo_packing import PackedPreferenceCollator
 from nanodpo.errors import UserError
+from nanodpo.fast.dpo_packing import PackedPreferenceCollator
 from nanodpo.tracking import read_metrics
 from tests import tiny
 from tests.test_resume import KILL_AT_BACKWARD, ROOT, comparable, run_to_end

@@ -1,4 +1,4 @@
-"""nanodpo.merge: the merged model is a plain HF model whose logits equal the PeftModel's."""
+"""nanodpo.tools.merge: the merged model is a plain HF model whose logits equal the PeftModel's."""
 
 import json
 import runpy
@@ -10,9 +10,9 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from nanodpo.chat import generate_answer, load_for_chat
 from nanodpo.errors import UserError
-from nanodpo.merge import main, merge_adapter
+from nanodpo.tools.chat import generate_answer, load_for_chat
+from nanodpo.tools.merge import main, merge_adapter
 from tests import tiny
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
@@ -57,7 +57,7 @@ def test_merged_logits_equal_peft_model(dirs):
     torch.testing.assert_close(logits(merged.eval(), tokenizer), expected, rtol=0, atol=1e-5)
     assert (expected - logits(base.eval(), tokenizer)).abs().max() > 1e-2  # the adapter does change the model
 
-    # nanodpo.chat treats the merged folder as a plain model and answers like the adapter does.
+    # nanodpo.tools.chat treats the merged folder as a plain model and answers like the adapter does.
     hello = [{"role": "user", "content": "Hello"}]
     merged_answer = generate_answer(*load_for_chat(out), hello, max_new_tokens=8)
     assert merged_answer == generate_answer(*load_for_chat(dirs / "adapter"), hello, max_new_tokens=8)
@@ -81,7 +81,7 @@ def test_cli_dtype_and_base_override(dirs, capsys):
         torch.testing.assert_close(p, q.to(torch.bfloat16), msg=name)  # merged in fp32, then rounded once
 
 
-@pytest.mark.filterwarnings("ignore:'nanodpo.merge' found in sys.modules")
+@pytest.mark.filterwarnings("ignore:'nanodpo.tools.merge' found in sys.modules")
 def test_user_errors(dirs, tmp_path, monkeypatch, capsys):
     (tmp_path / "not_adapter").mkdir()
     (tmp_path / "not_adapter" / "config.json").write_text("{}")
@@ -94,7 +94,7 @@ def test_user_errors(dirs, tmp_path, monkeypatch, capsys):
     with pytest.raises(UserError, match="holds a LoRA adapter"):
         merge_adapter(dirs / "adapter", dirs / "moved_adapter")
 
-    monkeypatch.setattr(sys, "argv", ["nanodpo.merge", "--adapter", str(tmp_path / "missing"), "--out", "x"])
+    monkeypatch.setattr(sys, "argv", ["nanodpo.tools.merge", "--adapter", str(tmp_path / "missing"), "--out", "x"])
     with pytest.raises(SystemExit) as exit_info:
-        runpy.run_module("nanodpo.merge", run_name="__main__")
+        runpy.run_module("nanodpo.tools.merge", run_name="__main__")
     assert exit_info.value.code == 2 and capsys.readouterr().err.startswith("error: --adapter")

@@ -204,9 +204,9 @@ def test_sharded_setups_that_cannot_work_are_refused():
 
 
 def test_bench_reads_a_gguf_once_into_a_safetensors_folder(tiny_gguf, tmp_path):
-    """`python -m nanodpo.bench ... --model FILE.gguf`: the file is dequantized once (nanodpo's loading) into a
+    """`python -m nanodpo.tools.bench ... --model FILE.gguf`: the file is dequantized once (nanodpo's loading) into a
     folder every run reads; the training-state floor counts weights + gradients + AdamW (+ the online reference)."""
-    from nanodpo.bench import local_model, state_floor_mb
+    from nanodpo.tools.bench import local_model, state_floor_mb
 
     path, model, _ = tiny_gguf
     folder = local_model(str(path), tmp_path)

@@ -1,4 +1,4 @@
-"""nanodpo.plot: figures from metrics.jsonl, and the curve diagnostics on synthetic curves (one test per finding,
+"""nanodpo.tools.plot: figures from metrics.jsonl, and the curve diagnostics on synthetic curves (one test per finding,
 healthy curves trigger nothing)."""
 
 import json
@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from nanodpo.errors import UserError
-from nanodpo.plot import (
+from nanodpo.tools.plot import (
     LN2,
     clean_records,
     diagnose,
@@ -243,7 +243,7 @@ def test_plot_writes_pngs_with_train_and_eval_overlaid(tmp_path, capsys):
 
     import matplotlib.pyplot as plt
 
-    from nanodpo.plot import _draw_panel
+    from nanodpo.tools.plot import _draw_panel
 
     fig, ax = plt.subplots()
     _draw_panel(ax, clean_records(records), "loss", is_dpo=True)
@@ -262,6 +262,6 @@ def test_user_errors(tmp_path):
     with pytest.raises(UserError, match="line 2"):
         main([str(tmp_path)])
     result = subprocess.run(
-        [sys.executable, "-m", "nanodpo.plot", str(tmp_path / "missing")], capture_output=True, text=True
+        [sys.executable, "-m", "nanodpo.tools.plot", str(tmp_path / "missing")], capture_output=True, text=True
     )
     assert result.returncode == 2 and result.stderr.startswith("error: ") and "Traceback" not in result.stderr

@@ -29,8 +29,8 @@ from nanodpo.dpo import (
     simpo_loss,
 )
 from nanodpo.dpo_data import PreferenceCollator, build_examples, load_preference_data
-from nanodpo.dpo_packing import PackedPreferenceCollator
 from nanodpo.errors import UserError
+from nanodpo.fast.dpo_packing import PackedPreferenceCollator
 from nanodpo.token_stats import TokenStats
 from nanodpo.tracking import read_metrics
 from tests import tiny

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from nanodpo.checkpoint import RunState, _check_compatible, checkpoints_in
 from nanodpo.config import DPOConfig, parse_config
 from nanodpo.errors import UserError
+from nanodpo.scale.checkpoint import RunState, _check_compatible, checkpoints_in
 from nanodpo.tracking import read_metrics
 from tests import tiny
 
@@ -139,7 +139,7 @@ KILL_IN_WRITE = """
 import os, signal, sys
 sys.argv = sys.argv[1:]
 sys.path.insert(0, os.getcwd())
-import nanodpo.checkpoint as ckpt
+import nanodpo.scale.checkpoint as ckpt
 original = ckpt._fsync_tree
 def fsync_then_die(directory):
     original(directory)
@@ -175,7 +175,7 @@ def in_process(kind: str, data: Path, out: Path, *extra: str):
 
 
 def test_full_disk_at_save_time_is_a_clear_error(data, tmp_path, monkeypatch):
-    import nanodpo.checkpoint as ckpt
+    import nanodpo.scale.checkpoint as ckpt
 
     original = torch.save
 

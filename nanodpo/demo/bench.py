@@ -1,8 +1,8 @@
 """The demo, timed: the README's pipeline at full size, each stage in its own process, in a fresh folder.
 
-    python -m nanodpo.bench demo                 # (or python -m nanodpo.demo.bench) in a temporary folder
-    python -m nanodpo.bench demo --out /tmp/d    # keep the outputs there (out/demo/{data,pt,sft,dpo})
-    python -m nanodpo.bench demo --accelerate    # the DPO stage as `accelerate launch train_dpo.py`
+    python -m nanodpo.tools.bench demo                 # (or python -m nanodpo.demo.bench) in a temporary folder
+    python -m nanodpo.tools.bench demo --out /tmp/d    # keep the outputs there (out/demo/{data,pt,sft,dpo})
+    python -m nanodpo.tools.bench demo --accelerate    # the DPO stage as `accelerate launch train_dpo.py`
 
 Runs `python train_pt.py`, `python train_sft.py` and `python train_dpo.py` with no arguments — exactly what a
 newcomer runs — with the working directory set to the output folder, so the stages find and write out/demo/ there
@@ -66,7 +66,7 @@ def run_stage(name: str, command: list[str], cwd: Path, log_path: Path, env: dic
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m nanodpo.bench demo", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m nanodpo.tools.bench demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=None, help="folder to run in (default: a temporary one, deleted after)")
     parser.add_argument("--accelerate", action="store_true", help="DPO stage via `accelerate launch` (as the README)")
     args = parser.parse_args(argv)

@@ -8,18 +8,18 @@
 
 Each held-out row is {"prompt": [system, user], "fact", "lang"}: a question never seen in any training set (its
 fact was, in other words), asked with the demo's system prompt (world.SYSTEM_PROMPT, the one the models were
-trained with). The answer is greedy (the most likely token each time, as `python -m nanodpo.chat` by default) and
+trained with). The answer is greedy (the most likely token each time, as `python -m nanodpo.tools.chat` by default) and
 judged by `world.answer_style` (polite / blunt / neither, by marker phrases), `world.on_topic` (mentions what was
 asked about) and `world.is_correct` (states the right fact).
 
 Why about 50% after SFT: the SFT model learned both styles equally, but greedy decoding takes the single most likely
 first token, and the openers are not spread evenly over first tokens — "Ugh" starts two of the four blunt English
 openers, "好" two of the four polite Chinese ones. So greedily the SFT model answers English questions bluntly and
-Chinese ones politely (the report shows both languages); sampling (`nanodpo.chat --temperature 1`) mixes them.
+Chinese ones politely (the report shows both languages); sampling (`nanodpo.tools.chat --temperature 1`) mixes them.
 After DPO both languages are polite.
 
 Generation runs many questions at once: the prompts are left-padded to one length, so every row's next token sits
-in the last column, and each step feeds one new token per row through the KV cache (what `nanodpo.chat` does for
+in the last column, and each step feeds one new token per row through the KV cache (what `nanodpo.tools.chat` does for
 one conversation, row-wise). A row that has produced its end-of-turn token is finished; the loop stops when all are.
 """
 
@@ -32,8 +32,8 @@ from pathlib import Path
 import torch
 from transformers.utils import logging
 
-from nanodpo.chat import load_for_chat, new_kv_cache, render_prompt, stop_token_ids
 from nanodpo.demo import world
+from nanodpo.tools.chat import load_for_chat, new_kv_cache, render_prompt, stop_token_ids
 
 
 def load_heldout(path: str | Path, n: int | None = None) -> list[dict]:

@@ -69,7 +69,7 @@ def after_stage(stage: str, cfg) -> None:
     print(style_report(DEMO_DIR / "sft", Path(cfg.output_dir), DATA_DIR / "heldout.jsonl"))
     # SYSTEM_PROMPT: the system prompt of all the demo's training data
     print(
-        f"demo: chat with it: python -m nanodpo.chat --model {cfg.output_dir} --compare {DEMO_DIR / 'sft'} "
+        f"demo: chat with it: python -m nanodpo.tools.chat --model {cfg.output_dir} --compare {DEMO_DIR / 'sft'} "
         f'--system "{SYSTEM_PROMPT}"'
     )
-    print(f"demo: its curves: python -m nanodpo.plot {cfg.output_dir} --diagnose")
+    print(f"demo: its curves: python -m nanodpo.tools.plot {cfg.output_dir} --diagnose")

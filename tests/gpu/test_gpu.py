@@ -220,15 +220,15 @@ def test_deepspeed_dpo_two_gpus_equal_one(workdir, tmp_path, config):
 
 
 def test_bench_dpo_on_cuda_prints_tokens_per_s_mfu_and_peak_memory_vs_trl(tmp_path):
-    """`python -m nanodpo.bench dpo --quick` on CUDA: every implementation's tokens/s, MFU (known GPUs; else pass
+    """`python -m nanodpo.tools.bench dpo --quick` on CUDA: every implementation's tokens/s, MFU (known GPUs; else pass
     --peak_tflops) and peak CUDA memory, nanodpo's final metrics agreeing with TRL's to bf16 precision."""
-    out = run([sys.executable, "-m", "nanodpo.bench", "dpo", "--quick", "--workdir", str(tmp_path)], timeout=1800)
+    out = run([sys.executable, "-m", "nanodpo.tools.bench", "dpo", "--quick", "--workdir", str(tmp_path)], timeout=1800)
     print(out[-4000:])
     assert "peak CUDA MB" in out
     for name in ("nanodpo", "trl", "nanodpo-precomputed", "plain"):
         assert re.search(rf"^{re.escape(name)}\s+\d+\s", out, re.M), name
     if "MFU" not in out:
-        pytest.fail(f"no MFU printed: {torch.cuda.get_device_name()} is not in nanodpo.bench.PEAK_TFLOPS")
+        pytest.fail(f"no MFU printed: {torch.cuda.get_device_name()} is not in nanodpo.tools.bench.PEAK_TFLOPS")
     # bf16 on both sides (the bench's GPU setting): agreement to bf16 precision, not the CPU's fp32 1e-3
     gap = float(re.search(r"-> (?:agree|DISAGREE) \(largest relative gap ([0-9.e+-]+)", out).group(1))
     assert gap <= 2e-2, out[-3000:]

@@ -52,9 +52,9 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from nanodpo.dpo_data import PreferenceCollator, common_prefix_length
-from nanodpo.errors import UserError
-from nanodpo.fastpath import say_once, unwrap
+from nanodpo.errors import UserError, say_once
 from nanodpo.logps import ModelInputs
+from nanodpo.model import unwrap
 from nanodpo.packing import MASKED_ATTENTION, PADDING_FREE_ATTENTION, bfd_bins
 from nanodpo.training import EpochSampler
 

@@ -43,8 +43,8 @@ from safetensors.torch import load_file
 
 from nanodpo.config import config_to_dict, save_config
 from nanodpo.errors import UserError
-from nanodpo.faults import EXIT_INTERRUPTED, EXIT_NONFINITE, nonfinite_message
 from nanodpo.model import is_dtensor, is_main_process
+from nanodpo.scale.faults import EXIT_INTERRUPTED, EXIT_NONFINITE, nonfinite_message
 
 TRAINER_STATE = "trainer_state.json"
 # Options that must match for a checkpoint to be resumed: they change the model, the data or its order.

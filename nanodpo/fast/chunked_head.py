@@ -27,7 +27,7 @@ the same again in backward. Yet DPO, SFT and PT only need ONE number per scored 
 
 `hidden_index` decouples where a scored token's hidden state sits (a flat index into the model's [R, L] rows) from
 where its value goes ([N, T-1], sequence by sequence). For an ordinary padded batch it is the identity; for packed
-and prefix-shared DPO rows (nanodpo/dpo_packing.py) it points into the packed rows.
+and prefix-shared DPO rows (nanodpo/fast/dpo_packing.py) it points into the packed rows.
 
 Tested equal to the readable path (log-probs, losses, gradients, metrics within 1e-5 in fp32; tied and untied
 embeddings; LoRA on the LM head; gradient checkpointing): tests/test_fastpath.py; under FSDP2 on 2 processes equal
@@ -40,7 +40,8 @@ import inspect
 import torch
 from torch import nn
 
-from nanodpo.model import is_main_process
+from nanodpo.errors import say_once
+from nanodpo.model import unwrap
 from nanodpo.token_stats import TokenStats
 
 DEFAULT_CHUNK_SIZE = 256  # tokens per LM-head chunk: 256 x 151,936 fp32 logits = 156 MB per buffer (two at most)
@@ -51,24 +52,6 @@ _LOGIT_POSTPROCESSING = (
     "final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier", "output_multiplier_scale",
     "lm_head_multiplier",
 )  # fmt: skip
-
-_said_once: set[str] = set()
-
-
-def say_once(message: str) -> None:
-    """Print a notice once per run, on the main process only (RANK is set by torchrun / accelerate launch)."""
-    if message not in _said_once:
-        _said_once.add(message)
-        if is_main_process():
-            print(f"[nanodpo] {message}")
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The model inside DDP / accelerate wrappers (peft stays: its modules are the ones that run)."""
-    while hasattr(model, "module") and isinstance(model.module, nn.Module):
-        model = model.module
-    return getattr(model, "_orig_mod", model)  # torch.compile
-
 
 def fast_path_unsupported(model: nn.Module) -> str | None:
     """Why the fast path cannot run this model (None = it can)."""

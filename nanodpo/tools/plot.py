@@ -2,10 +2,10 @@
 
 Usage
 -----
-    python -m nanodpo.plot out/demo/dpo                     # PNGs into out/demo/dpo/plots/
-    python -m nanodpo.plot out/demo/dpo --out figs/         # ... or into figs/
-    python -m nanodpo.plot out/demo/dpo --diagnose          # also print what the curves say
-    python -m nanodpo.plot out/demo/dpo --diagnose --lang zh   # 用中文输出诊断
+    python -m nanodpo.tools.plot out/demo/dpo                     # PNGs into out/demo/dpo/plots/
+    python -m nanodpo.tools.plot out/demo/dpo --out figs/         # ... or into figs/
+    python -m nanodpo.tools.plot out/demo/dpo --diagnose          # also print what the curves say
+    python -m nanodpo.tools.plot out/demo/dpo --diagnose --lang zh   # 用中文输出诊断
 
 The run must have logged to metrics.jsonl (`--report_to jsonl`, the default). Figures, one per metric with the
 train curve and the eval points overlaid (`eval_loss` on the `loss` panel, and so on), plus `overview.png` with all
@@ -27,7 +27,7 @@ Reading the DPO curves (what `--diagnose` checks, see `diagnose`):
 - grad_norm spikes and NaN: the optimisation is unstable.
 
 From Python (train_dpo.py calls `diagnose` at the end of a run):
-    from nanodpo.plot import load_records, plot_metrics, diagnose, format_report
+    from nanodpo.tools.plot import load_records, plot_metrics, diagnose, format_report
     records = load_records("out/demo/dpo")
     plot_metrics(records, "out/demo/dpo/plots")
     print(format_report(diagnose(records), lang="en"))
@@ -274,7 +274,7 @@ TEXT = {
             "{r0} → {r1}, rewards/chosen ends at {rc1}): both answers are being pushed down, the rejected one "
             "faster. The margin grows, but the chosen answers also become less likely — probability moves to "
             "answers in neither set (a known DPO failure mode).",
-            "A small drop is common; a large one can hurt answers — read some (python -m nanodpo.chat). Lower "
+            "A small drop is common; a large one can hurt answers — read some (python -m nanodpo.tools.chat). Lower "
             "--learning_rate or train fewer steps, raise --beta to stay closer to the reference, add an SFT term "
             "on the chosen answers (--rpo_alpha 1.0), and make sure the SFT model was trained on answers like the "
             "chosen ones (DPO works best on its own distribution).",
@@ -327,7 +327,7 @@ TEXT = {
             "logps/chosen 从 {c0} 降到 {c1}，而 rewards/margins 从 {m0} 升到 {m1}（logps/rejected {r0} → {r1}，"
             "rewards/chosen 最终为 {rc1}）：两个回答的概率都在被压低，rejected 降得更快。差距在变大，但 chosen 回答"
             "本身也变得更不可能——概率流向了两者之外的回答（DPO 的一种已知失效模式）。",
-            "小幅下降很常见；下降很多时回答质量可能变差，请实际看看回答（python -m nanodpo.chat）。降低 "
+            "小幅下降很常见；下降很多时回答质量可能变差，请实际看看回答（python -m nanodpo.tools.chat）。降低 "
             "--learning_rate 或减少训练步数，增大 --beta 使模型更贴近参考模型，对 chosen 回答加入 SFT 项"
             "（--rpo_alpha 1.0），并确保 SFT 模型训练过与 chosen 类似的回答（DPO 在自身分布上效果最好）。",
         ),
@@ -568,7 +568,7 @@ def format_report(findings: list[Finding], lang: str = "en") -> str:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="python -m nanodpo.plot", description="Plot OUTPUT_DIR/metrics.jsonl and diagnose the curves."
+        prog="python -m nanodpo.tools.plot", description="Plot OUTPUT_DIR/metrics.jsonl and diagnose the curves."
     )
     parser.add_argument("output_dir", help="a training run's OUTPUT_DIR (or its metrics.jsonl)")
     parser.add_argument("--out", default=None, help="where to write the PNGs (default: OUTPUT_DIR/plots)")

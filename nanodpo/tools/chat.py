@@ -2,11 +2,11 @@
 
 Usage
 -----
-    python -m nanodpo.chat --model out/demo/dpo                         # interactive chat
-    python -m nanodpo.chat --model out/demo/dpo --system "You are a grumpy assistant."
-    python -m nanodpo.chat --model out/demo/dpo --prompt "What is the capital of France?"   # one answer
-    python -m nanodpo.chat --model out/demo/dpo --compare out/demo/sft --prompt "Hi" --prompt "你好"
-    python -m nanodpo.chat --model out/lora_run --base Qwen/Qwen2.5-0.5B-Instruct   # a LoRA adapter
+    python -m nanodpo.tools.chat --model out/demo/dpo                         # interactive chat
+    python -m nanodpo.tools.chat --model out/demo/dpo --system "You are a grumpy assistant."
+    python -m nanodpo.tools.chat --model out/demo/dpo --prompt "What is the capital of France?"   # one answer
+    python -m nanodpo.tools.chat --model out/demo/dpo --compare out/demo/sft --prompt "Hi" --prompt "你好"
+    python -m nanodpo.tools.chat --model out/lora_run --base Qwen/Qwen2.5-0.5B-Instruct   # a LoRA adapter
 
 --model is a model folder (a full or merged model: config.json + weights), a LoRA adapter folder
 (adapter_config.json: its base model is loaded first — the one named in the adapter, or --base), or a hub id.
@@ -24,10 +24,10 @@ Generation: the prompt is rendered with the tokenizer's chat template (--chat_te
 then tokens are produced one at a time until the end-of-sequence token or --max_new_tokens. Greedy by default
 (always the most likely token, so the same question gives the same answer); --temperature > 0 samples, with
 --top_p nucleus filtering, reproducibly with --seed. QLoRA adapters load on a full-precision base here (merging
-to a plain model: python -m nanodpo.merge).
+to a plain model: python -m nanodpo.tools.merge).
 
 From Python (the demo uses these):
-    from nanodpo.chat import load_for_chat, generate_answer
+    from nanodpo.tools.chat import load_for_chat, generate_answer
     model, tokenizer = load_for_chat("out/demo/dpo")
     generate_answer(model, tokenizer, [{"role": "user", "content": "Hi"}], max_new_tokens=64)
 """
@@ -342,7 +342,7 @@ def _loop(chats: list[Chat], stdin, out) -> None:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m nanodpo.chat", description="Chat with a trained model.")
+    p = argparse.ArgumentParser(prog="python -m nanodpo.tools.chat", description="Chat with a trained model.")
     p.add_argument("--model", required=True, help="model folder, LoRA adapter folder, or hub id")
     p.add_argument("--base", default=None, help="base model of a LoRA adapter (default: the one it names)")
     p.add_argument("--compare", default=None, help="a second model (folder/adapter/hub id) to answer side by side")

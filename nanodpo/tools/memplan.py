@@ -1,7 +1,7 @@
 """A memory plan for DPO, per GPU, from formulas: what each piece of a training step holds, before you rent the GPUs.
 
-    python -m nanodpo.memplan                                  # Qwen2.5-0.5B/1.5B/7B, the four setups below
-    python -m nanodpo.memplan --pairs 1 --max_length 2048 --gpus 8 --lora_r 64
+    python -m nanodpo.tools.memplan                                  # Qwen2.5-0.5B/1.5B/7B, the four setups below
+    python -m nanodpo.tools.memplan --pairs 1 --max_length 2048 --gpus 8 --lora_r 64
 
 Setups (per GPU; `--gpus` for DDP and FSDP2):
   qlora_1gpu      one GPU, 4-bit NF4 base weights (bitsandbytes, double quantization) + a LoRA adapter
@@ -39,7 +39,7 @@ import argparse
 from dataclasses import dataclass
 
 GiB = 2**30
-CHUNK_SIZE = 256  # nanodpo.fastpath.DEFAULT_CHUNK_SIZE (not imported: this module needs no torch)
+CHUNK_SIZE = 256  # nanodpo.fast.chunked_head.DEFAULT_CHUNK_SIZE (not imported: this module needs no torch)
 
 
 @dataclass(frozen=True)

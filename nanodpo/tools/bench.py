@@ -1,11 +1,11 @@
 """Benchmark: nanodpo side by side with TRL 1.16 (a benchmark, not a test).
 
-    python -m nanodpo.bench dpo            # train_dpo.py vs trl.DPOTrainer (+ nanodpo with precomputed reference)
-    python -m nanodpo.bench sft            # train_sft.py vs trl.SFTTrainer
-    python -m nanodpo.bench pt             # train_pt.py  vs a plain Hugging Face forward/backward/AdamW loop
-    python -m nanodpo.bench dpo --quick    # a smoke run: smaller model and lengths, one repetition
-    python -m nanodpo.bench demo           # the offline demo's pipeline, each stage timed (nanodpo/demo/bench.py)
-    python -m nanodpo.bench dpo --model PATH [--use_lora]   # a real model: a local folder or a .gguf file
+    python -m nanodpo.tools.bench dpo            # train_dpo.py vs trl.DPOTrainer (+ nanodpo with precomputed reference)
+    python -m nanodpo.tools.bench sft            # train_sft.py vs trl.SFTTrainer
+    python -m nanodpo.tools.bench pt             # train_pt.py  vs a plain Hugging Face forward/backward/AdamW loop
+    python -m nanodpo.tools.bench dpo --quick    # a smoke run: smaller model and lengths, one repetition
+    python -m nanodpo.tools.bench demo           # the offline demo's pipeline, each stage timed (nanodpo/demo/bench.py)
+    python -m nanodpo.tools.bench dpo --model PATH [--use_lora]   # a real model: a local folder or a .gguf file
 
 Same model for both: by default Qwen2 architecture with Qwen2.5's real vocabulary size (151,936 — the LM head is
 where most of the time and memory of a small model go), a small hidden size and a few layers, random init, fp32 (bf16
@@ -17,7 +17,7 @@ Same data: synthetic multi-turn conversations with a realistic length mix (promp
 completions of 20-400; tokenizer: the demo's byte-level BPE); same batch, steps, optimizer (AdamW) and schedule;
 sequential data order, so both train on the same pairs in the same order.
 
-Every run is its own process (`python -m nanodpo.bench --worker ...`): peak memory is that process's own peak RSS
+Every run is its own process (`python -m nanodpo.tools.bench --worker ...`): peak memory is that process's own peak RSS
 (CUDA: peak allocated), and no run inherits another's allocator state. Runs alternate (nanodpo, TRL, TRL, nanodpo,
 ...) over several repetitions; medians are reported. The first optimizer step of every run is warm-up and is not
 timed. Printed per implementation: real (non-padding) tokens/s — the tokens of the sequences as TRL counts them,
@@ -64,7 +64,7 @@ from nanodpo.config import DPOConfig, PTConfig, SFTConfig, parse_config
 from nanodpo.demo import TOKENIZER_DIR
 from nanodpo.demo.bench import main as demo_main
 from nanodpo.dpo_data import PreferenceCollator, load_preference_data
-from nanodpo.dpo_packing import sequences_of, shared_unit
+from nanodpo.fast.dpo_packing import sequences_of, shared_unit
 from nanodpo.model import check_model_source, load_pretrained, load_tokenizer
 from nanodpo.packing import Document, PackedRow, _make_row, collate_packed, pack_documents
 from nanodpo.pt_data import load_documents
@@ -363,7 +363,7 @@ def step_tokens(task: str, spec: dict) -> dict:
     """Per optimizer step (the same for every implementation: same data, same order): real tokens, and the model
     FLOPs of the training it does (`model_flops`), for MFU."""
     code = (
-        "import json, sys; from nanodpo.bench import model_flops, step_rows; spec = json.loads(sys.argv[1]); "
+        "import json, sys; from nanodpo.tools.bench import model_flops, step_rows; spec = json.loads(sys.argv[1]); "
         f"steps = step_rows({task!r}, spec); "
         "print('BENCH_RESULT ' + json.dumps({'tokens': [sum(len(row) for row in rows) for rows in steps], "
         f"'flops': model_flops({task!r}, spec, steps)}}))"
@@ -464,7 +464,7 @@ def run_worker(name: str, task: str, spec: dict) -> dict:
     out = Path(spec["workdir"]) / f"out_{name}"
     shutil.rmtree(out, ignore_errors=True)  # a fresh output_dir for every run
     spec = {**spec, "out": str(out)}
-    return _run([sys.executable, "-m", "nanodpo.bench", task, "--worker", name, "--spec", json.dumps(spec)])
+    return _run([sys.executable, "-m", "nanodpo.tools.bench", task, "--worker", name, "--spec", json.dumps(spec)])
 
 
 def summarize(result: dict, tokens: list[int], flops: list[float], peak_tflops: float | None, floor_mb: float) -> dict:

@@ -2,12 +2,12 @@
 
 Usage
 -----
-    python -m nanodpo.merge --adapter out/dpo_lora --out out/dpo_merged
-    python -m nanodpo.merge --adapter out/dpo_lora --out out/dpo_merged --base Qwen/Qwen2.5-1.5B-Instruct
-    python -m nanodpo.merge --adapter out/dpo_lora --out out/dpo_merged --dtype bfloat16
+    python -m nanodpo.tools.merge --adapter out/dpo_lora --out out/dpo_merged
+    python -m nanodpo.tools.merge --adapter out/dpo_lora --out out/dpo_merged --base Qwen/Qwen2.5-1.5B-Instruct
+    python -m nanodpo.tools.merge --adapter out/dpo_lora --out out/dpo_merged --dtype bfloat16
 
 The result loads with `AutoModelForCausalLM.from_pretrained("out/dpo_merged")` (safetensors + config + tokenizer),
-and chats with `python -m nanodpo.chat --model out/dpo_merged`.
+and chats with `python -m nanodpo.tools.chat --model out/dpo_merged`.
 
 What merging does: a LoRA layer computes W·x + (α/r)·B·A·x; merging adds the product once into the weight,
 W' = W + (α/r)·B·A, so the model has its original shape and speed and gives the same outputs.
@@ -29,8 +29,8 @@ import torch
 from peft import PeftModel
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from nanodpo.chat import _quiet, adapter_base
 from nanodpo.errors import UserError, exit_on_user_error
+from nanodpo.tools.chat import _quiet, adapter_base
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -79,7 +79,7 @@ def merge_adapter(adapter: str | Path, out: str | Path, base: str | None = None,
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m nanodpo.merge", description="Merge a LoRA adapter into its base.")
+    p = argparse.ArgumentParser(prog="python -m nanodpo.tools.merge", description="Merge a LoRA adapter into its base.")
     p.add_argument("--adapter", required=True, help="the LoRA adapter folder (with adapter_config.json)")
     p.add_argument("--out", required=True, help="where to save the merged model")
     p.add_argument("--base", default=None, help="the base model (default: the one named in adapter_config.json)")
