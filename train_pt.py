@@ -32,7 +32,6 @@ from nanodpo import training
 from nanodpo.config import PTConfig, config_to_dict, parse_config
 from nanodpo.demo.stages import main_or_demo
 from nanodpo.errors import UserError, exit_on_user_error
-from nanodpo.logps import token_logps
 from nanodpo.model import check_model_options, is_main_process, load_model_config, load_policy, load_tokenizer
 from nanodpo.packing import check_row_length, pack_documents, packing_efficiency
 from nanodpo.pt_data import load_documents, stream_steps
@@ -41,10 +40,9 @@ from nanodpo.scale.checkpoint import (
     save_checkpoint,
     save_model,
     start_or_resume,
-    stop_early,
     update_best,
 )
-from nanodpo.scale.faults import GracefulStop
+from nanodpo.scale.faults import GracefulStop, stop_early
 from nanodpo.tracking import MetricMeans, flops_per_token, make_tracker, train_record
 
 ARCH_OVERRIDES = (
@@ -113,6 +111,8 @@ def main(argv: list[str] | None = None) -> None:
     # ------------------------------------------------------------------------------------------------------------
     # 3. Model.
     model = build_model(cfg, tokenizer, accelerator.device)
+    # --logps: the readable log_softmax + gather, or the chunked LM head (nanodpo/fast/); the same numbers.
+    token_logps = training.choose_token_logps(cfg)
 
     # ------------------------------------------------------------------------------------------------------------
     # 4. Optimizer and schedule; resume.
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> None:
             for i, batch in enumerate(batches):
                 with training.gradient_sync(accelerator, model, last_micro_batch=i == len(batches) - 1):
                     # The loss needs only the log-probs: no entropy / top-1 metrics (nanoGPT logs none either).
-                    stats = token_logps(model, training.lm_model_inputs(batch), cfg.logps, with_metrics=False)
+                    stats = token_logps(model, training.lm_model_inputs(batch), with_metrics=False)
                     nll_sum = -stats.logps.sum()
                     accelerator.backward(nll_sum * scale)
                 step_nll += nll_sum.detach()
@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> None:
                 progress.set_postfix(loss=f"{record['loss']:.4f}")
                 interval_start, interval_tokens = time.perf_counter(), 0
             if eval_rows and ((cfg.eval_steps and step % cfg.eval_steps == 0) or last_step):
-                eval_record = training.evaluate_lm(model, eval_rows, collate, cfg, accelerator)
+                eval_record = training.evaluate_lm(model, eval_rows, collate, cfg, accelerator, token_logps)
                 tracker.log(eval_record, step)
                 accelerator.print(f"step {step}: eval perplexity {eval_record['eval_perplexity']:.2f}")
                 update_best(cfg, state, eval_record)

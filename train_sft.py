@@ -31,7 +31,6 @@ from nanodpo import training
 from nanodpo.config import SFTConfig, config_to_dict, parse_config
 from nanodpo.demo.stages import main_or_demo
 from nanodpo.errors import exit_on_user_error
-from nanodpo.logps import token_logps
 from nanodpo.model import check_model_options, load_policy, load_tokenizer
 from nanodpo.packing import check_row_length, pack_documents, packing_efficiency, padding_fraction
 from nanodpo.scale.checkpoint import (
@@ -39,10 +38,9 @@ from nanodpo.scale.checkpoint import (
     save_checkpoint,
     save_model,
     start_or_resume,
-    stop_early,
     update_best,
 )
-from nanodpo.scale.faults import GracefulStop
+from nanodpo.scale.faults import GracefulStop, stop_early
 from nanodpo.sft_data import load_sft_data
 from nanodpo.tracking import MetricMeans, make_tracker, train_record
 
@@ -85,6 +83,8 @@ def main(argv: list[str] | None = None) -> None:
     # ------------------------------------------------------------------------------------------------------------
     # 3. Model (full, LoRA or QLoRA).
     model = load_policy(cfg, accelerator.device)
+    # --logps: the readable log_softmax + gather, or the chunked LM head (nanodpo/fast/); the same numbers.
+    token_logps = training.choose_token_logps(cfg)
 
     # ------------------------------------------------------------------------------------------------------------
     # 4. Optimizer, data order, schedule; resume.
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
             step_nll = torch.zeros((), device=accelerator.device)
             for i, batch in enumerate(batches):
                 with training.gradient_sync(accelerator, model, last_micro_batch=i == len(batches) - 1):
-                    stats = token_logps(model, training.lm_model_inputs(batch), cfg.logps)
+                    stats = token_logps(model, training.lm_model_inputs(batch))
                     nll_sum = -stats.logps.sum()
                     accelerator.backward(nll_sum * scale)
                 step_nll += nll_sum.detach()
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> None:
                 tracker.log(record, step)
                 progress.set_postfix(loss=f"{record['loss']:.4f}")
             if eval_examples and ((cfg.eval_steps and step % cfg.eval_steps == 0) or last_step):
-                eval_record = training.evaluate_lm(model, eval_examples, collate, cfg, accelerator)
+                eval_record = training.evaluate_lm(model, eval_examples, collate, cfg, accelerator, token_logps)
                 tracker.log({**eval_record, "epoch": step / steps_per_epoch}, step)
                 update_best(cfg, state, eval_record)
                 accelerator.print(f"step {step}: eval_loss {eval_record['eval_loss']:.4f}")

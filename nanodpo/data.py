@@ -42,6 +42,9 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch.utils.data import Sampler
+
 from nanodpo.errors import UserError
 
 FILE_FORMATS = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet", ".csv", ".txt")
@@ -368,3 +371,28 @@ def _check_splits(path: Path, parts: list[str], available: list[str]) -> None:
             f"{path}: no split {', '.join(map(repr, missing))}; it has: {', '.join(available)} "
             "(choose one with --dataset_split / --eval_split)"
         )
+
+
+class EpochSampler(Sampler):
+    """Row order for one epoch: a seeded permutation (`random`, reshuffled with seed + epoch) or file order.
+
+    The same seed and epoch always give the same order, on every process and after a restart.
+    """
+
+    def __init__(self, num_rows: int, shuffle: bool, seed: int):
+        self.num_rows = num_rows
+        self.shuffle = shuffle
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        if not self.shuffle:
+            return iter(range(self.num_rows))
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(self.num_rows, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.num_rows

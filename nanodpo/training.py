@@ -6,6 +6,7 @@ what is here is what would otherwise be pasted three times.
 """
 
 import contextlib
+import dataclasses
 import itertools
 import math
 import os
@@ -14,13 +15,22 @@ import random
 import numpy as np
 import torch
 from accelerate import Accelerator
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from nanodpo import logps
+from nanodpo.data import EpochSampler
 from nanodpo.errors import UserError
-from nanodpo.logps import ModelInputs, token_logps
+from nanodpo.fast.chunked_head import chunked_token_logps
+from nanodpo.logps import ModelInputs
 from nanodpo.model import decay_parameter_groups, is_main_process
 from nanodpo.packing import PackedRow, collate_packed
+
+
+def choose_token_logps(cfg):
+    """--logps: the readable path (nanodpo/logps.py), or chapter two's chunked head (nanodpo/fast/chunked_head.py);
+    the same TokenStats either way."""
+    return chunked_token_logps if cfg.logps == "chunked" else logps.token_logps
 
 
 def make_accelerator(cfg) -> Accelerator:
@@ -119,31 +129,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-class EpochSampler(Sampler):
-    """Row order for one epoch: a seeded permutation (`random`, reshuffled with seed + epoch) or file order.
-
-    The same seed and epoch always give the same order, on every process and after a restart.
-    """
-
-    def __init__(self, num_rows: int, shuffle: bool, seed: int):
-        self.num_rows = num_rows
-        self.shuffle = shuffle
-        self.seed = seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self):
-        if not self.shuffle:
-            return iter(range(self.num_rows))
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        return iter(torch.randperm(self.num_rows, generator=generator).tolist())
-
-    def __len__(self) -> int:
-        return self.num_rows
-
-
 def make_train_loader(examples: list, collate_fn, cfg) -> DataLoader:
     """Micro-batches of --per_device_train_batch_size examples, in EpochSampler's order."""
     sampler = EpochSampler(len(examples), shuffle=cfg.train_sampling_strategy == "random", seed=cfg.seed)
@@ -226,6 +211,38 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg, total_steps: int) -> t
 
 # ----------------------------------------------------------------------------------------------------------------
 # The loop's steps: one optimizer step's micro-batches, their gradient sync, and what is checked after them.
+
+
+@dataclasses.dataclass
+class RunState:
+    """Where a run is. Saved in trainer_state.json with every checkpoint."""
+
+    step: int = 0  # optimizer steps done (including skipped non-finite ones)
+    epoch: int = 0
+    steps_in_epoch: int = 0  # optimizer steps done in the current epoch (the data position; independent of the
+    # process count: with the same global batch, step k covers the same examples on 1 or n processes)
+    num_tokens: int = 0
+    nonfinite_in_a_row: int = 0
+    nonfinite_total: int = 0
+    pending_metrics: dict = dataclasses.field(default_factory=dict)  # the unfinished logging interval's values
+    ref_cache_key: str | None = None
+    world_size: int = 1
+    global_batch: int = 0
+    sharding: str | None = None  # "fsdp2" / "deepspeed": how the optimizer state below was written (None: whole)
+    best_metric: float | None = None
+    best_checkpoint: str | None = None
+
+    def finish_step(self, epoch: int, update_ok: bool) -> None:
+        """Count an optimizer step of `epoch` (the data position) and whether its update was skipped (non-finite)."""
+        if epoch != self.epoch:
+            self.epoch, self.steps_in_epoch = epoch, 0
+        if update_ok:
+            self.nonfinite_in_a_row = 0
+        else:
+            self.nonfinite_in_a_row += 1
+            self.nonfinite_total += 1
+        self.step += 1
+        self.steps_in_epoch += 1
 
 
 def optimizer_steps(accelerator, loader, micro_batches_per_step: int, state):
@@ -353,7 +370,7 @@ def lm_model_inputs(batch: dict) -> ModelInputs:
     scored tokens are the labels (HF convention: aligned with input_ids, -100 = not scored, shifted in logps.py)."""
     model_kwargs = {k: v for k, v in batch.items() if k not in ("labels", "row_tokens")}
     labels = batch["labels"]
-    return ModelInputs(model_kwargs, input_ids=labels.clamp(min=0), loss_mask=(labels != -100).long())
+    return ModelInputs(model_kwargs, labels=labels.clamp(min=0), loss_mask=(labels != -100).long())
 
 
 def lm_metrics(stats) -> dict[str, float]:
@@ -370,7 +387,7 @@ def to_device(batch: dict, device) -> dict:
 
 
 @torch.no_grad()
-def evaluate_lm(model, eval_examples: list, collate_fn, cfg, accelerator) -> dict[str, float]:
+def evaluate_lm(model, eval_examples: list, collate_fn, cfg, accelerator, token_logps) -> dict[str, float]:
     """Token means over the whole eval set, named eval_*: NLL (eval_loss), its perplexity, entropy and
     mean_token_accuracy — every target token of every row counted once, whatever the batch size and process count.
 
@@ -387,7 +404,7 @@ def evaluate_lm(model, eval_examples: list, collate_fn, cfg, accelerator) -> dic
     for start in range(0, rows_per_process, batch_size):
         rows = shard[start : start + batch_size]
         batch = to_device(collate_fn(rows or eval_examples[:1]), accelerator.device)
-        stats = token_logps(model, lm_model_inputs(batch), cfg.logps)
+        stats = token_logps(model, lm_model_inputs(batch))
         if rows:
             sums += torch.tensor(
                 [float(-stats.logps.sum()), float(stats.mask.sum()), float(stats.entropy.sum()),
@@ -404,3 +421,14 @@ def evaluate_lm(model, eval_examples: list, collate_fn, cfg, accelerator) -> dic
         "eval_entropy": entropy / targets,
         "eval_mean_token_accuracy": hits / targets,
     }
+
+
+@contextlib.contextmanager
+def eval_mode(model):
+    """The model in eval mode (dropout off) inside the block, and back in the mode it was in after it."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
