@@ -33,8 +33,8 @@ from nanodpo.config import PTConfig, config_to_dict, parse_config
 from nanodpo.demo.stages import main_or_demo
 from nanodpo.errors import UserError, exit_on_user_error
 from nanodpo.model import check_model_options, is_main_process, load_model_config, load_policy, load_tokenizer
-from nanodpo.packing import check_row_length, pack_documents, packing_efficiency
-from nanodpo.pt_data import load_documents, stream_steps
+from nanodpo.packing import check_row_length
+from nanodpo.pt_data import load_packed_rows, stream_steps
 from nanodpo.scale.checkpoint import (
     check_output_dir,
     save_checkpoint,
@@ -90,20 +90,8 @@ def main(argv: list[str] | None = None) -> None:
     # ------------------------------------------------------------------------------------------------------------
     # 2. Tokenizer and data: documents tokenized with EOS and packed (or streamed and packed on the fly).
     tokenizer = load_tokenizer(cfg)
-    eval_docs = load_documents(cfg, tokenizer, "eval")
-    eval_rows = None
-    if eval_docs:
-        eval_rows = pack_documents(eval_docs, cfg.max_length, cfg.packing_strategy, cfg.packing_overflow)
-    if cfg.streaming:
-        steps_per_epoch = None  # unknown until the stream has been read once
-    else:
-        docs = load_documents(cfg, tokenizer, "train")
-        train_rows = pack_documents(docs, cfg.max_length, cfg.packing_strategy, cfg.packing_overflow)
-        efficiency = packing_efficiency(train_rows, cfg.max_length)
-        accelerator.print(
-            f"{len(docs)} documents, {sum(len(d.input_ids) for d in docs):,} tokens -> {len(train_rows)} rows of "
-            f"{cfg.max_length} ({cfg.packing_strategy}), packing efficiency {efficiency:.1%}"
-        )
+    eval_rows = load_packed_rows(cfg, tokenizer, "eval")
+    train_rows = None if cfg.streaming else load_packed_rows(cfg, tokenizer, "train")
 
     def collate(rows):
         return training.collate_rows(rows, cfg, tokenizer.pad_token_id)
@@ -119,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
     optimizer = training.make_optimizer(model, cfg)
     if cfg.streaming:
         model, optimizer = accelerator.prepare(model, optimizer)
-        total_steps = cfg.max_steps
+        total_steps, steps_per_epoch = cfg.max_steps, None  # the stream's length is unknown until read once
     else:
         loader = training.make_train_loader(train_rows, collate, cfg)
         model, optimizer, loader = accelerator.prepare(model, optimizer, loader)

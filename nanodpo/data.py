@@ -396,3 +396,11 @@ class EpochSampler(Sampler):
 
     def __len__(self) -> int:
         return self.num_rows
+
+
+def micro_batches(step_examples: list, micro_batch_size: int) -> list[list]:
+    return [step_examples[i : i + micro_batch_size] for i in range(0, len(step_examples), micro_batch_size)]
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from nanodpo import logps
-from nanodpo.data import EpochSampler
+from nanodpo.data import EpochSampler, to_device
 from nanodpo.errors import UserError
 from nanodpo.fast.chunked_head import chunked_token_logps
 from nanodpo.logps import ModelInputs
@@ -349,10 +349,6 @@ def collate_rows(examples: list, cfg, pad_token_id: int) -> dict:
     return batch
 
 
-def micro_batches(step_examples: list, micro_batch_size: int) -> list[list]:
-    return [step_examples[i : i + micro_batch_size] for i in range(0, len(step_examples), micro_batch_size)]
-
-
 def step_targets(accelerator, batches: list[dict]) -> int:
     """Target tokens of a whole optimizer step — every micro-batch, every process (at least 1): what the step's
     summed NLL is divided by. Labels other than -100, after the one-token shift."""
@@ -380,10 +376,6 @@ def lm_metrics(stats) -> dict[str, float]:
         "entropy": float(stats.entropy.sum() / n),
         "mean_token_accuracy": float(stats.is_top1.sum() / n),
     }
-
-
-def to_device(batch: dict, device) -> dict:
-    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 @torch.no_grad()
