@@ -16,8 +16,9 @@ What a checkpoint holds, so `--resume_from_checkpoint latest` continues bit for 
     scaler.pt               fp16 loss-scaler state (with --fp16)
     rng_state_<rank>.pth    python / numpy / torch (/ cuda) random states of every process
     trainer_state.json      step, epoch, batches consumed in the epoch (the data position; for streamed data the
-                            same count is replayed), token count, the unfinished logging interval's metric values,
-                            the reference-log-prob cache key, world size, global batch and sharding
+                            same count is replayed), token count, skipped-step counts, the unfinished logging
+                            interval's metric values, the reference-log-prob cache key, world size, global batch and
+                            sharding
 Loading uses safetensors for weights and `torch.load(weights_only=True)` for the rest: nothing is unpickled — except
 under DeepSpeed, whose engine files (DIR/deepspeed/: the ZeRO partitions of weights, fp32 master weights and moments,
 one per process) DeepSpeed itself loads with pickle.
@@ -60,13 +61,15 @@ MUST_MATCH = (
 class RunState:
     """Where a run is. Saved in trainer_state.json with every checkpoint."""
 
-    step: int = 0  # optimizer steps done (including skipped non-finite ones)
+    step: int = 0  # optimizer steps done (including skipped ones)
     epoch: int = 0
     steps_in_epoch: int = 0  # optimizer steps done in the current epoch (the data position; independent of the
     # process count: with the same global batch, step k covers the same examples on 1 or n processes)
     num_tokens: int = 0
     nonfinite_in_a_row: int = 0
     nonfinite_total: int = 0
+    overflow_total: int = 0  # fp16 overflows the loss scaler skipped (not counted as non-finite)
+    loss_scale: float | None = None  # fp16: the loss scale of the last step (the scaler itself is in scaler.pt)
     pending_metrics: dict = dataclasses.field(default_factory=dict)  # the unfinished logging interval's values
     ref_cache_key: str | None = None
     world_size: int = 1
@@ -75,15 +78,19 @@ class RunState:
     best_metric: float | None = None
     best_checkpoint: str | None = None
 
-    def finish_step(self, epoch: int, update_ok: bool) -> None:
-        """Count an optimizer step of `epoch` (the data position) and whether its update was skipped (non-finite)."""
+    def finish_step(self, epoch: int, update) -> None:
+        """Count an optimizer step of `epoch` (the data position) and what became of its update (a training.Update):
+        applied, skipped as an fp16 overflow, or skipped as non-finite (which --max_nonfinite_steps counts)."""
         if epoch != self.epoch:
             self.epoch, self.steps_in_epoch = epoch, 0
-        if update_ok:
+        if update.applied:
             self.nonfinite_in_a_row = 0
-        else:
+        elif update.nonfinite:
             self.nonfinite_in_a_row += 1
             self.nonfinite_total += 1
+        else:
+            self.overflow_total += 1
+        self.loss_scale = update.loss_scale
         self.step += 1
         self.steps_in_epoch += 1
 
