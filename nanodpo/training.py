@@ -311,15 +311,15 @@ def decide_update(accelerator, grad_norm: float, *losses: float) -> Update:
       poisons them for good. The scaler, if any, is updated all the same: it has unscaled these gradients, and
       the next step's unscaling needs it to have moved on.
     """
-    flags = [not all(math.isfinite(float(v)) for v in losses), not math.isfinite(float(grad_norm))]
-    flags = accelerator.reduce(torch.tensor(flags, dtype=torch.float32, device=accelerator.device), reduction="max")
-    loss_nonfinite, norm_nonfinite = (flag > 0 for flag in flags.tolist())
+    local = [not all(math.isfinite(float(v)) for v in losses), not math.isfinite(float(grad_norm))]
+    local = torch.tensor(local, dtype=torch.float32, device=accelerator.device)
+    loss_nonfinite, norm_nonfinite = (flag > 0 for flag in accelerator.reduce(local, reduction="max").tolist())
     scaler = accelerator.scaler
     loss_scale = scaler.get_scale() if scaler is not None else None
     if not (loss_nonfinite or norm_nonfinite):
         return Update(applied=True, nonfinite=False, loss_scale=loss_scale)
     if scaler is not None:
-        scaler.update()  # no step: the scale halves (the scaler saw the inf when it unscaled) and the step is done
+        scaler.update()  # no step; the scale halves if unscaling found an inf, and the next step can unscale
     overflow = scaler is not None and not loss_nonfinite and loss_scale >= MIN_LOSS_SCALE
     return Update(applied=False, nonfinite=not overflow, loss_scale=loss_scale)
 

@@ -135,6 +135,7 @@ def fp16_run(kind, data, out, monkeypatch, overflow_at, *extra):  # noqa: F811
     return [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
 
 
+@pytest.mark.slow
 def test_fp16_dpo_skips_overflows_and_resumes_bit_exact_with_its_scale(data, tmp_path, monkeypatch):  # noqa: F811
     """Steps 1 and 2 overflow (micro-batches 1 and 3 of 2 per step): the scale halves twice, the run goes on and
     counts no non-finite step. Resumed from checkpoint-2, the run logs every number of the uninterrupted one — the
@@ -158,6 +159,7 @@ def test_fp16_dpo_skips_overflows_and_resumes_bit_exact_with_its_scale(data, tmp
     assert comparable(resumed) == comparable(out)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["sft", "pt"])
 def test_fp16_sft_and_pt_skip_an_overflow(kind, data, tmp_path, monkeypatch):  # noqa: F811
     records = fp16_run(kind, data, tmp_path / kind, monkeypatch, {2}, "--max_steps", "3")
@@ -167,6 +169,7 @@ def test_fp16_sft_and_pt_skip_an_overflow(kind, data, tmp_path, monkeypatch):  #
     assert all(r["loss"] == r["loss"] for r in records)
 
 
+@pytest.mark.slow
 def test_fp16_lora_on_a_float16_base_skips_an_overflow(data, tmp_path, monkeypatch):  # noqa: F811
     """The T4 user's LoRA run: a float16 base, the adapter trained in float32 (peft keeps it there), loss scaling."""
     records = fp16_run("dpo", data, tmp_path / "lora", monkeypatch, {1}, "--max_steps", "3", "--use_lora", "--dtype",
