@@ -176,17 +176,18 @@ def main(argv: list[str] | None = None) -> None:
                 # Every process's micro-batch enters the logged means (as one process with n× accumulation would).
                 train_means.add(*step.combine(training.gather_metrics(accelerator, metrics)))
             grad_norm = float(accelerator.clip_grad_norm_(policy.parameters(), training.clip_norm(cfg)))
-            # A NaN/inf would poison the weights for good: such an update is skipped (and counted).
-            if update_ok := training.updates_are_finite(accelerator, grad_norm, *step_losses):
+            # A NaN/inf update is skipped: one NaN poisons the weights for good (fp16 overflows: decide_update).
+            update = training.decide_update(accelerator, grad_norm, *step_losses)
+            if update.applied:
                 optimizer.step()
                 scheduler.step()
             optimizer.zero_grad(set_to_none=True)
 
             # ---- one optimizer step is done ----
-            state.finish_step(epoch, update_ok)
+            state.finish_step(epoch, update)
             step_number, last_step = state.step, state.step == total_steps
             progress.update(1)
-            if step_number % cfg.logging_steps == 0 or last_step or not update_ok:
+            if step_number % cfg.logging_steps == 0 or last_step or update.nonfinite:
                 learning_rate = scheduler.get_last_lr()[0]
                 record = train_record(train_means, state, grad_norm=grad_norm, learning_rate=learning_rate,
                                       epoch=step_number / steps_per_epoch)  # fmt: skip

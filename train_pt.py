@@ -146,8 +146,9 @@ def main(argv: list[str] | None = None) -> None:
                     accelerator.backward(nll_sum * scale)
                 step_nll += nll_sum.detach()
             grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), training.clip_norm(cfg)))
-            # A NaN/inf would poison the weights for good: such an update is skipped (and counted).
-            if update_ok := training.updates_are_finite(accelerator, step_nll, grad_norm):
+            # A NaN/inf update is skipped: one NaN poisons the weights for good (fp16 overflows: decide_update).
+            update = training.decide_update(accelerator, grad_norm, step_nll)
+            if update.applied:
                 optimizer.step()
                 scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -156,11 +157,11 @@ def main(argv: list[str] | None = None) -> None:
             state.num_tokens += step_tokens
             interval_tokens += step_tokens
             loss = float(accelerator.reduce(step_nll, "sum")) / num_targets
-            state.finish_step(epoch, update_ok)
+            state.finish_step(epoch, update)
             step, last_step = state.step, state.step == total_steps
             train_means.add({"loss": loss})
             progress.update(1)
-            if step % cfg.logging_steps == 0 or last_step or not update_ok:
+            if step % cfg.logging_steps == 0 or last_step or update.nonfinite:
                 tokens_per_s = interval_tokens / max(time.perf_counter() - interval_start, 1e-9)
                 record = train_record(
                     train_means, state, grad_norm=grad_norm, learning_rate=scheduler.get_last_lr()[0],

@@ -107,8 +107,8 @@ class TrainConfig:
     adam_beta2: float = opt(0.999, "AdamW beta2.")
     adam_epsilon: float = opt(1e-8, "AdamW epsilon.")
     max_grad_norm: float = opt(1.0, "Clip the global gradient norm to this (0 disables clipping; the norm is logged).")
-    bf16: bool = opt(False, "bfloat16 mixed precision (autocast).")
-    fp16: bool = opt(False, "float16 mixed precision with loss scaling.")
+    bf16: bool = opt(False, "bfloat16 mixed precision (autocast; Ampere or later GPUs, or CPU).")
+    fp16: bool = opt(False, "float16 mixed precision with loss scaling (GPU; for T4/V100, which lack bf16).")
     train_sampling_strategy: str = opt(
         "random", "Order of training rows: shuffled each epoch (seeded), or in file order.", ("random", "sequential")
     )
@@ -128,7 +128,9 @@ class TrainConfig:
     )
     overwrite_output_dir: bool = opt(False, "Start a new run in an OUTPUT_DIR that holds another run (deletes it).")
     max_nonfinite_steps: int = opt(
-        3, "Skip updates whose loss or grad norm is NaN/inf; after this many in a row, save and stop."
+        3,
+        "Skip updates whose loss or grad norm is NaN/inf; after this many in a row, save and stop. (--fp16: an "
+        "overflow the loss scaler skips, halving its scale, does not count.)",
     )
     report_to: list[str] = opt(
         ["jsonl"],

@@ -217,13 +217,15 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg, total_steps: int) -> t
 class RunState:
     """Where a run is. Saved in trainer_state.json with every checkpoint."""
 
-    step: int = 0  # optimizer steps done (including skipped non-finite ones)
+    step: int = 0  # optimizer steps done (including skipped ones)
     epoch: int = 0
     steps_in_epoch: int = 0  # optimizer steps done in the current epoch (the data position; independent of the
     # process count: with the same global batch, step k covers the same examples on 1 or n processes)
     num_tokens: int = 0
     nonfinite_in_a_row: int = 0
     nonfinite_total: int = 0
+    overflow_total: int = 0  # fp16 overflows the loss scaler skipped (not counted as non-finite)
+    loss_scale: float | None = None  # fp16: the loss scale of the last step (the scaler itself is in scaler.pt)
     pending_metrics: dict = dataclasses.field(default_factory=dict)  # the unfinished logging interval's values
     ref_cache_key: str | None = None
     world_size: int = 1
@@ -232,15 +234,19 @@ class RunState:
     best_metric: float | None = None
     best_checkpoint: str | None = None
 
-    def finish_step(self, epoch: int, update_ok: bool) -> None:
-        """Count an optimizer step of `epoch` (the data position) and whether its update was skipped (non-finite)."""
+    def finish_step(self, epoch: int, update) -> None:
+        """Count an optimizer step of `epoch` (the data position) and what became of its update (a training.Update):
+        applied, skipped as an fp16 overflow, or skipped as non-finite (which --max_nonfinite_steps counts)."""
         if epoch != self.epoch:
             self.epoch, self.steps_in_epoch = epoch, 0
-        if update_ok:
+        if update.applied:
             self.nonfinite_in_a_row = 0
-        else:
+        elif update.nonfinite:
             self.nonfinite_in_a_row += 1
             self.nonfinite_total += 1
+        else:
+            self.overflow_total += 1
+        self.loss_scale = update.loss_scale
         self.step += 1
         self.steps_in_epoch += 1
 
@@ -296,11 +302,48 @@ def gradient_sync(accelerator, model, last_micro_batch: bool):
         yield
 
 
-def updates_are_finite(accelerator, *values: float) -> bool:
-    """False on every process when any process saw a NaN/inf among `values` (its loss, the gradient norm): that
-    update is skipped, since one NaN in the weights poisons them for good. (accelerate's reduce knows sum/mean/max.)"""
-    nonfinite = torch.tensor(float(not all(math.isfinite(float(v)) for v in values)), device=accelerator.device)
-    return accelerator.reduce(nonfinite, reduction="max").item() == 0.0
+# An overflow at a loss scale below this is not one loss scaling can cure: the gradients overflow fp16 even scaled down.
+MIN_LOSS_SCALE = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Update:
+    """What becomes of one optimizer step's gradients (`decide_update`): applied, or skipped — as an fp16 overflow
+    (the loss scaler's business, not counted) or as a non-finite step (counted against --max_nonfinite_steps)."""
+
+    applied: bool
+    nonfinite: bool
+    loss_scale: float | None = None  # fp16 loss scaling: the scale this step's backward used (None: no scaler)
+
+    @property
+    def overflow(self) -> bool:
+        return not self.applied and not self.nonfinite
+
+
+def decide_update(accelerator, grad_norm: float, *losses: float) -> Update:
+    """Whether this step's update is applied, the same answer on every process (one process's NaN/inf is enough).
+    Called after clipping (which, under fp16, unscaled the gradients) and before `optimizer.step()`:
+
+    * loss and gradient norm finite: applied (under fp16 `optimizer.step()` is GradScaler's step and update);
+    * fp16 loss scaling, a finite loss but an inf/NaN gradient norm: the scaled gradients overflowed fp16. Normal
+      early in a run (the scale starts at 2^16 and halves until the gradients fit) and now and then after the
+      scaler grows its scale. Skipped as GradScaler skips it: its `update()` halves the scale. Not counted as
+      non-finite — unless the scale had already fallen below MIN_LOSS_SCALE;
+    * otherwise (a NaN/inf loss; an inf norm without a scaler): skipped and counted, since one NaN in the weights
+      poisons them for good. The scaler, if any, is updated all the same: it has unscaled these gradients, and
+      the next step's unscaling needs it to have moved on.
+    """
+    local = [not all(math.isfinite(float(v)) for v in losses), not math.isfinite(float(grad_norm))]
+    local = torch.tensor(local, dtype=torch.float32, device=accelerator.device)
+    loss_nonfinite, norm_nonfinite = (flag > 0 for flag in accelerator.reduce(local, reduction="max").tolist())
+    scaler = accelerator.scaler
+    loss_scale = scaler.get_scale() if scaler is not None else None
+    if not (loss_nonfinite or norm_nonfinite):
+        return Update(applied=True, nonfinite=False, loss_scale=loss_scale)
+    if scaler is not None:
+        scaler.update()  # no step; the scale halves if unscaling found an inf, and the next step can unscale
+    overflow = scaler is not None and not loss_nonfinite and loss_scale >= MIN_LOSS_SCALE
+    return Update(applied=False, nonfinite=not overflow, loss_scale=loss_scale)
 
 
 def clip_norm(cfg) -> float:

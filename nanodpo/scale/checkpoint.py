@@ -16,8 +16,9 @@ What a checkpoint holds, so `--resume_from_checkpoint latest` continues bit for 
     scaler.pt               fp16 loss-scaler state (with --fp16)
     rng_state_<rank>.pth    python / numpy / torch (/ cuda) random states of every process
     trainer_state.json      step, epoch, batches consumed in the epoch (the data position; for streamed data the
-                            same count is replayed), token count, the unfinished logging interval's metric values,
-                            the reference-log-prob cache key, world size, global batch and sharding
+                            same count is replayed), token count, skipped-step counts, the unfinished logging
+                            interval's metric values, the reference-log-prob cache key, world size, global batch and
+                            sharding
 Loading uses safetensors for weights and `torch.load(weights_only=True)` for the rest: nothing is unpickled — except
 under DeepSpeed, whose engine files (DIR/deepspeed/: the ZeRO partitions of weights, fp32 master weights and moments,
 one per process) DeepSpeed itself loads with pickle.

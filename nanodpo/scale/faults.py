@@ -5,6 +5,8 @@
   several processes, a stop seen by any process stops all of them at the same step.
 * `nonfinite`: a loss or gradient norm that is NaN/inf skips the update (no optimizer step, no scheduler step); after
   --max_nonfinite_steps in a row the loop saves and stops with a message naming the step and the likely causes.
+  Under --fp16 an inf gradient norm is first the loss scaler's business: it skips the update and halves its scale
+  (training.decide_update), and only an overflow it cannot cure counts.
 * `stop_early`: the check after every optimizer step that does both.
 """
 
@@ -61,7 +63,8 @@ class GracefulStop:
 
 
 def nonfinite_message(step: int, count: int, loss: float, grad_norm: float, cfg) -> str:
-    precision = "fp16 overflow (try --bf16), " if cfg.fp16 else ""
+    # Under fp16 a NaN loss, or gradients overflowing at a loss scale below 1, is fp16's range being exceeded.
+    precision = "values past fp16's range (on Ampere or later GPUs --bf16 has fp32's range), " if cfg.fp16 else ""
     return (
         f"step {step}: {count} optimizer steps in a row had a non-finite loss or gradient norm (last: loss {loss}, "
         f"grad_norm {grad_norm}); stopping after saving a checkpoint. Likely causes: a learning rate too high "
