@@ -143,17 +143,24 @@ def trl_row(row, task: str) -> dict:
 def convert(data: dict, where: str, info: DatasetInfo, task: str) -> dict:
     """One LLaMA-Factory row -> TRL's row for `task` (see the module docstring). `where` ("file, row N") starts
     every error, with the row's own column names."""
-    if info.ranking and task == "sft":
-        raise UserError(f"{where}: a preference pair ({info.name}): train it with train_dpo.py")
-    if task == "pair" and not info.ranking and info.kto_tag and info.kto_tag in data:
-        raise UserError(
-            f"{where}: a KTO row (a '{info.kto_tag}' label, no 'chosen'/'rejected'); train it with --loss_type kto"
-        )
+    registered = info.source is not None  # an entry of --dataset_info, not recognised from the row's columns
+    entry = f"dataset '{info.name}' in dataset_info.json"
+    if task == "sft" and info.ranking:
+        raise UserError(f"{where}: a preference pair ('{info.chosen}', '{info.rejected}'); train it with train_dpo.py")
+    if task == "pair" and not info.ranking:
+        if registered:
+            raise UserError(f"{where}: {entry} is not a preference dataset (its entry has no \"ranking\": true)")
+        if info.kto_tag in data:
+            raise UserError(
+                f"{where}: a KTO row (a '{info.kto_tag}' label, no 'chosen'/'rejected'); train it with --loss_type kto"
+            )
     if task == "unpaired" and info.ranking:
         raise UserError(
             f"{where}: a preference pair ('{info.chosen}', '{info.rejected}'), but --loss_type kto reads unpaired "
             "rows; add --unpair_preference_data to use each pair as one desirable and one undesirable row"
         )
+    if task == "unpaired" and info.kto_tag is None:
+        raise UserError(f"{where}: {entry} has no KTO label: its \"columns\" name no \"kto_tag\"")
     if info.formatting == "sharegpt":
         trl = sharegpt_row(data, where, info, task)
     else:

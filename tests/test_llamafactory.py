@@ -578,6 +578,28 @@ def test_bad_dataset_info_entries(tmp_path, case):
     assert str(err.value).startswith(f"{info}, dataset 'x'") and needle in str(err.value), str(err.value)
 
 
+@pytest.mark.parametrize(
+    "entry, loader, needle",
+    [
+        ({"file_name": "a.json"}, load_sft_data, None),  # alpaca SFT rows: fine
+        ({"file_name": "a.json"}, load_preference_data, "dataset 'a' in dataset_info.json is not a preference dataset"),
+        ({"file_name": "a.json"}, load_unpaired_data, "dataset 'a' in dataset_info.json has no KTO label"),
+        ({"file_name": "a.json", "ranking": True}, load_sft_data, "a preference pair ('chosen', 'rejected'); train it"),
+    ],
+    ids=["sft", "dpo", "kto", "pairs for sft"],
+)
+def test_registered_dataset_for_the_wrong_script(tmp_path, entry, loader, needle):
+    write_json(tmp_path / "a.json", [{"instruction": "Hi", "output": "Hello!", "chosen": "a", "rejected": "b"}] * 2)
+    info = str(write_json(tmp_path / "dataset_info.json", {"a": entry}))
+    cfg = (SFTConfig if loader is load_sft_data else DPOConfig)(dataset=["a"], dataset_info=info)
+    if needle is None:
+        assert len(loader(cfg, TOK)) == 2
+        return
+    with pytest.raises(UserError) as err:
+        loader(cfg, TOK)
+    assert str(err.value).startswith(f"{tmp_path / 'a.json'}, row 1") and needle in str(err.value), str(err.value)
+
+
 def test_dataset_info_names_and_files(tmp_path):
     info = write_json(tmp_path / "dataset_info.json", {"a": {"file_name": "a.json"}, "b": {"file_name": "nope.json"}})
     with pytest.raises(UserError, match=r"--dataset c: no such dataset in .*dataset_info.json \(it has: a, b\)"):
