@@ -47,7 +47,6 @@ ROLES = {
     "system": "system", "user": "user", "assistant": "assistant",
     "human": "user", "gpt": "assistant", "tool": "tool", "observation": "tool", "function_call": "function_call",
 }  # fmt: skip
-ANSWER_ROLES = ("assistant", "function_call")  # what a completion may be: an answer or a function call
 
 
 @dataclass(frozen=True)
