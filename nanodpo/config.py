@@ -30,6 +30,13 @@ def opt(default: Any, help: str, choices: tuple | None = None):
     return field(default=default, metadata={"help": help, "choices": choices})
 
 
+DATASET_INFO_HELP = (
+    "A LLaMA-Factory dataset_info.json: --dataset and --eval_dataset are then names of its entries (comma-separated "
+    "or several), read as LLaMA-Factory reads them: the file (file_name, next to the json) or hf_hub_url, split, "
+    "subset, formatting (alpaca/sharegpt), ranking, columns and tags."
+)
+
+
 @dataclass
 class TrainConfig:
     """Options shared by train_pt.py, train_sft.py and train_dpo.py."""
@@ -148,6 +155,7 @@ class DPOConfig(TrainConfig):
 
     output_dir: str = opt("out/dpo", "Where checkpoints, the final model, config.yaml and metrics.jsonl go.")
     learning_rate: float = opt(1e-6, "Peak learning rate (TRL's DPO default).")
+    dataset_info: str | None = opt(None, DATASET_INFO_HELP)
     beta: float = opt(
         0.1, "β: strength of the KL penalty toward the reference (the temperature of the implicit reward)."
     )
@@ -217,6 +225,7 @@ class SFTConfig(TrainConfig):
 
     output_dir: str = opt("out/sft", "Where checkpoints, the final model, config.yaml and metrics.jsonl go.")
     learning_rate: float = opt(2e-5, "Peak learning rate (TRL's SFT default).")
+    dataset_info: str | None = opt(None, DATASET_INFO_HELP)
     train_on_prompt: bool = opt(False, "Train on every token, not only the assistant turns / completion.")
     packing: bool = opt(False, "Pack several examples into each row of --max_length tokens (documents stay isolated).")
     packing_strategy: str = opt("bfd", "bfd: best-fit decreasing, isolated documents; wrapped: concatenate-and-chunk "
