@@ -19,13 +19,8 @@ from dataclasses import dataclass
 from functools import partial
 
 from nanodpo.dpo import concatenated_forward, concatenated_inputs, dpo_batch_loss, sequence_logps
-from nanodpo.dpo_data import (
-    PreferenceCollator,
-    UnpairedCollator,
-    load_preference_data,
-    load_unpaired_data,
-    with_chosen_prompt_scored,
-)
+from nanodpo.dpo_batch import PreferenceCollator, UnpairedCollator, with_chosen_prompt_scored
+from nanodpo.dpo_data import load_preference_data, load_unpaired_data
 from nanodpo.errors import say_once
 from nanodpo.fast.dpo_packing import make_token_budget_loader, packed_collator, packed_inputs, resolve_layout
 from nanodpo.losses.family import reference_free_loss
