@@ -69,7 +69,8 @@ def build_model(cfg, tokenizer, device):
     values.update(overrides, vocab_size=len(tokenizer), use_cache=False)
     values.update(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
     config = type(config).from_dict(values)
-    # In --dtype ('auto': the dtype the config names; transformers would otherwise take the config's in any case).
+    # In --dtype: transformers would otherwise build it in the dtype the config names (Qwen2.5's: bfloat16) whatever
+    # --dtype says; 'auto' keeps that one.
     dtype = {} if cfg.dtype == "auto" else {"dtype": DTYPES[cfg.dtype]}
     model = AutoModelForCausalLM.from_config(config, attn_implementation=cfg.attn_implementation, **dtype)
     if cfg.gradient_checkpointing:

@@ -5,7 +5,7 @@
    check_master_weights) on one process and DDP, and allowed where FSDP2 or DeepSpeed keep fp32 master weights, and
    for LoRA (fp32 adapters on any base). The fix — fp32 weights with bf16 autocast (--bf16) — is proven to train:
    10 AdamW steps at DPO's learning rate 5e-7 move the weights as fp32 training does (measured: every weight with a
-   gradient moves, the update within 1.9% of fp32's), while the same steps on bf16 weights move 1.2% of them.
+   gradient moves, the update within 1.9% of fp32's), while AdamW on the same weights in bf16 moves 1.2% of them.
    Every shipped training config passes, launched as its own comments and README.md say.
 2. accelerate's own mixed precision (`accelerate launch --mixed_precision`, `accelerate config`) is honoured, and a
    contradiction with --bf16/--fp16 refused.
@@ -18,6 +18,7 @@
 import json
 import re
 import shlex
+import subprocess
 import sys
 import types
 from pathlib import Path
@@ -74,8 +75,8 @@ def test_bf16_autocast_moves_the_weights_as_fp32_training_does(workdir, tmp_path
     """train_pt.py, 10 AdamW steps at lr 5e-7 (the full-fine-tuning configs' rate) from the same weights on the same
     batches: --bf16 (fp32 weights, the forward autocast to bf16 on CPU) against fp32. Both move every weight that has
     a gradient, by the same amounts within 5% (measured 1.9%); the update is not bit-identical (autocast really ran).
-    The refused setup — the same steps on bf16 weights (plain torch: the scripts refuse it) — moves under 5% of them
-    (measured 1.2%)."""
+    The refused setup — 10 AdamW steps at the same rate on the same weights in bf16 (plain torch: the scripts refuse
+    it) — moves under 5% of them (measured 1.2%)."""
 
     def run(name, *extra):
         AcceleratorState._reset_state(reset_partial_state=True)  # each run builds its own Accelerator
@@ -116,8 +117,8 @@ def test_bf16_autocast_moves_the_weights_as_fp32_training_does(workdir, tmp_path
     assert moved_bf16 < 0.05
 
 
-def options(*argv: str, cls=DPOConfig):
-    return parse_config(cls, ["--model", "m", "--dataset", "d.jsonl", *argv])
+def options(*argv: str):
+    return parse_config(DPOConfig, ["--model", "m", "--dataset", "d.jsonl", *argv])
 
 
 def test_half_precision_weights_without_an_fp32_copy_are_refused():
@@ -193,6 +194,79 @@ def test_from_scratch_weights_follow_dtype(workdir, tmp_path):
         cfg = parse_config(PTConfig, ["--model", str(model_dir), "--from_scratch", "--dtype", dtype])
         model = train_pt.build_model(cfg, tokenizer, torch.device("cpu"))
         assert {p.dtype for p in model.parameters()} == {expected}, dtype
+
+
+# One process (gloo) under FSDP2 or DeepSpeed, as tests/test_distributed.py's and test_deepspeed.py's shims run them on
+# CPU: a bf16 model prepared with --bf16, one step; what the optimizer steps and what the forward computes in.
+MASTER_WEIGHTS = """
+import importlib, json, sys
+import torch
+from accelerate.state import PartialState
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+from nanodpo import training
+from nanodpo.config import DPOConfig, parse_config
+from tests import tiny
+
+mode = sys.argv[1]
+if mode == "deepspeed":
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None  # plain gloo collectives
+else:
+    torch.distributed.init_process_group("gloo")
+cfg = parse_config(DPOConfig, ["--model", "m", "--dataset", "d", "--dtype", "bfloat16", "--bf16",
+                               "--per_device_train_batch_size", "1"])
+accelerator = training.make_accelerator(cfg)
+if mode == "fsdp2":  # accelerate builds FSDP on GPUs only: turned on as on a GPU, with its mixed precision
+    accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin()
+    accelerator.state.fsdp_plugin.set_mixed_precision("bf16")
+    accelerator.state.distributed_type = DistributedType.FSDP
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+model = tiny.make_model(tiny.make_tokenizer()).to(torch.bfloat16)
+seen = {}
+def record(module, inputs, output):
+    seen["compute"] = str(output.dtype)
+model.model.layers[0].mlp.down_proj.register_forward_hook(record)
+model, optimizer = accelerator.prepare(model, torch.optim.AdamW(model.parameters(), lr=1e-3))
+ids = torch.tensor([[5, 6, 7, 8, 9]])
+accelerator.backward(model(input_ids=ids, labels=ids).loss)
+optimizer.step()
+stepper = optimizer
+while hasattr(stepper, "optimizer"):  # accelerate's wrapper, DeepSpeed's ZeRO optimizer, torch's AdamW
+    stepper = stepper.optimizer
+stepped = {p for group in stepper.param_groups for p in group["params"]}
+print(json.dumps(dict(compute=seen["compute"], stepped=sorted({str(p.dtype) for p in stepped}),
+                      moments=sorted({str(s["exp_avg"].dtype) for s in stepper.state.values()}),
+                      model=sorted({str(p.dtype) for p in model.parameters()}))))
+"""
+
+
+@pytest.mark.slow
+def test_fsdp2_and_deepspeed_step_fp32_master_weights(tmp_path):
+    """Why bf16 weights are allowed under FSDP2 and DeepSpeed with --bf16: one CPU process (gloo) of each, a bf16 model
+    prepared by accelerate, one AdamW step. The forward computes in bf16, but AdamW steps fp32 tensors with fp32
+    moments: FSDP2's shards, upcast to fp32 by accelerate (the model's own weights are then fp32), and DeepSpeed's fp32
+    partitions (the engine's model stays bf16, copied from them)."""
+    from tests.test_deepspeed import deepspeed_env
+    from tests.test_distributed import base_env, free_port
+
+    script = tmp_path / "master_weights.py"
+    script.write_text(MASTER_WEIGHTS)
+    process = dict(MASTER_ADDR="127.0.0.1", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+    envs = {"fsdp2": dict(ACCELERATE_USE_FSDP="true", FSDP_VERSION="2", ACCELERATE_USE_CPU="1"),
+            "deepspeed": deepspeed_env("zero2.yaml")}  # fmt: skip
+    runs = {}
+    for mode, env in envs.items():  # both at once
+        env = base_env(**process, **env, MASTER_PORT=str(free_port()))
+        runs[mode] = subprocess.Popen([sys.executable, str(script), mode], text=True, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, env=env)  # fmt: skip
+    facts = {}
+    for mode, run in runs.items():
+        output = run.communicate(timeout=240)[0]
+        assert run.returncode == 0, output[-3000:]
+        facts[mode] = json.loads(output.strip().splitlines()[-1])
+    for mode, fact in facts.items():
+        assert fact["compute"] == "torch.bfloat16", (mode, fact)
+        assert fact["stepped"] == fact["moments"] == ["torch.float32"], (mode, fact)
+    assert facts["fsdp2"]["model"] == ["torch.float32"] and facts["deepspeed"]["model"] == ["torch.bfloat16"]
 
 
 def launch_commands() -> list[tuple[list[str], str, str]]:
