@@ -71,9 +71,14 @@ def check_precision_options(cfg, env) -> None:
     take_launcher_precision(cfg, env)
     check_master_weights(cfg, env)
     if cfg.fp16 and not torch.cuda.is_available():
-        raise UserError("--fp16 needs a CUDA GPU (loss scaling has no CPU kernel); use --bf16 or no mixed precision")
-    if cfg.bf16 and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
-        raise UserError("--bf16 is not supported by this GPU; use --fp16")
+        # accelerate would not refuse: on a CPU it silently drops fp16 (no autocast, no loss scaling) and trains fp32.
+        raise UserError("--fp16 needs a CUDA GPU (accelerate runs fp16 on GPUs only); use --bf16 or no mixed precision")
+    # Without including_emulation=False, torch says yes on a T4 or V100: it can store bf16 tensors, not compute fast.
+    if cfg.bf16 and torch.cuda.is_available() and not torch.cuda.is_bf16_supported(including_emulation=False):
+        raise UserError(
+            f"--bf16: this GPU ({torch.cuda.get_device_name()}) has no bfloat16 compute (bf16 needs an Ampere or "
+            "later GPU: A100, RTX 30xx, H100 ...); on a T4 or V100 use --fp16 (float16 with loss scaling)"
+        )
 
 
 def take_launcher_precision(cfg, env) -> None:
@@ -125,16 +130,19 @@ def check_master_weights(cfg, env) -> None:
     if cfg.dtype == "auto":
         weights += " (the checkpoint's dtype, bfloat16 for most hub models)"
     lost = "nothing keeps fp32 master weights, and an optimizer stepping half-precision weights loses small updates"
+    if cfg.fp16:
+        lost += " (and loss scaling cannot unscale float16 gradients)"
     if deepspeed or fsdp:
         setup = "DeepSpeed" if deepspeed else "FSDP2"
         raise UserError(
-            f"full fine-tuning of {weights} weights under {setup} without --bf16/--fp16: {lost}; add --bf16 ({setup} "
-            "then keeps an fp32 copy)"
+            f"full fine-tuning of {weights} weights under {setup} without --bf16/--fp16: {lost}; add --bf16 or --fp16 "
+            f"({setup} then keeps an fp32 copy)"
         )
+    flag = "--fp16" if cfg.fp16 else "--bf16"
     raise UserError(
-        f"full fine-tuning of {weights} weights on one process or DDP: {lost}; use --dtype float32 with --bf16 "
-        "(fp32 weights, bf16 compute), shard with FSDP2 or DeepSpeed and --bf16 (both keep an fp32 copy), or train a "
-        "LoRA adapter (--use_lora)"
+        f"full fine-tuning of {weights} weights on one process or DDP: {lost}; use --dtype float32 with {flag} "
+        f"(fp32 weights, {flag[2:]} compute), shard with FSDP2 or DeepSpeed and {flag} (both keep an fp32 copy), or "
+        "train a LoRA adapter (--use_lora)"
     )
 
 
