@@ -32,7 +32,7 @@ from nanodpo import training
 from nanodpo.config import PTConfig, config_to_dict, parse_config
 from nanodpo.demo.stages import main_or_demo
 from nanodpo.errors import UserError, exit_on_user_error
-from nanodpo.model import check_model_options, is_main_process, load_model_config, load_policy, load_tokenizer
+from nanodpo.model import DTYPES, check_model_options, is_main_process, load_model_config, load_policy, load_tokenizer
 from nanodpo.packing import check_row_length
 from nanodpo.pt_data import load_packed_rows, stream_steps
 from nanodpo.scale.checkpoint import (
@@ -67,7 +67,10 @@ def build_model(cfg, tokenizer, device):
     values.update(overrides, vocab_size=len(tokenizer), use_cache=False)
     values.update(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
     config = type(config).from_dict(values)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation=cfg.attn_implementation)
+    # In --dtype: transformers would otherwise build it in the dtype the config names (Qwen2.5's: bfloat16) whatever
+    # --dtype says; 'auto' keeps that one.
+    dtype = {} if cfg.dtype == "auto" else {"dtype": DTYPES[cfg.dtype]}
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=cfg.attn_implementation, **dtype)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if is_main_process():

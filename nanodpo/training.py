@@ -25,6 +25,7 @@ from nanodpo.fast.chunked_head import chunked_token_logps
 from nanodpo.logps import ModelInputs
 from nanodpo.model import decay_parameter_groups, is_main_process
 from nanodpo.packing import collate_packed
+from nanodpo.tracking import check_trackers
 
 
 def choose_token_logps(cfg):
@@ -38,14 +39,19 @@ def make_accelerator(cfg) -> Accelerator:
 
     It knows --gradient_accumulation_steps: `accelerator.backward(loss)` divides the loss by it (DeepSpeed: its engine
     does), so an optimizer step's gradient is the mean of its micro-batch gradients; `gradient_sync` below skips the
-    all-reduce on every micro-batch but the last.
+    all-reduce on every micro-batch but the last. Its mixed precision is --bf16 / --fp16, or where the training
+    config sets neither, accelerate's own (`accelerate launch --mixed_precision`, the accelerate config: see
+    nanodpo.model.take_launcher_precision). The trackers of --report_to are checked here too, before anything heavy
+    runs.
     """
-    mixed_precision = "bf16" if cfg.bf16 else "fp16" if cfg.fp16 else "no"
+    mixed_precision = "bf16" if cfg.bf16 else "fp16" if cfg.fp16 else None  # None: accelerate's own setting
     accelerator = Accelerator(
         gradient_accumulation_steps=cfg.gradient_accumulation_steps, mixed_precision=mixed_precision
     )
     if accelerator.state.deepspeed_plugin is not None:
         fit_deepspeed_config(accelerator, cfg)
+    if accelerator.is_main_process:  # the only process that opens them
+        check_trackers(cfg, os.environ)
     cores = os.cpu_count() or 1
     if accelerator.device.type == "cpu" and accelerator.num_processes == 1 and torch.get_num_threads() == 1 < cores:
         # `accelerate launch` without --cpu sets OMP_NUM_THREADS=1 on a machine with no GPU: a 2-4x slower run.
