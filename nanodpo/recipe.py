@@ -5,13 +5,16 @@ or path it runs.
 
     choice                 the demo's (readable) path                     the alternatives
     ---------------------  ---------------------------------------------  ---------------------------------------------
-    data                   preference pairs (dpo_data.py)                 kto: unpaired rows in the pairs' shape
+    data                   preference pairs, DPOTrainer's tokenization    simpo/cpo/orpo: CPOTrainer's tokenization;
+                           (dpo_data.py)                                  kto: unpaired rows with their mismatched
+                                                                          completions, in the pairs' shape
     --batch_layout         padded: dpo.concatenated_inputs                padding_free | prefix_shared: fast/dpo_packing
     --logps                readable: logps.token_logps                    chunked: fast/chunked_head.chunked_token_logps
     reference              a frozen copy, or the LoRA adapter off:        --precompute_ref_logps: read from the batch;
                            reference.reference_from_model                 reference-free losses: none
     --loss_type            sigmoid: dpo.dpo_batch_loss                    losses/: pair.py, family.py, kto.py
-    metrics                losses/metrics.py                              kto: losses/kto.py
+    metrics                losses/metrics.py                              kto: losses/kto.py; simpo/cpo/orpo:
+                                                                          `logits/*` named `completion_logits/*`
 """
 
 from collections.abc import Callable
@@ -20,7 +23,7 @@ from functools import partial
 
 from nanodpo.dpo import concatenated_forward, concatenated_inputs, dpo_batch_loss, sequence_logps
 from nanodpo.dpo_batch import PreferenceCollator, UnpairedCollator, with_chosen_prompt_scored
-from nanodpo.dpo_data import load_preference_data, load_unpaired_data
+from nanodpo.dpo_data import build_cpo_examples, load_preference_data, load_unpaired_data
 from nanodpo.errors import say_once
 from nanodpo.fast.dpo_packing import make_token_budget_loader, packed_collator, packed_inputs, resolve_layout
 from nanodpo.losses.family import reference_free_loss
@@ -32,7 +35,7 @@ from nanodpo.losses.kto import (
     kto_row_stats,
     kto_stats_metrics,
 )
-from nanodpo.losses.metrics import dpo_metrics, dpo_pair_stats, pair_stats_metrics
+from nanodpo.losses.metrics import dpo_metrics, dpo_pair_stats, named_completion_logits, pair_stats_metrics
 from nanodpo.losses.modifiers import completion_logps
 from nanodpo.losses.options import REFERENCE_FREE_LOSS_TYPES, family_loss_type, needs_reference
 from nanodpo.losses.pair import weighted_pair_loss
@@ -53,7 +56,8 @@ class PreferenceData:
 
 
 def choose_data(cfg, pad_token_id: int) -> PreferenceData:
-    """Pairs (or kto's unpaired rows), collated padded or packed (`--batch_layout`)."""
+    """Pairs (or kto's unpaired rows), tokenized as the loss's TRL trainer does, collated padded or packed
+    (`--batch_layout`)."""
     layout = resolve_layout(cfg)
     if layout == "padded":
         collator = PreferenceCollator(pad_token_id, max_length=cfg.max_length, truncation_mode=cfg.truncation_mode)
@@ -61,9 +65,13 @@ def choose_data(cfg, pad_token_id: int) -> PreferenceData:
         collator = packed_collator(cfg, pad_token_id, layout)
     # --max_tokens_per_batch: micro-batches filled to a token budget rather than a pair count
     train_loader = make_token_budget_loader if cfg.max_tokens_per_batch else make_train_loader
-    if family_loss_type(cfg) == "kto":
+    loss_type = family_loss_type(cfg)
+    if loss_type == "kto":
         return PreferenceData(load_unpaired_data, UnpairedCollator(collator), "rows", count_row_tokens, train_loader)
-    return PreferenceData(load_preference_data, collator, "pairs", count_tokens, train_loader)
+    load = load_preference_data
+    if loss_type in REFERENCE_FREE_LOSS_TYPES:  # TRL's CPOTrainer and ORPOTrainer tokenize their own way
+        load = partial(load_preference_data, build=build_cpo_examples)
+    return PreferenceData(load, collator, "pairs", count_tokens, train_loader)
 
 
 def count_tokens(batch: dict):
@@ -118,6 +126,9 @@ def choose_step(cfg, ref_model, accelerator) -> DPOStep:
     if loss_type == "kto":
         forward, metrics, combine = kto_forward, kto_metrics, combine_kto_metrics
         eval_stats, eval_metrics = kto_row_stats, kto_stats_metrics
+    if loss_type in REFERENCE_FREE_LOSS_TYPES:  # TRL's CPO/ORPO trainers mean another thing by `logits/*`
+        metrics = partial(named_completion_logits, metrics=metrics)
+        eval_metrics = partial(named_completion_logits, metrics=eval_metrics)
     policy_logps = partial(token_logps, with_sum_sq=cfg.use_weighting)
     loss = choose_loss(cfg, accelerator)
     forward = partial(forward, model_inputs=model_inputs, token_logps=policy_logps, reference=reference, loss=loss)

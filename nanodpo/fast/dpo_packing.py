@@ -254,7 +254,7 @@ def packed_collator(cfg, pad_token_id: int, layout: str) -> PackedPreferenceColl
 def pair_tokens(example: dict, max_length: int | None, truncation_mode: str, prefix_sharing: bool) -> int:
     """Tokens a pair occupies in the packed layout (both truncated sequences, the shared prefix once)."""
     chosen = example["prompt_ids"] + example["chosen_ids"]
-    rejected = example["prompt_ids"] + example["rejected_ids"]
+    rejected = example.get("rejected_prompt_ids", example["prompt_ids"]) + example["rejected_ids"]
     if max_length is not None:
         cut = slice(None, max_length) if truncation_mode == "keep_start" else slice(-max_length, None)
         chosen, rejected = chosen[cut], rejected[cut]
