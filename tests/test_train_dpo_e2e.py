@@ -1,7 +1,8 @@
 """End to end: train_dpo.py against TRL 1.16's DPOTrainer on the same tiny model, data, seed and hyperparameters.
 
 Both run fp32, gradient accumulation 2, constant LR, no dropout, sequential data order (each optimizer step covers
-the same 8 pairs in both), and log every step; the AdamW curve also with a tokenizer that adds a BOS token. Tolerances (see the foundation issue):
+the same 8 pairs in both), and log every step; the AdamW curve also with a tokenizer that adds a BOS token.
+Tolerances (see the foundation issue):
   * step 1 (same weights, one forward/backward): loss, metrics and grad norm within 1e-5 relative;
   * AdamW curves within 3e-3 relative over 10 steps (Adam's first updates amplify fp32 rounding);
   * SGD curves within 1e-4.
