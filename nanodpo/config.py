@@ -216,6 +216,12 @@ class SFTConfig(TrainConfig):
     output_dir: str = opt("out/sft", "Where checkpoints, the final model, config.yaml and metrics.jsonl go.")
     learning_rate: float = opt(2e-5, "Peak learning rate (TRL's SFT default).")
     train_on_prompt: bool = opt(False, "Train on every token, not only the assistant turns / completion.")
+    eos_token: str | None = opt(
+        None,
+        "The EOS token: appended to text rows and string completions, and saved as the model's EOS (TRL's "
+        "eos_token). Default: the tokenizer's, except that after training on conversations the chat template's "
+        "end-of-turn token (<|im_end|>) is saved as EOS, so generation stops at the end of a turn.",
+    )
     packing: bool = opt(False, "Pack several examples into each row of --max_length tokens (documents stay isolated).")
     packing_strategy: str = opt("bfd", "bfd: best-fit decreasing, isolated documents; wrapped: concatenate-and-chunk "
                                 "(attention crosses documents; for teaching).", ("bfd", "wrapped"))

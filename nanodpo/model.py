@@ -147,6 +147,16 @@ def load_tokenizer(cfg):
     return tokenizer
 
 
+def set_eos_token_id(model: nn.Module, token_id: int) -> None:
+    """Make `token_id` the model's EOS: config.json's, and the first of generation_config's (the others stay: any of
+    them stops generation). What TRL's SFTTrainer does with its eos_token."""
+    model = model.get_base_model() if is_peft_model(model) else model
+    model.config.get_text_config().eos_token_id = token_id
+    ids = model.generation_config.eos_token_id
+    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+    model.generation_config.eos_token_id = [token_id, *[i for i in ids if i != token_id]]
+
+
 def load_model_config(cfg, vocab_size: int):
     """The architecture of --model (a preset, a hub id / folder's config.json, or a GGUF file's metadata), for a model
     built from scratch."""

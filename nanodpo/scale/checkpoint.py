@@ -51,7 +51,7 @@ from safetensors.torch import load_file
 
 from nanodpo.config import config_to_dict, save_config
 from nanodpo.errors import UserError
-from nanodpo.model import is_dtensor, is_main_process
+from nanodpo.model import is_dtensor, is_main_process, is_peft_model
 from nanodpo.scale.faults import EXIT_INTERRUPTED, EXIT_NONFINITE, nonfinite_message
 
 TRAINER_STATE = "trainer_state.json"
@@ -60,7 +60,7 @@ MUST_MATCH = (
     "model", "use_lora", "lora_r", "lora_alpha", "lora_target_modules", "load_in_4bit", "from_scratch",
     "hidden_size", "num_hidden_layers", "dataset", "dataset_split", "max_samples", "max_length", "seed",
     "train_sampling_strategy", "packing", "packing_strategy", "loss_type", "beta", "simpo_gamma", "cpo_alpha",
-    "desirable_weight", "undesirable_weight", "unpair_preference_data",
+    "desirable_weight", "undesirable_weight", "unpair_preference_data", "eos_token",
 )  # fmt: skip
 
 
@@ -122,6 +122,8 @@ def _write_model_files(accelerator, model, tokenizer, cfg, directory: Path) -> N
         if tied in state_dict and source in state_dict:
             del state_dict[tied]
     unwrapped.save_pretrained(directory, state_dict=state_dict, safe_serialization=True)
+    if is_peft_model(unwrapped):  # an adapter folder: keep the base's generation_config (its EOS) next to it
+        unwrapped.get_base_model().generation_config.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     save_config(cfg, directory / "config.yaml")
 
