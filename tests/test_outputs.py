@@ -5,10 +5,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from huggingface_hub import ModelCard
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 import train_sft
+from nanodpo.config import DPOConfig, PTConfig, parse_config
 from nanodpo.errors import UserError
+from nanodpo.scale.model_card import model_card
+from nanodpo.tracking import read_metrics
 from tests import tiny
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
@@ -57,7 +61,7 @@ def test_sft_of_a_base_model_saves_the_end_of_turn_token_as_eos(base, tmp_path, 
 
     monkeypatch.setattr(errors, "_said_once", set())  # the notice is printed once per process
     out = tmp_path / "sft"
-    sft(base, out)
+    sft(base, out, "--save_steps", "20")
     assert "ends a turn with <|im_end|>, the tokenizer's EOS is <|endoftext|>" in capsys.readouterr().out
     tokenizer = AutoTokenizer.from_pretrained(out)
     im_end, endoftext = tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
@@ -70,12 +74,24 @@ def test_sft_of_a_base_model_saves_the_end_of_turn_token_as_eos(base, tmp_path, 
     # The base's generation settings alone (EOS <|endoftext|>) would not have stopped there.
     assert len(greedy(model, tokenizer, eos_token_id=endoftext)) > len(generated)
 
+    # The model card, in the output folder and in the checkpoint: what the hub reads, and the last logged metrics.
+    records = read_metrics(out / "metrics.jsonl")
+    for folder, step in [(out, 30), (out / "checkpoint-20", 20)]:
+        card = ModelCard.load(folder / "README.md")
+        assert card.data.library_name == "transformers" and card.data.tags == ["nanodpo", "sft"]
+        assert card.data.base_model is None  # a local folder: nothing the hub could link to
+        record = next(r for r in records if r["step"] == step)
+        assert f"Training, at step {step}" in card.text and f"| loss | {record['loss']:.4g} |" in card.text
+    assert "# sft/checkpoint-20" in (out / "checkpoint-20" / "README.md").read_text()
+
 
 def test_lora_sft_keeps_the_eos_with_the_adapter_and_the_merge(base, tmp_path):
     from nanodpo.tools.merge import merge_adapter
 
     out = tmp_path / "lora"
     sft(base, out, "--use_lora", "--lora_r", "4", "--max_steps", "2")
+    card = ModelCard.load(out / "README.md").data
+    assert card.library_name == "peft" and card.tags == ["nanodpo", "sft", "lora"]  # not peft's own card
     im_end = AutoTokenizer.from_pretrained(out).convert_tokens_to_ids("<|im_end|>")
     assert AutoTokenizer.from_pretrained(out).eos_token == "<|im_end|>"
     assert GenerationConfig.from_pretrained(out).eos_token_id[0] == im_end
@@ -105,3 +121,32 @@ def test_text_sft_keeps_the_eos_and_eos_token_chooses_one(base, tmp_path):
     assert AutoModelForCausalLM.from_pretrained(out).generation_config.eos_token_id[0] == tokenizer.eos_token_id
     with pytest.raises(UserError, match="--eos_token '<eot>': not a token of this tokenizer"):
         sft(base, tmp_path / "bad", "--eos_token", "<eot>")
+
+
+def test_model_card_names_hub_models_and_data_and_the_method(base, tmp_path):
+    out = tmp_path / "dpo"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 5, "loss": 0.61, "rewards/accuracies": 0.75}\n'
+                                       '{"step": 5, "eval_loss": 0.65, "eval_rewards/margins": 0.125}\n')  # fmt: skip
+    cfg = parse_config(DPOConfig, ["--model", "Qwen/Qwen2.5-0.5B-Instruct", "--dataset",
+                                   "trl-lib/ultrafeedback_binarized", str(base / "chats.jsonl"), "--output_dir",
+                                   str(out), "--beta", "0.2", "--use_lora"])  # fmt: skip
+    card_file = tmp_path / "README.md"
+    card_file.write_text(model_card(cfg, "dpo", adapter=True, processes=2))
+    card = ModelCard.load(card_file)
+    assert card.data.to_dict() == {
+        "library_name": "peft", "base_model": "Qwen/Qwen2.5-0.5B-Instruct", "tags": ["nanodpo", "dpo", "lora"],
+        "datasets": ["trl-lib/ultrafeedback_binarized"], "pipeline_tag": "text-generation",
+    }  # fmt: skip
+    for line in ["| beta | 0.2 |", "| loss_type | sigmoid |", "| lora_r | 16 |", "| processes (global batch) | 2 (8) |",
+                 "| rewards/accuracies | 0.75 |", "Evaluation, at step 5", "| eval_rewards/margins | 0.125 |",
+                 str(base / "chats.jsonl"), "Direct Preference Optimization", "AutoPeftModelForCausalLM"]:  # fmt: skip
+        assert line in card.text, line
+    # A local base model with a card of its own passes its license on; a model from scratch has no base model.
+    (tmp_path / "local").mkdir()
+    (tmp_path / "local" / "README.md").write_text("---\nlicense: apache-2.0\n---\n# a base model\n")
+    cfg = parse_config(DPOConfig, ["--model", str(tmp_path / "local"), "--output_dir", str(out)])
+    assert ModelCard(model_card(cfg, "dpo", adapter=False)).data.license == "apache-2.0"
+    cfg = parse_config(PTConfig, ["--model", "nanodpo-tiny", "--from_scratch", "--output_dir", str(out)])
+    card = ModelCard(model_card(cfg, "pt", adapter=False))
+    assert card.data.base_model is None and "trained from scratch" in card.text

@@ -1,9 +1,10 @@
 """Checkpoints: saving models in HF format, and saving/restoring everything a run needs to continue exactly.
 
 Layout of a run:
-    OUTPUT_DIR/checkpoint-<step>/   every --save_steps: model (or LoRA adapter), tokenizer, config.yaml, plus
+    OUTPUT_DIR/checkpoint-<step>/   every --save_steps: model (or LoRA adapter), tokenizer, config.yaml, README.md
+                                    (the model card: scale/model_card.py), plus
                                     optimizer.pt, scheduler.pt, rng_state_<rank>.pth, trainer_state.json
-    OUTPUT_DIR/                     the final model, metrics.jsonl, config.yaml
+    OUTPUT_DIR/                     the final model, metrics.jsonl, config.yaml, README.md
 
 A LoRA run saves a peft adapter (`adapter_config.json`, `adapter_model.safetensors`) that
 `PeftModel.from_pretrained(base, DIR)` loads; a full run saves a model `AutoModelForCausalLM` loads.
@@ -53,6 +54,7 @@ from nanodpo.config import config_to_dict, save_config
 from nanodpo.errors import UserError
 from nanodpo.model import is_dtensor, is_main_process, is_peft_model
 from nanodpo.scale.faults import EXIT_INTERRUPTED, EXIT_NONFINITE, nonfinite_message
+from nanodpo.scale.model_card import write_model_card
 
 TRAINER_STATE = "trainer_state.json"
 # Options that must match for a checkpoint to be resumed: they change the model, the data or its order.
@@ -112,7 +114,8 @@ def _fsync_tree(directory: Path) -> None:
         os.close(fd)
 
 
-def _write_model_files(accelerator, model, tokenizer, cfg, directory: Path) -> None:
+def _write_model_files(accelerator, model, tokenizer, cfg, directory: Path, final: Path) -> None:
+    """The model (or adapter), tokenizer, config.yaml and model card, into `directory`, for the folder `final`."""
     unwrapped = accelerator.unwrap_model(model)
     # Under FSDP/ZeRO-3 each process holds a shard; get_state_dict gathers the full weights (on the main process).
     state_dict = accelerator.get_state_dict(model)
@@ -126,6 +129,7 @@ def _write_model_files(accelerator, model, tokenizer, cfg, directory: Path) -> N
         unwrapped.get_base_model().generation_config.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     save_config(cfg, directory / "config.yaml")
+    write_model_card(cfg, directory, final, is_peft_model(unwrapped), accelerator.num_processes)
 
 
 def _save_failed(directory: Path, reason: str) -> UserError:
@@ -206,7 +210,7 @@ def save_model(accelerator, model, tokenizer, cfg, directory: str | Path) -> Pat
         try:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-            _write_model_files(accelerator, model, tokenizer, cfg, tmp)
+            _write_model_files(accelerator, model, tokenizer, cfg, tmp, directory)
             _fsync_tree(tmp)
             directory.mkdir(parents=True, exist_ok=True)
             # The final model goes into OUTPUT_DIR itself, next to metrics.jsonl and the checkpoints: move the files
@@ -265,7 +269,7 @@ def save_checkpoint(accelerator, model, optimizer, scheduler, tokenizer, cfg, st
         if accelerator.is_main_process:
             if error is not None:
                 raise error
-            _write_model_files(accelerator, model, tokenizer, cfg, tmp)
+            _write_model_files(accelerator, model, tokenizer, cfg, tmp, final)
         else:
             accelerator.get_state_dict(model)  # non-main processes still take part in gathering sharded weights
         optimizer_state = _optimizer_state(accelerator, model, optimizer, tmp)  # every process: collective if sharded
