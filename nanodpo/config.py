@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from nanodpo.errors import UserError
+from nanodpo.errors import UserError, require_extra
 
 
 def opt(default: Any, help: str, choices: tuple | None = None):
@@ -467,6 +467,9 @@ def parse_config(cls, argv: list[str] | None = None, description: str | None = N
         cfg.report_to = ["jsonl", "wandb", "tensorboard"]
     elif "none" in cfg.report_to:
         cfg.report_to = []
+    for tracker in ("wandb", "tensorboard"):  # optional packages: asked for now, not after loading and tokenizing
+        if tracker in cfg.report_to:
+            require_extra(tracker, tracker, f"--report_to {tracker}")
     return cfg
 
 

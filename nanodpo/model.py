@@ -23,7 +23,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAn
 from transformers.integrations import is_deepspeed_zero3_enabled
 
 from nanodpo.demo import TOKENIZER_DIR, tiny_model_config
-from nanodpo.errors import UserError
+from nanodpo.errors import UserError, require_extra
 from nanodpo.sft_data import resolve_chat_template
 
 # Architectures nanodpo ships (no weights: pretrain them with train_pt.py --from_scratch), with their tokenizer.
@@ -57,6 +57,8 @@ def check_model_options(cfg) -> None:
         )
     if cfg.load_in_4bit and not cfg.use_lora:
         raise UserError("--load_in_4bit trains a LoRA adapter on frozen 4-bit weights: add --use_lora")
+    if cfg.load_in_4bit:
+        require_extra("bitsandbytes", "qlora", "--load_in_4bit")
     if cfg.bf16 and cfg.fp16:
         raise UserError("--bf16 and --fp16 are exclusive: pick one mixed-precision mode")
     if cfg.fp16 and not torch.cuda.is_available():

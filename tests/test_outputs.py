@@ -11,7 +11,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 import train_sft
 from nanodpo.config import DPOConfig, PTConfig, parse_config
 from nanodpo.errors import UserError
+from nanodpo.model import check_model_options
 from nanodpo.scale.model_card import model_card
+from nanodpo.tools.plot import plot_metrics
 from nanodpo.tracking import read_metrics
 from tests import tiny
 
@@ -150,3 +152,98 @@ def test_model_card_names_hub_models_and_data_and_the_method(base, tmp_path):
     cfg = parse_config(PTConfig, ["--model", "nanodpo-tiny", "--from_scratch", "--output_dir", str(out)])
     card = ModelCard(model_card(cfg, "pt", adapter=False))
     assert card.data.base_model is None and "trained from scratch" in card.text
+
+
+# ---------------------------------------------------------------- installing: optional extras, the package alone
+
+OPTIONAL = ["wandb", "tensorboard", "bitsandbytes", "matplotlib"]  # pyproject.toml's extras, by module
+
+
+@pytest.mark.parametrize("module, extra, refused", [
+    ("wandb", "wandb", lambda: parse_config(DPOConfig, ["--model", "m", "--report_to", "jsonl", "wandb"])),
+    ("tensorboard", "tensorboard", lambda: parse_config(DPOConfig, ["--model", "m", "--report_to", "tensorboard"])),
+    ("bitsandbytes", "qlora", lambda: check_model_options(parse_config(
+        DPOConfig, ["--model", "Qwen/Qwen2.5-0.5B", "--load_in_4bit", "--use_lora"]))),
+    ("matplotlib", "plot", lambda: plot_metrics([{"step": 1, "loss": 0.5}], "unused")),
+])  # fmt: skip
+def test_a_flag_that_needs_a_missing_extra_names_it(module, extra, refused, monkeypatch):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    missing = lambda name, *args: None if name == module else real_find_spec(name, *args)  # noqa: E731
+    monkeypatch.setattr(importlib.util, "find_spec", missing)
+    expected = rf'needs the {module} package, which is not installed: pip install -e "\.\[{extra}\]"'
+    with pytest.raises(UserError, match=expected):
+        refused()
+
+
+WITHOUT_EXTRAS = """
+import sys
+for name in {optional}:
+    sys.modules[name] = None  # as if not installed: `import` fails, importlib.util.find_spec says None
+sys.path.insert(0, {root!r})
+import train_dpo, train_sft
+train_sft.main({sft})
+train_dpo.main({dpo})
+assert not [name for name in {optional} if sys.modules.get(name) is not None]
+print("trained without the extras")
+"""
+
+
+def test_the_training_loops_need_no_extra(base, tmp_path):
+    """SFT with LoRA and DPO run end to end with wandb, tensorboard, bitsandbytes and matplotlib unimportable."""
+    import subprocess
+    import sys
+
+    tiny.write_jsonl(tmp_path / "pairs.jsonl", tiny.preference_rows(4))
+    common = ["--model", str(base / "base"), "--max_steps", "1", "--per_device_train_batch_size", "2",
+              "--disable_tqdm", "--chat_template", "chatml"]  # fmt: skip
+    sft = [*common, "--dataset", str(base / "chats.jsonl"), "--output_dir", str(tmp_path / "sft"), "--use_lora"]
+    dpo = [*common, "--dataset", str(tmp_path / "pairs.jsonl"), "--output_dir", str(tmp_path / "dpo")]
+    code = WITHOUT_EXTRAS.format(optional=OPTIONAL, root=str(ROOT), sft=sft, dpo=dpo)
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "trained without the extras" in result.stdout, result.stderr[-3000:]
+
+
+def test_the_wheel_holds_the_package_and_says_what_it_lacks(tmp_path):
+    """`pip install .` gives the nanodpo package only (not the scripts or configs, which live in the clone), with the
+    optional packages as extras; what needs the clone says so instead of failing on a missing file."""
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+
+    source = tmp_path / "source"  # built from a copy: a build in the repository would leave build/ there
+    shutil.copytree(ROOT / "nanodpo", source / "nanodpo", ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    pip_wheel = ["pip", "wheel", "--no-deps", "--no-build-isolation", "-q", str(source), "-w", str(tmp_path / "wheel")]
+    build = subprocess.run([sys.executable, "-m", *pip_wheel], capture_output=True, text=True, timeout=300)
+    assert build.returncode == 0, build.stderr[-3000:]
+    [wheel] = (tmp_path / "wheel").glob("nanodpo-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        names = archive.namelist()
+        metadata = archive.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
+        archive.extractall(tmp_path / "site")
+    assert {name.split("/")[0] for name in names} == {"nanodpo", wheel.name.split("-py")[0] + ".dist-info"}
+    assert "nanodpo/assets/tokenizer/tokenizer.json" in names and "nanodpo/tools/chat.py" in names
+    requires = [line for line in metadata.splitlines() if line.startswith("Requires-Dist:")]
+    core = [line for line in requires if "extra ==" not in line]
+    for package, extra in [("wandb", "wandb"), ("tensorboard", "tensorboard"), ("bitsandbytes", "qlora"),
+                           ("matplotlib", "plot")]:  # fmt: skip
+        assert not [line for line in core if package in line], (package, core)
+        assert any(line.startswith(f"Requires-Dist: {package}>=") and f'extra == "{extra}"' in line
+                   for line in requires), (package, requires)  # fmt: skip
+    assert f"Requires-Dist: nanodpo[{','.join(sorted(['wandb', 'tensorboard', 'qlora', 'plot']))}]; extra == " \
+        '"test"' in requires  # the test extra installs them all  # fmt: skip
+
+    # The installed package alone: the library imports; the demo and the bench name the clone they need.
+    env = {**__import__("os").environ, "PYTHONPATH": str(tmp_path / "site")}
+    check = "import nanodpo, nanodpo.dpo, nanodpo.tools.chat; print(nanodpo.__file__)"
+    result = subprocess.run([sys.executable, "-c", check], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.startswith(str(tmp_path / "site")), result.stderr[-3000:]
+    for command in (["-m", "nanodpo.tools.bench", "sft", "--quick"], ["-m", "nanodpo.demo.family"]):
+        result = subprocess.run([sys.executable, *command], cwd=tmp_path, env=env, capture_output=True, text=True)
+        assert result.returncode == 2, (command, result.stderr[-3000:])
+        assert "is not at" in result.stderr and "the installed nanodpo package holds the library only" in result.stderr
+        assert "Use nanodpo from a clone of its repository" in result.stderr and "Traceback" not in result.stderr

@@ -17,6 +17,8 @@ from pathlib import Path
 
 from nanodpo.demo.evaluate import style_rate
 from nanodpo.demo.stages import DATA_DIR, DEMO_DIR, config_path
+from nanodpo.errors import exit_on_user_error
+from nanodpo.repo import import_script
 
 OUT_DIR = DEMO_DIR / "family"
 
@@ -37,8 +39,7 @@ ROWS = (("polite", "polite"), ("blunt", "blunt"), ("on_topic", "on topic"), ("co
 def train(loss: str) -> Path:
     from accelerate.state import AcceleratorState
 
-    import train_dpo
-
+    train_dpo = import_script("train_dpo")
     start, options = FAMILY[loss]
     out = OUT_DIR / loss
     argv = ["--config", str(config_path("dpo")), "--model", str(DEMO_DIR / start), "--output_dir", str(out),
@@ -64,6 +65,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("losses", nargs="*", default=list(FAMILY), help=f"which of {', '.join(FAMILY)} (default: all)")
     p.add_argument("--skip_training", action="store_true", help="only evaluate out/demo/family/<loss>")
     args = p.parse_args(argv)
+    import_script("train_dpo")  # (a clear error without the clone, before anything runs)
     for stage in ("pt", "sft"):
         if not (DEMO_DIR / stage / "config.json").is_file():
             raise SystemExit(f"error: {DEMO_DIR / stage} is missing: run python train_pt.py && python train_sft.py")
@@ -80,4 +82,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_user_error(main)

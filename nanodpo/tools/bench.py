@@ -64,13 +64,14 @@ from nanodpo.config import DPOConfig, PTConfig, SFTConfig, parse_config
 from nanodpo.demo import TOKENIZER_DIR
 from nanodpo.demo.bench import main as demo_main
 from nanodpo.dpo_data import PreferenceCollator, load_preference_data
+from nanodpo.errors import exit_on_user_error
 from nanodpo.fast.dpo_packing import sequences_of, shared_unit
 from nanodpo.model import check_model_source, load_pretrained, load_tokenizer
 from nanodpo.packing import Document, PackedRow, _make_row, collate_packed, pack_documents
 from nanodpo.pt_data import load_documents
+from nanodpo.repo import ROOT, repo_path
 from nanodpo.sft_data import load_sft_data
 
-ROOT = Path(__file__).resolve().parents[1]
 VOCAB_SIZE = 151_936  # Qwen2.5
 
 SIZES = {
@@ -226,7 +227,7 @@ def run_nanodpo(task: str, spec: dict, precompute: bool = False) -> tuple[list[f
     if task == "pt":
         options["packing_strategy"] = "bfd"
     argv = [item for key, value in options.items() for item in (f"--{key}", str(value))]
-    script = runpy.run_path(str(ROOT / f"train_{task}.py"))  # the script's definitions (its __main__ block stays off)
+    script = runpy.run_path(str(repo_path(f"train_{task}.py")))  # the script's definitions (not its __main__ block)
     script["main"](argv)
     return times, records
 
@@ -520,6 +521,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.worker:
         return worker(args)
+    repo_path(f"train_{args.task}.py")  # the script it runs, before any worker starts
 
     size = dict(SIZES["quick" if args.quick else "default"])
     for key in ("reps", "steps", "batch", "hidden", "layers"):
@@ -638,4 +640,4 @@ def _cuda() -> bool:
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_user_error(main)
