@@ -41,8 +41,8 @@ import torch
 from torch import nn
 
 from nanodpo.errors import say_once
+from nanodpo.logps import ModelInputs, TokenStats
 from nanodpo.model import unwrap
-from nanodpo.token_stats import TokenStats
 
 DEFAULT_CHUNK_SIZE = 256  # tokens per LM-head chunk: 256 x 151,936 fp32 logits = 156 MB per buffer (two at most)
 
@@ -417,3 +417,17 @@ def fast_token_stats(
         is_top1=per_sequence(is_top1).bool() if with_metrics else None,
         log_sum_sq_probs=per_sequence(sum_sq) if with_sum_sq else None,
     )
+
+
+def chunked_token_logps(
+    model: nn.Module,
+    inputs: ModelInputs,
+    with_metrics: bool = True,
+    with_sum_sq: bool = False,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> TokenStats:
+    """`nanodpo.logps.token_logps`, by the chunked head: what `--logps chunked` runs in its place."""
+    return fast_token_stats(
+        model, inputs.model_kwargs, inputs.labels, inputs.loss_mask, inputs.hidden_index, chunk_size,
+        with_metrics, with_sum_sq,
+    )  # fmt: skip
