@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from nanodpo import logps
 from nanodpo.data import EpochSampler, to_device
-from nanodpo.errors import UserError
+from nanodpo.errors import UserError, say_once
 from nanodpo.fast.chunked_head import chunked_token_logps
 from nanodpo.logps import ModelInputs
 from nanodpo.model import decay_parameter_groups, is_main_process
@@ -30,8 +30,12 @@ from nanodpo.tracking import check_trackers
 
 def choose_token_logps(cfg):
     """--logps: the readable path (nanodpo/logps.py), or chapter two's chunked head (nanodpo/fast/chunked_head.py);
-    the same TokenStats either way."""
-    return chunked_token_logps if cfg.logps == "chunked" else logps.token_logps
+    the same TokenStats either way. Says which, once."""
+    if cfg.logps == "chunked":
+        say_once("log-probs: chunked LM head, the fast path (--logps readable: log_softmax + gather; the same numbers)")
+        return chunked_token_logps
+    say_once("log-probs: log_softmax + gather, the readable path (--logps chunked: the fast path, the same numbers)")
+    return logps.token_logps
 
 
 def make_accelerator(cfg) -> Accelerator:
