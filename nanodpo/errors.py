@@ -37,7 +37,11 @@ def say_once(message: str) -> None:
 def require_extra(module: str, extra: str, needed_by: str) -> None:
     """Refuse, naming the install command, what needs an optional package (pyproject.toml's extras) that is missing."""
     if importlib.util.find_spec(module) is None:
-        raise UserError(
-            f'{needed_by} needs the {module} package, which is not installed: pip install -e ".[{extra}]" in the '
-            f"nanodpo clone (or pip install {module})"
-        )
+        raise missing_extra(module, extra, needed_by)
+
+
+def missing_extra(module: str, extra: str, needed_by: str) -> UserError:
+    return UserError(
+        f'{needed_by} needs the {module} package, which is not installed: pip install -e ".[{extra}]" in the '
+        f"nanodpo clone (or pip install {module})"
+    )

@@ -9,10 +9,7 @@ clone it needs, instead of failing on a missing file.
     git clone <this repository's URL> nanodpo && cd nanodpo && pip install -e .
 """
 
-import importlib
-import sys
 from pathlib import Path
-from types import ModuleType
 
 from nanodpo.errors import UserError
 
@@ -30,10 +27,3 @@ def repo_path(name: str) -> Path:
         )
     return path
 
-
-def import_script(name: str) -> ModuleType:
-    """`import train_dpo` (for `name` "train_dpo"), from the clone whatever the current directory is."""
-    repo_path(f"{name}.py")
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
-    return importlib.import_module(name)

@@ -73,7 +73,7 @@ from typing import Any
 from jinja2.exceptions import TemplateError
 
 from nanodpo.data import load_split_rows
-from nanodpo.dpo_data import common_prefix_length
+from nanodpo.dpo_batch import common_prefix_length
 from nanodpo.errors import UserError, say_once
 from nanodpo.llamafactory import (
     DatasetInfo,
