@@ -70,7 +70,7 @@ from nanodpo.packing import Document, PackedRow, _make_row, collate_packed, pack
 from nanodpo.pt_data import load_documents
 from nanodpo.sft_data import load_sft_data
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # the repository: the train_*.py scripts
 VOCAB_SIZE = 151_936  # Qwen2.5
 
 SIZES = {
