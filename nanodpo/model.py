@@ -65,6 +65,12 @@ def check_model_options(cfg) -> None:
         raise UserError("--bf16 is not supported by this GPU; use --fp16")
     if cfg.attn_implementation == "flash_attention_2" and not torch.cuda.is_available():
         raise UserError("--attn_implementation flash_attention_2 needs a CUDA GPU; use sdpa")
+    if cfg.attn_implementation == "flash_attention_2" and cfg.dtype == "float32" and not (cfg.bf16 or cfg.fp16):
+        # (transformers would fail only at the first forward: "FlashAttention only supports fp16 and bf16")
+        raise UserError(
+            "--attn_implementation flash_attention_2 has no float32 kernel, and --dtype float32 without --bf16 runs "
+            "attention in float32: add --bf16 (float32 weights, bf16 compute) or load --dtype bfloat16"
+        )
     check_sharding_options(cfg, os.environ)
 
 
