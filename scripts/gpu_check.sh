@@ -11,7 +11,7 @@
 # skipped, with its reason, in seconds.
 #
 # Settings (environment): PYTHON (python3), OUT, GPU_CHECK_WHEELS (.whl), GPU_CHECK_SITE (/tmp/nanodpo_site),
-# GPU_CHECK_TEST_TIMEOUT (240 s per test), GPU_CHECK_DEADLINE (300 s for the whole suite).
+# GPU_CHECK_TEST_TIMEOUT (240 s per test), GPU_CHECK_DEADLINE (330 s for the whole suite).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,13 +20,13 @@ OUT=${OUT:-gpu_check_out}
 WHEELS=${GPU_CHECK_WHEELS:-.whl}
 SITE=${GPU_CHECK_SITE:-/tmp/nanodpo_site}
 TEST_TIMEOUT=${GPU_CHECK_TEST_TIMEOUT:-240}
-DEADLINE=${GPU_CHECK_DEADLINE:-300}
+DEADLINE=${GPU_CHECK_DEADLINE:-330}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline
 export WANDB_SILENT=true NANODPO_GPU_CHECK_OUT="$OUT"
 
 check() {
-    echo "== $(date +%T) gpu_check: $(git rev-parse --short HEAD 2>/dev/null || echo 'no git') on $(hostname)"
+    echo "== $(date +%T) gpu_check: commit $(git rev-parse --short HEAD 2>/dev/null || echo '?'), $(uname -n)"
     local wheels=("$WHEELS"/*.whl)
     if [ -e "${wheels[0]}" ]; then
         echo "== $(date +%T) installing ${#wheels[@]} wheels from $WHEELS into $SITE (pip --no-index: no network)"

@@ -21,10 +21,11 @@ from nanodpo.errors import say_once
 from nanodpo.model import unwrap
 from nanodpo.token_stats import TokenStats
 
-# Tokens per LM-head chunk, by device. Backward reads and writes the head's whole fp32 gradient [V, H] once per chunk
-# for a matmul of 2·C·V·H FLOPs: C/4 FLOPs per byte of that traffic. A CUDA GPU needs ~200 FLOPs per byte to be
-# compute-bound (H200: 989 TFLOP/s dense bf16 over 4.8 TB/s), so 1,024 tokens (a [1024, 151,936] fp32 buffer is
-# 622 MB; about 2 GB live in the loop); a few CPU cores need ~10, and 256 keeps the reused buffers at 156 MB.
+# Tokens per LM-head chunk, by device. Besides its matmuls (8·C·V·H FLOPs: forward, backward's recomputation and two
+# products) a chunk costs a fixed traffic: the head's weight read three times, its gradient read and written in fp32
+# — ~2 GB for Qwen2.5-0.5B's head (151,936 × 896), 0.5 ms at an H200's 4.8 TB/s, against 1.4 ms of matmuls for 1,024
+# tokens at ~790 TFLOP/s (at 256 tokens the traffic would outweigh them). So CUDA: 1,024 (a [1024, 151,936] fp32
+# buffer is 622 MB, ~2 GB live in the loop; tests/gpu sweeps 256-4,096). CPU: 256, the reused buffers 156 MB.
 CHUNK_SIZE = {"cpu": 256, "cuda": 1024}
 DEFAULT_CHUNK_SIZE = None  # chunk_size=None: CHUNK_SIZE of the hidden states' device
 

@@ -206,17 +206,25 @@ def test_chunked_head_equals_readable_in_bf16_on_a_confident_model(workdir, scal
         assert ours <= 1.5 * theirs + 1e-3, f"{name}: chunked {ours:.2e}, readable {theirs:.2e}"
 
 
-def test_chunk_loop_never_syncs_the_host():
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16_autocast"])
+def test_chunk_loop_never_syncs_the_host(bf16):
     """The chunked head's forward and backward over 32 chunks ask the GPU for a value once: the one check, after the
     forward's loop, of whether every logit was small enough for the unshifted exp (torch's sync debug mode reports
-    every synchronizing call; a bool() per chunk would report 64 more)."""
+    every synchronizing call; a bool() per chunk would report 64 more). In fp32 (the head writes into a reused
+    buffer) and under bf16 autocast."""
     from nanodpo.fast.chunked_head import label_stats
 
     torch.manual_seed(0)
     head = torch.nn.Linear(256, 8192).cuda()
     hidden = torch.randn(2048, 256, device="cuda", requires_grad=True)
     labels = torch.randint(0, 8192, (2048,), device="cuda")
-    label_stats(hidden, labels, head, 64, True, True)[0].sum().backward()  # warm-up: cuBLAS handles, allocator
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+            logps = label_stats(hidden, labels, head, 64, True, True)[0]
+        logps.sum().backward()
+
+    step()  # warm-up: cuBLAS handles, the allocator
 
     def syncs_of(work) -> int:
         with warnings.catch_warnings(record=True) as caught:
@@ -229,9 +237,50 @@ def test_chunk_loop_never_syncs_the_host():
         return sum("synchroniz" in str(w.message) for w in caught)
 
     assert syncs_of(lambda: bool(hidden.sum() > 0)) == 1  # the detector works
-    count = syncs_of(lambda: label_stats(hidden, labels, head, 64, True, True)[0].sum().backward())
+    count = syncs_of(step)
     print(f"host syncs in one chunked forward + backward (32 chunks): {count}")
     assert count == 1
+
+
+def test_default_chunk_size_is_near_the_fastest():
+    """The chunked head alone at Qwen2.5-0.5B's size (4,096 scored tokens, hidden 896, vocabulary 151,936, fp32
+    weights, bf16 autocast), forward + backward, at chunk sizes 256 to 4,096: time (median of 5, synchronized) and
+    peak memory printed; the CUDA default (CHUNK_SIZE["cuda"]) within 15% of the fastest — else retune it."""
+    from nanodpo.fast import chunked_head
+    from nanodpo.fast.chunked_head import CHUNK_SIZE, label_stats
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(896, 151_936, bias=False).cuda()
+    hidden = torch.randn(4096, 896, device="cuda", requires_grad=True)
+    labels = torch.randint(0, 151_936, (4096,), device="cuda")
+
+    def step(chunk_size: int) -> None:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            logps = label_stats(hidden, labels, head, chunk_size, True, False)[0]
+        logps.sum().backward()
+        head.weight.grad = hidden.grad = None
+
+    times = {}
+    for chunk_size in (256, 512, 1024, 2048, 4096):
+        chunked_head._SCRATCH.clear()  # (the reused buffers are counted in the peak)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step(chunk_size)
+        runs = []
+        for _ in range(5):
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            step(chunk_size)
+            end.record()
+            torch.cuda.synchronize()
+            runs.append(start.elapsed_time(end))
+        times[chunk_size] = sorted(runs)[2]
+        peak = (torch.cuda.max_memory_allocated() - base) / 2**30
+        print(f"chunk {chunk_size:5d}: {times[chunk_size]:6.2f} ms forward + backward, peak {peak:.2f} GiB above start")
+    best = min(times.values())
+    assert times[CHUNK_SIZE["cuda"]] <= 1.15 * best, times
 
 
 def test_fused_adamw_kernel_runs(workdir, tmp_path, monkeypatch):
