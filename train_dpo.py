@@ -27,38 +27,21 @@ Every option can be given in the YAML file or on the command line (which wins); 
 lists them. Outputs: OUTPUT_DIR/ holds the final model (or LoRA adapter) with its tokenizer and config.yaml,
 metrics.jsonl (with --report_to jsonl) and checkpoint-<step>/ folders (with --save_steps).
 
-Sections: 1. options  2. tokenizer and data  3. policy and reference  4. reference log-probs (precomputed)
-          5. optimizer and schedule  6. the loop: train, log, evaluate, save
+Sections: 1. options  2. tokenizer and data  3. policy and reference  4. optimizer  5. the step's callables, chosen
+          once  6. reference log-probs (precomputed)  7. data order, schedule, resume  8. the loop: train, log,
+          evaluate, save
 """
 
 import time
+from functools import partial
 
 import torch
 
 from nanodpo import training
 from nanodpo.config import DPOConfig, config_to_dict, parse_config
 from nanodpo.demo.stages import main_or_demo
-from nanodpo.dpo import (
-    REFERENCE_FREE_LOSS_TYPES,
-    check_dpo_options,
-    combine_process_metrics,
-    dpo_loss,
-    eval_metrics,
-    eval_stats,
-    family_loss_type,
-    kto_micro_batch_loss,
-    micro_batch_metrics,
-    needs_reference,
-)
-from nanodpo.dpo_data import UnpairedCollator, load_preference_data, load_unpaired_data, with_chosen_prompt_scored
 from nanodpo.errors import exit_on_user_error
-from nanodpo.fast.dpo_packing import (
-    batch_padding_fraction,
-    make_preference_collator,
-    make_token_budget_loader,
-    preference_model_inputs,
-)
-from nanodpo.logps import token_logps
+from nanodpo.losses.options import REFERENCE_FREE_LOSS_TYPES, check_dpo_options, family_loss_type, needs_reference
 from nanodpo.model import (
     check_model_options,
     is_peft_model,
@@ -67,58 +50,22 @@ from nanodpo.model import (
     load_tokenizer,
     prepare_reference,
 )
-from nanodpo.reference import compute_reference_logps, eval_mode, precompute_reference_logps
+from nanodpo.recipe import choose_data, choose_step
+from nanodpo.reference import precompute_reference_logps
 from nanodpo.scale.checkpoint import (
     check_output_dir,
     save_checkpoint,
     save_model,
     start_or_resume,
-    stop_early,
     update_best,
 )
-from nanodpo.scale.faults import GracefulStop
+from nanodpo.scale.faults import GracefulStop, stop_early
 from nanodpo.tools.plot import diagnose, format_report
 from nanodpo.tracking import MetricMeans, make_tracker, read_metrics, train_record
 
 
-def dpo_forward(policy, ref_model, batch: dict, cfg, accelerator):
-    """One micro-batch, down the reading path: data -> model inputs -> log-probs -> loss.
-    Returns (DPOOutput, the policy's TokenStats); for kto (KTOOutput, TokenStats)."""
-    if family_loss_type(cfg) == "kto":
-        return kto_forward(policy, ref_model, batch, cfg, accelerator)
-    # orpo's NLL term scores the chosen prompt tokens too (TRL's ORPOTrainer does); every other loss, the completions.
-    scored = with_chosen_prompt_scored(batch) if family_loss_type(cfg) == "orpo" else batch
-    inputs = preference_model_inputs(policy, scored)  # padded, padding-free or prefix-shared rows
-    policy_stats = token_logps(policy, inputs, cfg.logps, with_sum_sq=cfg.use_weighting)
-    completion_mask = batch["completion_mask"][:, 1:].to(policy_stats.logps.dtype)
-    if not needs_reference(cfg):
-        ref_chosen_logps = ref_rejected_logps = None
-    elif "ref_chosen_logps" in batch:  # --precompute_ref_logps
-        ref_chosen_logps, ref_rejected_logps = batch["ref_chosen_logps"], batch["ref_rejected_logps"]
-    else:
-        ref_chosen_logps, ref_rejected_logps = compute_reference_logps(
-            policy, ref_model, inputs, cfg.ld_alpha, accelerator, cfg.logps
-        )
-    return dpo_loss(policy_stats, completion_mask, ref_chosen_logps, ref_rejected_logps, cfg), policy_stats
-
-
-def kto_forward(policy, ref_model, batch: dict, cfg, accelerator):
-    """One KTO micro-batch, laid out [rows; mismatched rows] like a [chosen; rejected] batch: policy forward,
-    reference log-probs of both halves, loss. Returns (KTOOutput, the policy's TokenStats)."""
-    inputs = preference_model_inputs(policy, batch)
-    policy_stats = token_logps(policy, inputs, cfg.logps)
-    ref_logps, ref_mismatched_logps = compute_reference_logps(policy, ref_model, inputs, None, accelerator, cfg.logps)
-    several = accelerator is not None and accelerator.num_processes > 1
-    mean_over_processes = (lambda value: accelerator.reduce(value, "mean")) if several else None
-    completion_mask = batch["completion_mask"][:, 1:].to(policy_stats.logps.dtype)
-    out = kto_micro_batch_loss(
-        policy_stats, completion_mask, ref_logps, ref_mismatched_logps, batch["label"], cfg, mean_over_processes
-    )
-    return out, policy_stats
-
-
 @torch.no_grad()
-def evaluate(policy, ref_model, eval_loader, cfg, accelerator) -> dict[str, float]:
+def evaluate(policy, eval_loader, step, accelerator) -> dict[str, float]:
     """Loss and metrics over the whole eval set, named eval_* as TRL does: means over all its pairs (the loss: each
     pair's share of it), token metrics over all its completion tokens — the same for any batch size or process count.
 
@@ -126,12 +73,12 @@ def evaluate(policy, ref_model, eval_loader, cfg, accelerator) -> dict[str, floa
     last ones padded with copies of the first pairs, which `gather_for_metrics` drops again.
     """
     pair_stats = []
-    with eval_mode(policy):
+    with training.eval_mode(policy):
         for batch in eval_loader:
-            out, policy_stats = dpo_forward(policy, ref_model, batch, cfg, accelerator)
-            pair_stats.append(accelerator.gather_for_metrics(eval_stats(out, policy_stats)))  # kto: per row
+            out, policy_stats = step.forward(policy, batch)
+            pair_stats.append(accelerator.gather_for_metrics(step.eval_stats(out, policy_stats)))  # kto: per row
     stats = {name: torch.cat([s[name] for s in pair_stats]).cpu() for name in pair_stats[0]}
-    return eval_metrics(stats, prefix="eval_")
+    return step.eval_metrics(stats, prefix="eval_")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -146,30 +93,23 @@ def main(argv: list[str] | None = None) -> None:
 
     # ------------------------------------------------------------------------------------------------------------
     # 2. Tokenizer and data: read, validate and tokenize every row before any model is loaded, so bad data fails
-    #    in seconds, with the file, row and field named.
+    #    in seconds, with the file, row and field named. Pairs, collated [chosen; rejected] (kto: unpaired rows).
     tokenizer = load_tokenizer(cfg)
-    # --batch_layout: prefix-shared, padding-free rows by default (nanodpo/fast/dpo_packing.py), or TRL's padded
-    # [chosen; rejected] batch. The numbers are the same.
-    collator = make_preference_collator(cfg, tokenizer.pad_token_id)
-    # kto trains on unpaired rows, collated in the pairs' [chosen; rejected] shape (nanodpo/dpo_data.py).
-    load_data = load_unpaired_data if family_loss_type(cfg) == "kto" else load_preference_data
-    if family_loss_type(cfg) == "kto":
-        collator = UnpairedCollator(collator)
-    train_examples = load_data(cfg, tokenizer, split="train")
-    eval_examples = load_data(cfg, tokenizer, split="eval")
+    data = choose_data(cfg, tokenizer.pad_token_id)
+    train_examples = data.load(cfg, tokenizer, split="train")
+    eval_examples = data.load(cfg, tokenizer, split="eval")
 
     # ------------------------------------------------------------------------------------------------------------
     # 3. The policy and the reference policy.
     #    LoRA: the reference is the policy with its adapter disabled (no second copy). Full fine-tuning: a frozen
-    #    copy — unless --precompute_ref_logps (step 5 scores the data with the untrained policy, whose weights are
-    #    the reference) or --reference_free.
+    #    copy — unless --precompute_ref_logps (step 6 scores the data with the untrained policy, whose weights are
+    #    the reference) or the loss needs no reference.
     policy = load_policy(cfg, accelerator.device)
-    needs_ref_model = needs_reference(cfg) and not (cfg.precompute_ref_logps or is_peft_model(policy))
     if family_loss_type(cfg) in REFERENCE_FREE_LOSS_TYPES:
         accelerator.print(f"loss type {cfg.loss_type[0]} is reference-free: no reference model is loaded")
-    ref_model = load_reference(cfg, accelerator.device) if needs_ref_model else None
-    if ref_model is not None:
-        ref_model = prepare_reference(accelerator, ref_model)  # frozen; sharded like the policy under FSDP2/ZeRO-3
+    ref_model = None
+    if needs_reference(cfg) and not (cfg.precompute_ref_logps or is_peft_model(policy)):
+        ref_model = prepare_reference(accelerator, load_reference(cfg, accelerator.device))  # frozen; sharded too
 
     # ------------------------------------------------------------------------------------------------------------
     # 4. The optimizer, and the policy placed for training: wrapped for DDP, sharded under FSDP2, a DeepSpeed engine.
@@ -177,43 +117,37 @@ def main(argv: list[str] | None = None) -> None:
     policy, optimizer = accelerator.prepare(policy, optimizer)
 
     # ------------------------------------------------------------------------------------------------------------
-    # 5. Precomputed reference log-probs: one no_grad pass before the first update (or the disk cache); training then
+    # 5. The step, chosen once: batch layout, log-prob path, reference source, loss, metrics (nanodpo/recipe.py).
+    #    The loop below never asks which.
+    step = choose_step(cfg, ref_model, accelerator)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # 6. Precomputed reference log-probs: one no_grad pass before the first update (or the disk cache); training then
     #    reads them from the batch and no reference model is ever held in memory. It runs on the prepared policy, so
     #    a sharded model is scored sharded (under ZeRO-3 the weights were partitioned from the moment they loaded).
     ref_cache_key = None
-    eval_batch_size = cfg.per_device_eval_batch_size
     if cfg.precompute_ref_logps:
-        batch_size = cfg.precompute_ref_batch_size or eval_batch_size
-        for name in ("train", "eval"):
-            examples = train_examples if name == "train" else eval_examples
-            if examples is None:
-                continue
-            loader = accelerator.prepare_data_loader(training.make_eval_loader(examples, collator, batch_size))
-            examples, ref_cache_key = precompute_reference_logps(
-                examples, policy, ref_model, loader, cfg, accelerator, name
-            )
-            if name == "train":
-                train_examples = examples
-            else:
-                eval_examples = examples
+        precompute = partial(
+            precompute_reference_logps, policy=policy, ref_model=ref_model, cfg=cfg, accelerator=accelerator,
+            collator=data.collator, model_inputs=step.model_inputs, score=step.score_reference,
+        )  # fmt: skip
+        train_examples, ref_cache_key = precompute(train_examples, "train")
+        if eval_examples is not None:
+            eval_examples, _ = precompute(eval_examples, "eval")
 
     # ------------------------------------------------------------------------------------------------------------
-    # 6. Data order and learning-rate schedule; resume.
-    if cfg.max_tokens_per_batch:  # micro-batches filled to a token budget rather than a pair count
-        train_loader = make_token_budget_loader(train_examples, collator, cfg)
-    else:
-        train_loader = training.make_train_loader(train_examples, collator, cfg)
-    train_loader = accelerator.prepare_data_loader(train_loader)
-    eval_loader = training.make_eval_loader(eval_examples, collator, eval_batch_size) if eval_examples else None
-    if eval_loader is not None:
+    # 7. Data order and learning-rate schedule; resume.
+    train_loader = accelerator.prepare_data_loader(data.train_loader(train_examples, data.collator, cfg))
+    eval_loader = None
+    if eval_examples:
+        eval_loader = training.make_eval_loader(eval_examples, data.collator, cfg.per_device_eval_batch_size)
         eval_loader = accelerator.prepare_data_loader(eval_loader)
     total_steps, steps_per_epoch = training.count_training_steps(cfg, len(train_loader))
     # Stepped by hand once per optimizer step (not prepared: accelerate would step it once per process).
     scheduler = training.make_scheduler(optimizer, cfg, total_steps)
-    unit = "rows" if family_loss_type(cfg) == "kto" else "pairs"
     accelerator.print(
-        f"train {unit}: {len(train_examples)} | eval {unit}: {len(eval_examples) if eval_examples else 0} | "
-        f"{training.describe_step(cfg, accelerator, unit)} | optimizer steps: {total_steps}"
+        f"train {data.unit}: {len(train_examples)} | eval {data.unit}: {len(eval_examples) if eval_examples else 0} | "
+        f"{training.describe_step(cfg, accelerator, data.unit)} | optimizer steps: {total_steps}"
     )
     state = start_or_resume(accelerator, policy, optimizer, scheduler, cfg, ref_cache_key)
     steps = training.optimizer_steps(accelerator, train_loader, cfg.gradient_accumulation_steps, state)
@@ -221,7 +155,7 @@ def main(argv: list[str] | None = None) -> None:
     tracker = make_tracker(cfg, accelerator.is_main_process, {**config_to_dict(cfg), "ref_cache_key": ref_cache_key})
 
     # ------------------------------------------------------------------------------------------------------------
-    # 7. The loop. One optimizer step = gradient_accumulation_steps micro-batches of pairs on each process.
+    # 8. The loop. One optimizer step = gradient_accumulation_steps micro-batches of pairs on each process.
     policy.train()
     train_means = MetricMeans(state.pending_metrics)  # the logging interval's values, saved with every checkpoint
     start_time = time.perf_counter()
@@ -231,46 +165,44 @@ def main(argv: list[str] | None = None) -> None:
             step_losses = []
             for i, batch in enumerate(batches):
                 with training.gradient_sync(accelerator, policy, last_micro_batch=i == len(batches) - 1):
-                    out, policy_stats = dpo_forward(policy, ref_model, batch, cfg, accelerator)
+                    out, policy_stats = step.forward(policy, batch)
                     # backward divides by gradient_accumulation_steps: the step's objective is the mean of its
                     # micro-batch losses (each the mean over its pairs), as TRL's.
                     accelerator.backward(out.loss)
                 step_losses.append(out.loss.item())
-                attention_mask = batch["attention_mask"]
-                if "label" in batch:  # kto: the rows, not their mismatched copies (as TRL counts)
-                    attention_mask = attention_mask[: len(batch["label"])]
-                state.num_tokens += int(accelerator.gather(attention_mask.sum()).sum().item())
-                metrics = {"loss": step_losses[-1], **micro_batch_metrics(out, policy_stats)}
-                metrics["padding_fraction"] = batch_padding_fraction(batch)
+                state.num_tokens += int(accelerator.gather(data.count_tokens(batch)).sum().item())
+                metrics = {"loss": step_losses[-1], **step.metrics(out, policy_stats)}
+                metrics["padding_fraction"] = step.padding_fraction(batch)
                 # Every process's micro-batch enters the logged means (as one process with n× accumulation would).
-                train_means.add(*combine_process_metrics(cfg, training.gather_metrics(accelerator, metrics)))
+                train_means.add(*step.combine(training.gather_metrics(accelerator, metrics)))
             grad_norm = float(accelerator.clip_grad_norm_(policy.parameters(), training.clip_norm(cfg)))
-            # A NaN/inf would poison the weights for good: such an update is skipped (and counted).
-            if update_ok := training.updates_are_finite(accelerator, grad_norm, *step_losses):
+            # A NaN/inf update is skipped: one NaN poisons the weights for good (fp16 overflows: decide_update).
+            update = training.decide_update(accelerator, grad_norm, *step_losses)
+            if update.applied:
                 optimizer.step()
                 scheduler.step()
             optimizer.zero_grad(set_to_none=True)
 
             # ---- one optimizer step is done ----
-            state.finish_step(epoch, update_ok)
-            step, last_step = state.step, state.step == total_steps
+            state.finish_step(epoch, update)
+            step_number, last_step = state.step, state.step == total_steps
             progress.update(1)
-            if step % cfg.logging_steps == 0 or last_step or not update_ok:
+            if step_number % cfg.logging_steps == 0 or last_step or update.nonfinite:
                 learning_rate = scheduler.get_last_lr()[0]
                 record = train_record(train_means, state, grad_norm=grad_norm, learning_rate=learning_rate,
-                                      epoch=step / steps_per_epoch)  # fmt: skip
-                tracker.log(record, step)
+                                      epoch=step_number / steps_per_epoch)  # fmt: skip
+                tracker.log(record, step_number)
                 progress.set_postfix(loss=f"{record['loss']:.4f}", margin=f"{record.get('rewards/margins', 0.0):.3f}")
-            if eval_loader is not None and ((cfg.eval_steps and step % cfg.eval_steps == 0) or last_step):
-                eval_record = evaluate(policy, ref_model, eval_loader, cfg, accelerator)
-                tracker.log({**eval_record, "epoch": step / steps_per_epoch}, step)
+            if eval_loader is not None and ((cfg.eval_steps and step_number % cfg.eval_steps == 0) or last_step):
+                eval_record = evaluate(policy, eval_loader, step, accelerator)
+                tracker.log({**eval_record, "epoch": step_number / steps_per_epoch}, step_number)
                 update_best(cfg, state, eval_record)
                 shown = [n for n in ("eval_loss", "eval_rewards/accuracies", "eval_rewards/margins", "eval_kl")
                          if n in eval_record]  # fmt: skip
-                accelerator.print(f"step {step}: " + " ".join(f"{n} {eval_record[n]:.4f}" for n in shown))
+                accelerator.print(f"step {step_number}: " + " ".join(f"{n} {eval_record[n]:.4f}" for n in shown))
             if last_step:
                 break
-            if cfg.save_steps and step % cfg.save_steps == 0:
+            if cfg.save_steps and step_number % cfg.save_steps == 0:
                 save_checkpoint(accelerator, policy, optimizer, scheduler, tokenizer, cfg, state)
             loss = step_losses[-1]
             stop_early(accelerator, policy, optimizer, scheduler, tokenizer, cfg, state, stop, loss, grad_norm)

@@ -32,19 +32,17 @@ from nanodpo import training
 from nanodpo.config import PTConfig, config_to_dict, parse_config
 from nanodpo.demo.stages import main_or_demo
 from nanodpo.errors import UserError, exit_on_user_error
-from nanodpo.logps import token_logps
 from nanodpo.model import check_model_options, is_main_process, load_model_config, load_policy, load_tokenizer
-from nanodpo.packing import check_row_length, pack_documents, packing_efficiency
-from nanodpo.pt_data import load_documents, stream_steps
+from nanodpo.packing import check_row_length
+from nanodpo.pt_data import load_packed_rows, stream_steps
 from nanodpo.scale.checkpoint import (
     check_output_dir,
     save_checkpoint,
     save_model,
     start_or_resume,
-    stop_early,
     update_best,
 )
-from nanodpo.scale.faults import GracefulStop
+from nanodpo.scale.faults import GracefulStop, stop_early
 from nanodpo.tracking import MetricMeans, flops_per_token, make_tracker, train_record
 
 ARCH_OVERRIDES = (
@@ -92,20 +90,8 @@ def main(argv: list[str] | None = None) -> None:
     # ------------------------------------------------------------------------------------------------------------
     # 2. Tokenizer and data: documents tokenized with EOS and packed (or streamed and packed on the fly).
     tokenizer = load_tokenizer(cfg)
-    eval_docs = load_documents(cfg, tokenizer, "eval")
-    eval_rows = None
-    if eval_docs:
-        eval_rows = pack_documents(eval_docs, cfg.max_length, cfg.packing_strategy, cfg.packing_overflow)
-    if cfg.streaming:
-        steps_per_epoch = None  # unknown until the stream has been read once
-    else:
-        docs = load_documents(cfg, tokenizer, "train")
-        train_rows = pack_documents(docs, cfg.max_length, cfg.packing_strategy, cfg.packing_overflow)
-        efficiency = packing_efficiency(train_rows, cfg.max_length)
-        accelerator.print(
-            f"{len(docs)} documents, {sum(len(d.input_ids) for d in docs):,} tokens -> {len(train_rows)} rows of "
-            f"{cfg.max_length} ({cfg.packing_strategy}), packing efficiency {efficiency:.1%}"
-        )
+    eval_rows = load_packed_rows(cfg, tokenizer, "eval")
+    train_rows = None if cfg.streaming else load_packed_rows(cfg, tokenizer, "train")
 
     def collate(rows):
         return training.collate_rows(rows, cfg, tokenizer.pad_token_id)
@@ -113,13 +99,15 @@ def main(argv: list[str] | None = None) -> None:
     # ------------------------------------------------------------------------------------------------------------
     # 3. Model.
     model = build_model(cfg, tokenizer, accelerator.device)
+    # --logps: the readable log_softmax + gather, or the chunked LM head (nanodpo/fast/); the same numbers.
+    token_logps = training.choose_token_logps(cfg)
 
     # ------------------------------------------------------------------------------------------------------------
     # 4. Optimizer and schedule; resume.
     optimizer = training.make_optimizer(model, cfg, accelerator.device)
     if cfg.streaming:
         model, optimizer = accelerator.prepare(model, optimizer)
-        total_steps = cfg.max_steps
+        total_steps, steps_per_epoch = cfg.max_steps, None  # the stream's length is unknown until read once
     else:
         loader = training.make_train_loader(train_rows, collate, cfg)
         model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
@@ -153,13 +141,14 @@ def main(argv: list[str] | None = None) -> None:
             for i, batch in enumerate(batches):
                 with training.gradient_sync(accelerator, model, last_micro_batch=i == len(batches) - 1):
                     # The loss needs only the log-probs: no entropy / top-1 metrics (nanoGPT logs none either).
-                    stats = token_logps(model, training.lm_model_inputs(batch), cfg.logps, with_metrics=False)
+                    stats = token_logps(model, training.lm_model_inputs(batch), with_metrics=False)
                     nll_sum = -stats.logps.sum()
                     accelerator.backward(nll_sum * scale)
                 step_nll += nll_sum.detach()
             grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), training.clip_norm(cfg)))
-            # A NaN/inf would poison the weights for good: such an update is skipped (and counted).
-            if update_ok := training.updates_are_finite(accelerator, step_nll, grad_norm):
+            # A NaN/inf update is skipped: one NaN poisons the weights for good (fp16 overflows: decide_update).
+            update = training.decide_update(accelerator, grad_norm, step_nll)
+            if update.applied:
                 optimizer.step()
                 scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -168,11 +157,11 @@ def main(argv: list[str] | None = None) -> None:
             state.num_tokens += step_tokens
             interval_tokens += step_tokens
             loss = float(accelerator.reduce(step_nll, "sum")) / num_targets
-            state.finish_step(epoch, update_ok)
+            state.finish_step(epoch, update)
             step, last_step = state.step, state.step == total_steps
             train_means.add({"loss": loss})
             progress.update(1)
-            if step % cfg.logging_steps == 0 or last_step or not update_ok:
+            if step % cfg.logging_steps == 0 or last_step or update.nonfinite:
                 tokens_per_s = interval_tokens / max(time.perf_counter() - interval_start, 1e-9)
                 record = train_record(
                     train_means, state, grad_norm=grad_norm, learning_rate=scheduler.get_last_lr()[0],
@@ -186,7 +175,7 @@ def main(argv: list[str] | None = None) -> None:
                 progress.set_postfix(loss=f"{record['loss']:.4f}")
                 interval_start, interval_tokens = time.perf_counter(), 0
             if eval_rows and ((cfg.eval_steps and step % cfg.eval_steps == 0) or last_step):
-                eval_record = training.evaluate_lm(model, eval_rows, collate, cfg, accelerator)
+                eval_record = training.evaluate_lm(model, eval_rows, collate, cfg, accelerator, token_logps)
                 tracker.log(eval_record, step)
                 accelerator.print(f"step {step}: eval perplexity {eval_record['eval_perplexity']:.2f}")
                 update_best(cfg, state, eval_record)

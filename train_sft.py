@@ -31,7 +31,6 @@ from nanodpo import training
 from nanodpo.config import SFTConfig, config_to_dict, parse_config
 from nanodpo.demo.stages import main_or_demo
 from nanodpo.errors import exit_on_user_error
-from nanodpo.logps import token_logps
 from nanodpo.model import check_model_options, load_policy, load_tokenizer
 from nanodpo.packing import check_row_length, pack_documents, packing_efficiency, padding_fraction
 from nanodpo.scale.checkpoint import (
@@ -39,10 +38,9 @@ from nanodpo.scale.checkpoint import (
     save_checkpoint,
     save_model,
     start_or_resume,
-    stop_early,
     update_best,
 )
-from nanodpo.scale.faults import GracefulStop
+from nanodpo.scale.faults import GracefulStop, stop_early
 from nanodpo.sft_data import load_sft_data
 from nanodpo.tracking import MetricMeans, make_tracker, train_record
 
@@ -85,6 +83,8 @@ def main(argv: list[str] | None = None) -> None:
     # ------------------------------------------------------------------------------------------------------------
     # 3. Model (full, LoRA or QLoRA).
     model = load_policy(cfg, accelerator.device)
+    # --logps: the readable log_softmax + gather, or the chunked LM head (nanodpo/fast/); the same numbers.
+    token_logps = training.choose_token_logps(cfg)
 
     # ------------------------------------------------------------------------------------------------------------
     # 4. Optimizer, data order, schedule; resume.
@@ -114,14 +114,15 @@ def main(argv: list[str] | None = None) -> None:
             step_nll = torch.zeros((), device=accelerator.device)
             for i, batch in enumerate(batches):
                 with training.gradient_sync(accelerator, model, last_micro_batch=i == len(batches) - 1):
-                    stats = token_logps(model, training.lm_model_inputs(batch), cfg.logps)
+                    stats = token_logps(model, training.lm_model_inputs(batch))
                     nll_sum = -stats.logps.sum()
                     accelerator.backward(nll_sum * scale)
                 step_nll += nll_sum.detach()
                 train_means.add(*training.gather_metrics(accelerator, training.lm_metrics(stats)))  # all processes'
             grad_norm = float(accelerator.clip_grad_norm_(model.parameters(), training.clip_norm(cfg)))
-            # A NaN/inf would poison the weights for good: such an update is skipped (and counted).
-            if update_ok := training.updates_are_finite(accelerator, step_nll, grad_norm):
+            # A NaN/inf update is skipped: one NaN poisons the weights for good (fp16 overflows: decide_update).
+            update = training.decide_update(accelerator, grad_norm, step_nll)
+            if update.applied:
                 optimizer.step()
                 scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -129,11 +130,11 @@ def main(argv: list[str] | None = None) -> None:
             # ---- one optimizer step is done ----
             loss = float(accelerator.reduce(step_nll, "sum")) / num_targets
             state.num_tokens += training.step_tokens(accelerator, batches)
-            state.finish_step(epoch, update_ok)
+            state.finish_step(epoch, update)
             step, last_step = state.step, state.step == total_steps
             train_means.add({"loss": loss})
             progress.update(1)
-            if step % cfg.logging_steps == 0 or last_step or not update_ok:
+            if step % cfg.logging_steps == 0 or last_step or update.nonfinite:
                 # layout_stats: how much of each batch is real tokens (packing) or padding (no packing)
                 learning_rate = scheduler.get_last_lr()[0]
                 record = train_record(train_means, state, grad_norm=grad_norm, learning_rate=learning_rate,
@@ -141,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
                 tracker.log(record, step)
                 progress.set_postfix(loss=f"{record['loss']:.4f}")
             if eval_examples and ((cfg.eval_steps and step % cfg.eval_steps == 0) or last_step):
-                eval_record = training.evaluate_lm(model, eval_examples, collate, cfg, accelerator)
+                eval_record = training.evaluate_lm(model, eval_examples, collate, cfg, accelerator, token_logps)
                 tracker.log({**eval_record, "epoch": step / steps_per_epoch}, step)
                 update_best(cfg, state, eval_record)
                 accelerator.print(f"step {step}: eval_loss {eval_record['eval_loss']:.4f}")

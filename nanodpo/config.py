@@ -30,6 +30,13 @@ def opt(default: Any, help: str, choices: tuple | None = None):
     return field(default=default, metadata={"help": help, "choices": choices})
 
 
+DATASET_INFO_HELP = (
+    "A LLaMA-Factory dataset_info.json: --dataset and --eval_dataset are then names of its entries (comma-separated "
+    "or several), read as LLaMA-Factory reads them: the file (file_name, next to the json) or hf_hub_url, split, "
+    "subset, formatting (alpaca/sharegpt), ranking, columns and tags."
+)
+
+
 @dataclass
 class TrainConfig:
     """Options shared by train_pt.py, train_sft.py and train_dpo.py."""
@@ -107,8 +114,8 @@ class TrainConfig:
     adam_beta2: float = opt(0.999, "AdamW beta2.")
     adam_epsilon: float = opt(1e-8, "AdamW epsilon.")
     max_grad_norm: float = opt(1.0, "Clip the global gradient norm to this (0 disables clipping; the norm is logged).")
-    bf16: bool = opt(False, "bfloat16 mixed precision (autocast).")
-    fp16: bool = opt(False, "float16 mixed precision with loss scaling.")
+    bf16: bool = opt(False, "bfloat16 mixed precision (autocast; Ampere or later GPUs, or CPU).")
+    fp16: bool = opt(False, "float16 mixed precision with loss scaling (GPU; for T4/V100, which lack bf16).")
     train_sampling_strategy: str = opt(
         "random", "Order of training rows: shuffled each epoch (seeded), or in file order.", ("random", "sequential")
     )
@@ -128,7 +135,9 @@ class TrainConfig:
     )
     overwrite_output_dir: bool = opt(False, "Start a new run in an OUTPUT_DIR that holds another run (deletes it).")
     max_nonfinite_steps: int = opt(
-        3, "Skip updates whose loss or grad norm is NaN/inf; after this many in a row, save and stop."
+        3,
+        "Skip updates whose loss or grad norm is NaN/inf; after this many in a row, save and stop. (--fp16: an "
+        "overflow the loss scaler skips, halving its scale, does not count.)",
     )
     report_to: list[str] = opt(
         ["jsonl"],
@@ -146,6 +155,7 @@ class DPOConfig(TrainConfig):
 
     output_dir: str = opt("out/dpo", "Where checkpoints, the final model, config.yaml and metrics.jsonl go.")
     learning_rate: float = opt(1e-6, "Peak learning rate (TRL's DPO default).")
+    dataset_info: str | None = opt(None, DATASET_INFO_HELP)
     beta: float = opt(
         0.1, "β: strength of the KL penalty toward the reference (the temperature of the implicit reward)."
     )
@@ -215,6 +225,7 @@ class SFTConfig(TrainConfig):
 
     output_dir: str = opt("out/sft", "Where checkpoints, the final model, config.yaml and metrics.jsonl go.")
     learning_rate: float = opt(2e-5, "Peak learning rate (TRL's SFT default).")
+    dataset_info: str | None = opt(None, DATASET_INFO_HELP)
     train_on_prompt: bool = opt(False, "Train on every token, not only the assistant turns / completion.")
     packing: bool = opt(False, "Pack several examples into each row of --max_length tokens (documents stay isolated).")
     packing_strategy: str = opt("bfd", "bfd: best-fit decreasing, isolated documents; wrapped: concatenate-and-chunk "

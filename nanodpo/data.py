@@ -42,7 +42,11 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
+import torch
+from torch.utils.data import Sampler
+
 from nanodpo.errors import UserError
+from nanodpo.llamafactory import DatasetInfo, read_registry
 
 FILE_FORMATS = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet", ".csv", ".txt")
 PICKLE_SUFFIXES = (".pkl", ".pickle", ".pck", ".pt", ".pth", ".bin", ".npy", ".npz", ".joblib")
@@ -56,12 +60,14 @@ class Row:
     skipped but counted); elsewhere it is the n-th row (of a JSON list, of a CSV after its header line, of a
     parquet/arrow/hub table). `split` is the split name
     for sources that have named splits (DatasetDict folder, {split: [...]} JSON, hub) and None for single-split files.
+    `dataset_info` is set for rows of a dataset named in a LLaMA-Factory dataset_info.json (`--dataset_info`).
     """
 
     data: dict[str, Any]
     source: str
     number: int
     split: str | None = None
+    dataset_info: DatasetInfo | None = None  # its --dataset_info entry: how to read a LLaMA-Factory row
 
     def where(self, field: str | None = None) -> str:
         """'data.jsonl, row 12' or, with a field, "data.jsonl, row 12, field 'chosen'"."""
@@ -109,6 +115,7 @@ def load_split_rows(cfg, split: str = "train") -> list[Row] | None:
     train: `--dataset` at `--dataset_split`, first `--max_samples` rows.
     eval:  `--eval_dataset` at `--eval_split` (default "test"; any name works for plain files), or else
            `--eval_split` of `--dataset`; first `--max_eval_samples` rows. `--dataset_config` applies to both.
+    With `--dataset_info` (SFT and DPO), the sources are names of its entries (see `load_registered_rows`).
     """
     if split == "train":
         sources, split_name, max_samples, flag = cfg.dataset, cfg.dataset_split, cfg.max_samples, "--dataset"
@@ -123,12 +130,44 @@ def load_split_rows(cfg, split: str = "train") -> list[Row] | None:
     else:
         raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
 
-    rows = load_rows(sources, split_name, config_name=cfg.dataset_config, max_samples=max_samples, flag=flag)
+    if getattr(cfg, "dataset_info", None):
+        keep_entry_split = split == "train" or bool(cfg.eval_dataset)  # --eval_split X of --dataset asks for X
+        rows = load_registered_rows(cfg.dataset_info, sources, split_name, cfg.dataset_config, max_samples, flag,
+                                    keep_entry_split)  # fmt: skip
+    else:
+        rows = load_rows(sources, split_name, config_name=cfg.dataset_config, max_samples=max_samples, flag=flag)
     if split == "eval" and not cfg.eval_dataset and all(row.split is None for row in rows):
         print(
             f"warning: {' '.join(sources)} has a single split, so --eval_split {split_name!r} evaluates on the "
             "training rows; give held-out data with --eval_dataset"
         )
+    return rows
+
+
+def load_registered_rows(
+    dataset_info: str,
+    names: list[str],
+    split: str,
+    config_name: str | None,
+    max_samples: int | None,
+    flag: str,
+    keep_entry_split: bool = True,
+) -> list[Row]:
+    """Rows of the datasets `names` registered in a LLaMA-Factory dataset_info.json, each tagged with its entry.
+
+    An entry's `file_name` (relative to the folder of dataset_info.json) or `hf_hub_url` is the source; its `split`
+    (if it has one and `keep_entry_split`) replaces `split`, its `subset` the hub configuration.
+    """
+    rows: list[Row] = []
+    for info in read_registry(dataset_info, names, flag):
+        if max_samples is not None and len(rows) == max_samples:
+            break
+        remaining = None if max_samples is None else max_samples - len(rows)
+        entry_split = info.split if info.split and keep_entry_split else split
+        config = info.subset or config_name
+        for row in load_rows(info.source, entry_split, config_name=config, max_samples=remaining, flag=flag):
+            row.dataset_info = info
+            rows.append(row)
     return rows
 
 
@@ -368,3 +407,36 @@ def _check_splits(path: Path, parts: list[str], available: list[str]) -> None:
             f"{path}: no split {', '.join(map(repr, missing))}; it has: {', '.join(available)} "
             "(choose one with --dataset_split / --eval_split)"
         )
+
+
+class EpochSampler(Sampler):
+    """Row order for one epoch: a seeded permutation (`random`, reshuffled with seed + epoch) or file order.
+
+    The same seed and epoch always give the same order, on every process and after a restart.
+    """
+
+    def __init__(self, num_rows: int, shuffle: bool, seed: int):
+        self.num_rows = num_rows
+        self.shuffle = shuffle
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self):
+        if not self.shuffle:
+            return iter(range(self.num_rows))
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(self.num_rows, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.num_rows
+
+
+def micro_batches(step_examples: list, micro_batch_size: int) -> list[list]:
+    return [step_examples[i : i + micro_batch_size] for i in range(0, len(step_examples), micro_batch_size)]
+
+
+def to_device(batch: dict, device) -> dict:
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}

@@ -11,6 +11,15 @@ Row formats (TRL's; every row needs `chosen` and `rejected`):
     implicit prompt    {"chosen": "\\n\\nHuman: What is 2+2?\\n\\nAssistant: 4.", "rejected": "...Assistant: 5."}
                        (or full conversations as lists of messages): the prompt is the shared beginning.
 
+and LLaMA-Factory's, converted first to the conversational row above (nanodpo/llamafactory.py):
+
+    sharegpt           {"conversations": [{"from": "human", "value": "What is 2+2?"}],
+                        "chosen": {"from": "gpt", "value": "4."}, "rejected": {"from": "gpt", "value": "5."}}
+    alpaca             {"instruction": "What is 2+2?", "input": "", "chosen": "4.", "rejected": "5."}
+
+A `tools` column (a list of function definitions, or a JSON string of one) is passed to the chat template as
+`tools=`, as TRL does; messages may carry OpenAI-style `tool_calls`, and tool results have the role `tool`.
+
 Per row, in order (TRL's `DPOTrainer._prepare_dataset`, checked token for token in tests/test_dpo_data.py):
 
 1. Validate (before any training): chosen/rejected present, strings or non-empty lists of messages of the same
@@ -30,6 +39,8 @@ Unpaired rows (KTO, `--loss_type kto`; TRL's KTOTrainer format), loaded by `load
 
     {"prompt": "What is 2+2?", "completion": " 4.", "label": true}        label: true = desirable (thumbs up)
     {"prompt": [{"role": "user", ...}], "completion": [{"role": "assistant", ...}], "label": false}
+    {"messages": [{"role": "user", ...}, {"role": "assistant", ...}], "label": true}   LLaMA-Factory's: the last
+                       message is the completion (or "conversations" from/value, "kto_tag"; or alpaca + "kto_tag")
 
 With `--unpair_preference_data`, preference rows are read instead, each giving a desirable row (its chosen) and an
 undesirable one (its rejected), in the order of TRL's `unpair_preference_dataset` (per block of 1000 pairs: the
@@ -39,7 +50,6 @@ Roles allowed in messages: system, developer, user, assistant, tool. Anything el
 model-specific role) is refused up front rather than rendered wrongly or failing mid-run inside a chat template.
 """
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,6 +57,7 @@ import torch
 
 from nanodpo.data import Row, load_split_rows
 from nanodpo.errors import UserError
+from nanodpo.llamafactory import check_tools_rendered, row_tools, trl_row
 
 ALLOWED_ROLES = ("system", "developer", "user", "assistant", "tool")
 
@@ -165,8 +176,10 @@ def build_examples(
 
 
 def prepare_row(row: Row) -> tuple[Any, Any, Any, bool]:
-    """Check one row; return (prompt, chosen, rejected, prompt_was_extracted) as text or messages."""
-    data = row.data
+    """Check one row; return (prompt, chosen, rejected, prompt_was_extracted) as text or messages. A row in one of
+    LLaMA-Factory's layouts is converted to TRL's conversational row first."""
+    data = trl_row(row, "pair")
+    chat_template_kwargs(row)  # its tools and template options are checked now too, before any row is tokenized
     for name in ("chosen", "rejected"):
         if name not in data:
             columns = ", ".join(map(repr, data)) or "none"
@@ -300,12 +313,7 @@ def common_prefix_length(ids: list[int], other_ids: list[int]) -> int:
 
 def chat_template_kwargs(row: Row) -> dict:
     """TRL passes the row's `tools` (a list, or a JSON string) and `chat_template_kwargs` to the chat template."""
-    tools = row.data.get("tools")
-    if isinstance(tools, str):
-        try:
-            tools = json.loads(tools)
-        except json.JSONDecodeError as err:
-            raise UserError(f"{row.where('tools')}: not valid JSON ({err.msg})") from None
+    tools = row_tools(row)
     extra = row.data.get("chat_template_kwargs") or {}
     if not isinstance(extra, dict):
         raise UserError(f"{row.where('chat_template_kwargs')}: expected a mapping, got {type(extra).__name__}")
@@ -315,9 +323,13 @@ def chat_template_kwargs(row: Row) -> dict:
 def apply_template(row: Row, tokenizer, messages: list[dict], **kwargs) -> list[int]:
     import jinja2
 
+    def render(messages, tools):
+        return tokenizer.apply_chat_template(messages, tokenize=False, **{**kwargs, "tools": tools})
+
     try:
         encoded = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True, **kwargs)
-    except jinja2.TemplateError as err:  # e.g. a template that refuses system messages or a role order
+        check_tools_rendered(render, messages, kwargs.get("tools"), row.where())
+    except (jinja2.TemplateError, TypeError) as err:  # e.g. refused system messages or role order; null content
         raise UserError(f"{row.where('chosen')}: the chat template failed on this row's messages ({err})") from None
     return list(encoded["input_ids"])
 
@@ -366,8 +378,10 @@ def load_unpaired_data(cfg, tokenizer, split: str = "train") -> list[dict] | Non
 
 
 def prepare_unpaired_row(row: Row) -> tuple[Row, Any, Any, bool]:
-    """Check one unpaired row; return (row, prompt, completion, label)."""
-    data = row.data
+    """Check one unpaired row; return (row, prompt, completion, label). A row in one of LLaMA-Factory's layouts is
+    converted to TRL's first (the last message is the completion)."""
+    data = trl_row(row, "unpaired")
+    chat_template_kwargs(row)
     if "chosen" in data and "rejected" in data and "completion" not in data:
         raise UserError(
             f"{row.where()}: a preference pair (chosen, rejected), but --loss_type kto reads unpaired rows "

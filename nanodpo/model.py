@@ -60,9 +60,20 @@ def check_model_options(cfg) -> None:
     if cfg.bf16 and cfg.fp16:
         raise UserError("--bf16 and --fp16 are exclusive: pick one mixed-precision mode")
     if cfg.fp16 and not torch.cuda.is_available():
-        raise UserError("--fp16 needs a CUDA GPU (loss scaling has no CPU kernel); use --bf16 or no mixed precision")
-    if cfg.bf16 and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
-        raise UserError("--bf16 is not supported by this GPU; use --fp16")
+        # accelerate would not refuse: on a CPU it silently drops fp16 (no autocast, no loss scaling) and trains fp32.
+        raise UserError("--fp16 needs a CUDA GPU (accelerate runs fp16 on GPUs only); use --bf16 or no mixed precision")
+    if cfg.fp16 and cfg.dtype == "float16" and not cfg.use_lora and not getattr(cfg, "from_scratch", False):
+        raise UserError(
+            "--fp16 with --dtype float16 would train float16 weights, whose gradients loss scaling cannot unscale: "
+            "keep the trained weights in float32 (--dtype float32, the default; fp16 autocast still computes in "
+            "float16), or train a LoRA adapter (--use_lora, kept in float32) on the float16 base"
+        )
+    # Without including_emulation=False, torch says yes on a T4 or V100: it can store bf16 tensors, not compute fast.
+    if cfg.bf16 and torch.cuda.is_available() and not torch.cuda.is_bf16_supported(including_emulation=False):
+        raise UserError(
+            f"--bf16: this GPU ({torch.cuda.get_device_name()}) has no bfloat16 compute (bf16 needs an Ampere or "
+            "later GPU: A100, RTX 30xx, H100 ...); on a T4 or V100 use --fp16 (float16 with loss scaling)"
+        )
     if cfg.attn_implementation == "flash_attention_2" and not torch.cuda.is_available():
         raise UserError("--attn_implementation flash_attention_2 needs a CUDA GPU; use sdpa")
     if cfg.attn_implementation == "flash_attention_2" and cfg.dtype == "float32" and not (cfg.bf16 or cfg.fp16):

@@ -29,33 +29,8 @@ Block-causal attention (query rows, key columns; 1 = may attend). Causal inside 
 With this mask and these position ids, every document's logits equal those of the document run alone
 (tests/test_packing.py checks it to 1e-5 in fp32, for Qwen2 and Llama, sdpa and eager).
 
-How a batch of packed rows reaches the model (`collate_packed`) depends on the attention implementation:
-
-- `flash_attention_2` / `flash_attention_3` (padding-free): all rows are flattened into ONE sequence [1, N] with no
-  padding and no attention mask; `position_ids` plus `cu_seq_lens_q/k` (cumulative document lengths,
-  [0, 3, 5, 8] above) tell the varlen kernel where documents start.
-- `sdpa` / `eager`: rows are padded to the longest row and get an explicit 4D block-causal mask [B, 1, L, L]:
-  boolean (True = attend) for sdpa, additive float (0 / dtype-min) for eager, which adds the mask to the scores.
-  transformers 5.23 passes a 4D mask through untouched (`masking_utils._preprocess_mask_arguments`).
-  Padding is treated as one more (dummy) document that attends only to itself, so no softmax row is empty (NaN).
-
-The trap: with sdpa, transformers 5.23 can also isolate documents from `position_ids` alone (it looks for position
-resets), but ONLY when there is no attention mask AND no KV cache. With the default `use_cache=True` the model makes a
-cache during training and documents silently attend to each other. The batch therefore carries `use_cache=False`, so
-`model(**batch)` is always right.
-
-Strategies (`pack_documents`):
-
-- `bfd` (best-fit decreasing, the default): documents sorted longest first, each placed in the row whose free space
-  fits it most tightly, a new row when none fits. Same algorithm, tie-breaking and row order as TRL's `_pack_bfd`.
-  A document longer than max_length is handled by `overflow`:
-    * "truncate" (the default, TRL's "bfd"): keep its first max_length tokens, drop the rest. Right for SFT, where
-      the start of a conversation gives the rest its meaning.
-    * "split" (TRL's "bfd_split"): cut it into max_length pieces, each packed as its own document (positions restart
-      and its first token is not a target; a piece cannot see the pieces before it). No token is lost: the choice for
-      pretraining on long documents.
-- `wrapped` (teaching only, never the default): concatenate everything and cut every max_length tokens. Attention
-  crosses document borders (one row is one "document"), so a document is conditioned on whatever came before it.
+`collate_packed` gives the model these rows with this mask (sdpa, eager), or flattened into one row for
+flash-attention's varlen kernel (`collate_varlen`); `pack_documents` decides which documents share a row.
 
 Everything is deterministic: no shuffling here (shuffle documents before packing if wanted).
 """
@@ -172,6 +147,19 @@ def pack_documents(
 ) -> list[PackedRow]:
     """Pack documents into rows of at most max_length tokens (see the module docstring). Empty documents are dropped.
 
+    Strategies (`pack_documents`):
+
+    - `bfd` (best-fit decreasing, the default): documents sorted longest first, each placed in the row whose free space
+      fits it most tightly, a new row when none fits. Same algorithm, tie-breaking and row order as TRL's `_pack_bfd`.
+      A document longer than max_length is handled by `overflow`:
+        * "truncate" (the default, TRL's "bfd"): keep its first max_length tokens, drop the rest. Right for SFT, where
+          the start of a conversation gives the rest its meaning.
+        * "split" (TRL's "bfd_split"): cut it into max_length pieces, each packed as its own document (positions
+          restart and its first token is not a target; a piece cannot see the pieces before it). No token is lost:
+          the choice for pretraining on long documents.
+    - `wrapped` (teaching only, never the default): concatenate everything and cut every max_length tokens. Attention
+      crosses document borders (one row is one "document"), so a document is conditioned on whatever came before it.
+
     strategy: "bfd" | "wrapped". overflow (bfd only): "truncate" | "split".
     group_size: pack each run of `group_size` consecutive documents on its own (None = all at once). TRL packs inside
     each `datasets.map` batch, i.e. group_size=1000; whole-set packing wastes less.
@@ -244,30 +232,20 @@ def collate_packed(
     pad_to: int | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> dict[str, Any]:
-    """Batch tensors for `model(**batch)` (see the module docstring). Keys:
+    """Batch tensors for `model(**batch)`: input_ids, labels, position_ids [B, L] (padded to the longest row, or to
+    `pad_to`), attention_mask [B, 1, L, L] (the module docstring's block-causal mask: bool for sdpa, additive float of
+    `dtype` for eager, which adds the mask to the scores), use_cache=False. Padding is one more (dummy) document that
+    attends only to itself, so no softmax row is empty (NaN). flash-attention: `collate_varlen`.
 
-    flash_attention_2/3: input_ids, labels, position_ids [1, N] (all rows flattened, no padding),
-        cu_seq_lens_q, cu_seq_lens_k (int32 [documents + 1]), max_length_q, max_length_k (int), use_cache=False.
-    sdpa / eager: input_ids, labels, position_ids [B, L] (padded to the longest row, or to `pad_to`),
-        attention_mask [B, 1, L, L] (bool for sdpa; additive float of `dtype` for eager), use_cache=False.
+    The trap `use_cache=False` avoids: with sdpa, transformers 5.23 can also isolate documents from `position_ids`
+    alone (it looks for position resets), but ONLY when there is no attention mask AND no KV cache. With the default
+    `use_cache=True` the model makes a cache during training and documents silently attend to each other.
     """
     if attn_implementation in PADDING_FREE_ATTENTION:
-        seq_lens = [n for row in rows for n in row.seq_lens]
-        cu_seq_lens = torch.tensor([0] + seq_lens, dtype=torch.int32).cumsum(0, dtype=torch.int32)
-        return {
-            "input_ids": torch.tensor([[t for row in rows for t in row.input_ids]]),
-            "labels": torch.tensor([[t for row in rows for t in row.labels]]),
-            "position_ids": torch.tensor([[p for row in rows for p in row.position_ids]]),
-            "cu_seq_lens_q": cu_seq_lens,
-            "cu_seq_lens_k": cu_seq_lens,
-            "max_length_q": max(seq_lens),
-            "max_length_k": max(seq_lens),
-            "use_cache": False,
-        }
+        return collate_varlen(rows)
     if attn_implementation not in MASKED_ATTENTION:
         choices = ", ".join(PADDING_FREE_ATTENTION + MASKED_ATTENTION)
         raise UserError(f"packing supports --attn_implementation {choices}; got {attn_implementation!r}")
-
     length = max(len(row) for row in rows)
     if pad_to is not None:
         if pad_to < length:
@@ -282,5 +260,23 @@ def collate_packed(
         "labels": torch.tensor([row.labels + [IGNORE_INDEX] * n for row, n in zip(rows, pads)]),
         "position_ids": torch.tensor([row.position_ids + list(range(n)) for row, n in zip(rows, pads)]),
         "attention_mask": mask,
+        "use_cache": False,
+    }
+
+
+def collate_varlen(rows: Sequence[PackedRow]) -> dict[str, Any]:
+    """flash_attention_2/3 (padding-free): all rows flattened into ONE sequence [1, N] with no padding and no mask;
+    `position_ids` plus `cu_seq_lens_q/k` (cumulative document lengths, [0, 3, 5, 8] in the module docstring's row,
+    int32 [documents + 1]) and max_length_q/k tell the varlen kernel where documents start. use_cache=False."""
+    seq_lens = [n for row in rows for n in row.seq_lens]
+    cu_seq_lens = torch.tensor([0] + seq_lens, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    return {
+        "input_ids": torch.tensor([[t for row in rows for t in row.input_ids]]),
+        "labels": torch.tensor([[t for row in rows for t in row.labels]]),
+        "position_ids": torch.tensor([[p for row in rows for p in row.position_ids]]),
+        "cu_seq_lens_q": cu_seq_lens,
+        "cu_seq_lens_k": cu_seq_lens,
+        "max_length_q": max(seq_lens),
+        "max_length_k": max(seq_lens),
         "use_cache": False,
     }

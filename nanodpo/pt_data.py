@@ -6,10 +6,9 @@ usual loader; with --streaming, `stream_steps` reads a corpus bigger than memory
 
 import itertools
 
-from nanodpo.data import iter_rows, load_split_rows
+from nanodpo.data import iter_rows, load_split_rows, micro_batches, to_device
 from nanodpo.errors import UserError
-from nanodpo.packing import Document, pack_documents
-from nanodpo.training import micro_batches, to_device
+from nanodpo.packing import Document, PackedRow, pack_documents, packing_efficiency
 
 
 def tokenize_document(row, cfg, tokenizer) -> Document:
@@ -33,6 +32,20 @@ def load_documents(cfg, tokenizer, split: str) -> list[Document] | None:
     if not docs:
         raise UserError(f"{split} data: no documents")
     return docs
+
+
+def load_packed_rows(cfg, tokenizer, split: str) -> list[PackedRow] | None:
+    """The split's documents packed into rows of --max_length tokens (None: no data for the split)."""
+    docs = load_documents(cfg, tokenizer, split)
+    if docs is None:
+        return None
+    rows = pack_documents(docs, cfg.max_length, cfg.packing_strategy, cfg.packing_overflow)
+    print(
+        f"pt data ({split}): {len(docs)} documents, {sum(len(d.input_ids) for d in docs):,} tokens -> {len(rows)} "
+        f"rows of {cfg.max_length} ({cfg.packing_strategy}), packing efficiency "
+        f"{packing_efficiency(rows, cfg.max_length):.1%}"
+    )
+    return rows
 
 
 def stream_steps(cfg, tokenizer, accelerator, collate, state):

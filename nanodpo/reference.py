@@ -1,12 +1,12 @@
 """The reference policy π_ref of DPO: where its log-probs come from, and the on-disk cache of precomputed ones.
 
-Three sources, chosen in train_dpo.py:
+Four sources; nanodpo/recipe.py picks one at setup and the step calls it as `reference(policy, batch, inputs)`:
   * LoRA / QLoRA: the policy itself with its adapter disabled — the base weights *are* the starting point, so no
-    second copy of the model is needed (`peft`'s `disable_adapter()` context).
-  * Full fine-tuning: a frozen copy of the starting weights (`nanodpo.model.load_reference`).
+    second copy of the model is needed (`peft`'s `disable_adapter()` context): `reference_from_model`.
+  * Full fine-tuning: a frozen copy of the starting weights (`nanodpo.model.load_reference`): `reference_from_model`.
   * `--precompute_ref_logps`: one pass over the data before training with the untrained policy (whose weights are
-    the reference), cached on disk; no reference model is ever loaded.
-  * `--reference_free`: none — log π_ref is taken as 0.
+    the reference), cached on disk; no reference model is ever loaded: `precomputed_reference`.
+  * none: the reference-free losses (simpo, cpo, orpo) and `--reference_free` (log π_ref = 0): `no_reference`.
 
 The cache key hashes the tokenized data, a fingerprint of the reference weights and every setting that changes a
 log-prob (max_length, truncation, LD-DPO's α, dtype, attention kernel), so a rerun with the same inputs reuses it
@@ -21,32 +21,42 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader
 
-from nanodpo.dpo import reference_logps
-from nanodpo.fast.dpo_packing import preference_model_inputs
-from nanodpo.logps import ModelInputs, token_logps
+from nanodpo.logps import ModelInputs
 from nanodpo.model import gathered_state_dict, is_peft_model
 
 
 @torch.no_grad()
-def compute_reference_logps(
-    policy, ref_model, inputs: ModelInputs, ld_alpha, accelerator, path: str = "chunked"
+def reference_from_model(
+    policy, batch: dict, inputs: ModelInputs, *, ref_model, token_logps, sum_logps, unwrap_model
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(ref_chosen_logps [B], ref_rejected_logps [B]) of one [chosen; rejected] batch, under no_grad, in the batch's
-    own layout (padded, padding-free or prefix-shared: `inputs` from dpo_packing.preference_model_inputs).
+    own layout (`inputs`), summed by `sum_logps` as the policy's are.
 
     ref_model given: a frozen copy. Otherwise a LoRA policy with its adapter disabled — or, for the one pass of
     --precompute_ref_logps before the first update, the untrained policy itself (its weights *are* the reference).
     """
     if ref_model is not None:
-        stats = token_logps(ref_model, inputs, path, with_metrics=False)
+        stats = token_logps(ref_model, inputs)
     else:
-        unwrapped = accelerator.unwrap_model(policy)
+        unwrapped = unwrap_model(policy)
         # Dropout is off (DPO disables it) and no_grad is on, so this is exactly the starting model's forward.
         adapter_off = unwrapped.disable_adapter() if is_peft_model(unwrapped) else contextlib.nullcontext()
         with adapter_off:
-            stats = token_logps(unwrapped, inputs, path, with_metrics=False)
-    return reference_logps(stats.logps, stats.mask, ld_alpha)
+            stats = token_logps(unwrapped, inputs)
+    ref_chosen_logps, ref_rejected_logps = sum_logps(stats.logps, stats.mask).chunk(2)
+    return ref_chosen_logps, ref_rejected_logps
+
+
+def precomputed_reference(policy, batch: dict, inputs: ModelInputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """The reference log-probs `precompute_reference_logps` attached to every example, collated into the batch."""
+    return batch["ref_chosen_logps"], batch["ref_rejected_logps"]
+
+
+def no_reference(policy, batch: dict, inputs: ModelInputs) -> tuple[None, None]:
+    """No reference log-probs: the loss reads none (simpo, cpo, orpo), or takes them as 0 (--reference_free)."""
+    return None, None
 
 
 def data_fingerprint(examples: list[dict]) -> str:
@@ -93,12 +103,14 @@ def cache_dir() -> Path:
 
 
 def precompute_reference_logps(
-    examples: list[dict], policy, ref_model, loader, cfg, accelerator, name: str
+    examples: list[dict], name: str, *, policy, ref_model, cfg, accelerator, collator, model_inputs, score
 ) -> tuple[list[dict], str]:
     """Attach `ref_chosen_logps`/`ref_rejected_logps` to every example, from the disk cache or one no_grad pass.
 
-    `loader` iterates `examples` in order (no shuffling), already prepared by the accelerator; results are gathered
-    from all processes. Returns (examples with the two fields, cache key).
+    The pass reads `examples` in order, in batches of --precompute_ref_batch_size (default: the eval batch size)
+    spread over the processes, and gathers the results from all of them. `collator`, `model_inputs` and `score`
+    (`reference_from_model` with its options bound) are the step's own. Returns (examples with the two fields, cache
+    key).
     """
     key_model = ref_model if ref_model is not None else accelerator.unwrap_model(policy)
     key = cache_key(examples, key_model, cfg)
@@ -110,11 +122,10 @@ def precompute_reference_logps(
         chosen, rejected = [], []
         was_training = policy.training
         policy.eval()
+        batch_size = cfg.precompute_ref_batch_size or cfg.per_device_eval_batch_size
+        loader = accelerator.prepare_data_loader(DataLoader(examples, batch_size, shuffle=False, collate_fn=collator))
         for batch in loader:
-            inputs = preference_model_inputs(policy, batch)
-            ref_chosen, ref_rejected = compute_reference_logps(
-                policy, ref_model, inputs, cfg.ld_alpha, accelerator, cfg.logps
-            )
+            ref_chosen, ref_rejected = score(policy, batch, model_inputs(policy, batch))
             ref_chosen, ref_rejected = accelerator.gather_for_metrics((ref_chosen, ref_rejected))
             chosen.append(ref_chosen.float().cpu())
             rejected.append(ref_rejected.float().cpu())
@@ -133,13 +144,3 @@ def precompute_reference_logps(
         for ex, c, r in zip(examples, tensors["ref_chosen_logps"].tolist(), tensors["ref_rejected_logps"].tolist())
     ]
     return with_ref, key
-
-
-@contextlib.contextmanager
-def eval_mode(model):
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)

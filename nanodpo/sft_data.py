@@ -2,17 +2,24 @@
 
 Formats, detected from the row's keys (first match wins; other keys such as `id` or `source` are ignored):
 
-    messages            {"messages": [{"role": "system"|"user"|"assistant", "content": "..."}, ...]}
-    sharegpt            {"conversations": [{"from": "system"|"human"|"gpt", "value": "..."}, ...]}   (Infinity-Instruct)
+    messages            {"messages": [{"role": "system"|"user"|"assistant"|"tool", "content": "..."}, ...]}
+                        (assistant messages may carry OpenAI-style "tool_calls"; "tool" messages are their results)
+    sharegpt            {"conversations": [{"from": "system"|"human"|"gpt"|"function_call"|"observation",
+                                            "value": "..."}, ...], "system": ..., "tools": ...}   (LLaMA-Factory)
     prompt_completion   {"prompt": "...", "completion": "..."}, or both as message lists
-    alpaca              {"instruction": "...", "input": "..." (optional), "output": "...", "system": ... (optional)}
+    alpaca              {"instruction": "...", "input": "..." (optional), "output": "...", "system": ...,
+                         "history": [["earlier question", "earlier answer"], ...]}                 (LLaMA-Factory)
     text                {"text": "..."}
 
-`normalize_sft_row` turns every row into one of three shapes (`SFTExample`), checking it on the way; any problem is a
-`UserError` naming the row and the field ("data.jsonl, row 12, field 'messages[3].role': unknown role 'tool' ..."):
+A `tools` column (a list of function definitions, or a JSON string of one) is passed to the chat template as
+`tools=`, as TRL does. With `--dataset_info`, a row's format and column names are those of its LLaMA-Factory entry.
 
-    conversation   messages, sharegpt, alpaca  -> messages with roles system/user/assistant (human -> user,
-                   gpt -> assistant; alpaca: user = instruction, plus "\\n\\n" + input when there is one)
+`normalize_sft_row` turns every row into one of three shapes (`SFTExample`), checking it on the way; any problem is a
+`UserError` naming the row and the field ("data.jsonl, row 12, field 'messages[3].role': unknown role 'bot' ..."):
+
+    conversation   messages, sharegpt, alpaca  -> TRL messages (sharegpt and alpaca as nanodpo/llamafactory.py
+                   converts them: human -> user, gpt -> assistant, observation -> tool, function_call -> assistant
+                   with tool_calls; alpaca: the history's turns, then user = instruction + "\\n" + input)
     prompt/completion                          -> kept as is (two strings, or two message lists)
     text                                       -> kept as is
 
@@ -22,6 +29,7 @@ What the loss trains on (`tokenize_sft_example` returns a `Document`: input_ids 
                        token (`<|im_end|>`), but not the turn header (`<|im_start|>assistant\\n`) nor the whitespace
                        the template writes after the end-of-turn token. Equal to TRL's `assistant_only_loss=True`
                        with a `{% generation %}...{% endgeneration %}` template around `content + '<|im_end|>'`.
+                       Function calls are assistant turns (trained); tool results are not.
     prompt/completion  the completion only (TRL's `completion_only_loss`): everything after the tokens of the prompt
                        (string data: the completion gets EOS appended, as TRL does).
     text               every token (EOS appended, as TRL does).
@@ -60,6 +68,16 @@ from jinja2.exceptions import TemplateError
 from nanodpo.data import load_split_rows
 from nanodpo.dpo_data import common_prefix_length
 from nanodpo.errors import UserError
+from nanodpo.llamafactory import (
+    DatasetInfo,
+    check_tools_rendered,
+    convert,
+    convert_messages,
+    default_layout,
+    kind,
+    parse_tools,
+    text_field,
+)
 from nanodpo.packing import Document
 
 CHATML_TEMPLATE = (
@@ -81,7 +99,6 @@ FORMAT_HELP = (
     "'messages' (role/content), 'conversations' (ShareGPT from/value), 'prompt' + 'completion', "
     "'instruction' + 'output' (alpaca, optional 'input'), or 'text'"
 )
-ROLES = {"system": "system", "user": "user", "assistant": "assistant", "human": "user", "gpt": "assistant"}
 
 
 @dataclass
@@ -89,23 +106,19 @@ class SFTExample:
     """A checked SFT row in one of three shapes: `messages`, or `prompt` + `completion`, or `text`."""
 
     format: str  # the source format detected: a key of FORMATS
-    messages: list[dict[str, str]] | None = None  # role in system/user/assistant, content a non-empty string
-    prompt: str | list[dict[str, str]] | None = None
-    completion: str | list[dict[str, str]] | None = None
+    messages: list[dict] | None = None  # TRL messages: role system/user/assistant/tool, content, maybe tool_calls
+    prompt: str | list[dict] | None = None
+    completion: str | list[dict] | None = None
     text: str | None = None
+    tools: list[dict] | None = None  # passed to the chat template as tools=
 
 
 # ---------------------------------------------------------------- normalising rows
 
 
-def _kind(value: Any) -> str:
-    names = {dict: "an object", list: "a list", str: "a string", type(None): "null"}
-    return names.get(type(value), type(value).__name__)
-
-
 def detect_format(row: Any, where: str) -> str:
     if not isinstance(row, dict):
-        raise UserError(f"{where}: expected an object with the fields of an SFT example, got {_kind(row)}")
+        raise UserError(f"{where}: expected an object with the fields of an SFT example, got {kind(row)}")
     for name, keys in FORMATS.items():
         if all(key in row for key in keys):
             return name
@@ -119,38 +132,6 @@ def detect_format(row: Any, where: str) -> str:
     raise UserError(f"{where}: unknown SFT format, found fields {sorted(row)}{hint}; expected {FORMAT_HELP}")
 
 
-def _text(value: Any, where: str, name: str, allow_empty: bool = False) -> str:
-    if not isinstance(value, str):
-        raise UserError(f"{where}, field '{name}': expected a string, got {_kind(value)}")
-    if not allow_empty and not value.strip():
-        raise UserError(f"{where}, field '{name}': empty text")
-    return value
-
-
-def _messages(value: Any, where: str, name: str) -> list[dict[str, str]]:
-    """Check a message list; accept role/content or ShareGPT from/value keys; map role names onto ROLES."""
-    if not isinstance(value, list) or not value:
-        what = "an empty list" if value == [] else _kind(value)
-        raise UserError(f"{where}, field '{name}': expected a non-empty list of messages, got {what}")
-    messages = []
-    for i, message in enumerate(value):
-        at = f"{name}[{i}]"
-        if not isinstance(message, dict):
-            raise UserError(f"{where}, field '{at}': expected a message object, got {_kind(message)}")
-        role_key, content_key = ("from", "value") if "from" in message or "value" in message else ("role", "content")
-        for key in (role_key, content_key):
-            if key not in message:
-                raise UserError(f"{where}, field '{at}': no '{key}' (found fields {sorted(message)})")
-        role = message[role_key]
-        if not isinstance(role, str) or role not in ROLES:
-            raise UserError(
-                f"{where}, field '{at}.{role_key}': unknown role {role!r} (expected one of {', '.join(ROLES)})"
-            )
-        content = _text(message[content_key], where, f"{at}.{content_key}")
-        messages.append({"role": ROLES[role], "content": content})
-    return messages
-
-
 def _check_conversation(messages: list[dict[str, str]], where: str, name: str) -> list[dict[str, str]]:
     roles = [m["role"] for m in messages]
     if "assistant" not in roles:
@@ -160,38 +141,36 @@ def _check_conversation(messages: list[dict[str, str]], where: str, name: str) -
     return messages
 
 
-def normalize_sft_row(row: dict, where: str) -> SFTExample:
-    """Detect the row's format and check it; `where` ("data.jsonl, row 12") starts every error message."""
-    fmt = detect_format(row, where)
-    if fmt in ("messages", "sharegpt"):
-        key = FORMATS[fmt][0]
-        return SFTExample(fmt, messages=_check_conversation(_messages(row[key], where, key), where, key))
-    if fmt == "alpaca":
-        user = _text(row["instruction"], where, "instruction")
-        extra = row.get("input")
-        if extra is not None and _text(extra, where, "input", allow_empty=True).strip():
-            user = f"{user}\n\n{extra}"
-        output = _text(row["output"], where, "output")
-        messages = [{"role": "user", "content": user}, {"role": "assistant", "content": output}]
-        if row.get("system") is not None:
-            messages.insert(0, {"role": "system", "content": _text(row["system"], where, "system")})
-        return SFTExample(fmt, messages=messages)
-    if fmt == "prompt_completion":
-        prompt, completion = row["prompt"], row["completion"]
-        if isinstance(prompt, list) and isinstance(completion, list):
-            prompt = _messages(prompt, where, "prompt")
-            completion = _messages(completion, where, "completion")
-            if "assistant" not in [m["role"] for m in completion]:
-                raise UserError(f"{where}, field 'completion': no assistant turn to train on")
-            return SFTExample(fmt, prompt=prompt, completion=completion)
-        if isinstance(prompt, str) and isinstance(completion, str):
-            prompt, completion = _text(prompt, where, "prompt"), _text(completion, where, "completion")
-            return SFTExample(fmt, prompt=prompt, completion=completion)
-        raise UserError(
-            f"{where}, fields 'prompt' and 'completion': expected two strings or two message lists, "
-            f"got {_kind(prompt)} and {_kind(completion)}"
-        )
-    return SFTExample(fmt, text=_text(row["text"], where, "text"))
+def normalize_sft_row(row: dict, where: str, info: DatasetInfo | None = None) -> SFTExample:
+    """Detect the row's format and check it; `where` ("data.jsonl, row 12") starts every error message. `info` is
+    the row's --dataset_info entry: its formatting and column names then decide how the row is read."""
+    fmt = info.formatting if info is not None and isinstance(row, dict) else detect_format(row, where)
+    if fmt in ("sharegpt", "alpaca"):  # LLaMA-Factory's formats
+        info = info or default_layout(row, fmt)
+        trl = convert(row, where, info, "sft")
+        name = info.messages if fmt == "sharegpt" else info.prompt
+        return SFTExample(fmt, messages=_check_conversation(trl["messages"], where, name), tools=trl.get("tools"))
+    if fmt == "text":
+        return SFTExample(fmt, text=text_field(row["text"], where, "text", nonempty=True))
+    tools = parse_tools(row.get("tools"), where, "tools", wrap=False)
+    if fmt == "messages":
+        messages = _check_conversation(convert_messages(row["messages"], where, "messages"), where, "messages")
+        return SFTExample(fmt, messages=messages, tools=tools)
+    prompt, completion = row["prompt"], row["completion"]
+    if isinstance(prompt, list) and isinstance(completion, list):
+        prompt = convert_messages(prompt, where, "prompt")
+        completion = convert_messages(completion, where, "completion")
+        if "assistant" not in [m["role"] for m in completion]:
+            raise UserError(f"{where}, field 'completion': no assistant turn to train on")
+        return SFTExample(fmt, prompt=prompt, completion=completion, tools=tools)
+    if isinstance(prompt, str) and isinstance(completion, str):
+        text_field(prompt, where, "prompt", nonempty=True)
+        text_field(completion, where, "completion", nonempty=True)
+        return SFTExample(fmt, prompt=prompt, completion=completion)
+    raise UserError(
+        f"{where}, fields 'prompt' and 'completion': expected two strings or two message lists, "
+        f"got {kind(prompt)} and {kind(completion)}"
+    )
 
 
 # ---------------------------------------------------------------- chat templates and tokenizing
@@ -221,22 +200,32 @@ def resolve_chat_template(tokenizer, chat_template: str | None) -> str | None:
     return path.read_text(encoding="utf-8")
 
 
-def _renderer(tokenizer, chat_template: str | None, where: str) -> Callable[[list, bool], str]:
+def _renderer(tokenizer, chat_template: str | None, where: str, tools: list | None) -> Callable[[list, bool], str]:
     if chat_template is None and not tokenizer.chat_template:
         raise UserError(
             f"{where}: conversational data needs a chat template and the tokenizer has none; "
             "pass --chat_template chatml (or a Jinja template file)"
         )
 
-    def render(messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
+    def render(messages: list[dict], add_generation_prompt: bool) -> str:
         try:
             return tokenizer.apply_chat_template(
-                messages, chat_template=chat_template, tokenize=False, add_generation_prompt=add_generation_prompt
-            )
-        except TemplateError as err:
+                messages, chat_template=chat_template, tokenize=False, add_generation_prompt=add_generation_prompt,
+                tools=tools,
+            )  # fmt: skip
+        except (TemplateError, TypeError) as err:  # TypeError: e.g. a template adding a null content to a string
             raise UserError(f"{where}: the chat template refused this conversation: {err}") from None
 
     return render
+
+
+def _check_tools(tokenizer, chat_template: str | None, where: str, messages: list[dict], tools: list | None) -> None:
+    """A clear error when the template drops the conversation's tools or function calls (`check_tools_rendered`)."""
+
+    def render(messages: list[dict], tools: list | None) -> str:
+        return _renderer(tokenizer, chat_template, where, tools)(messages, False)
+
+    check_tools_rendered(render, messages, tools, where)
 
 
 def assistant_char_spans(messages: list[dict[str, str]], render, where: str) -> list[tuple[int, int]]:
@@ -283,7 +272,8 @@ def tokenize_sft_example(
     """Token ids and loss mask of one example (see the module docstring). `chat_template` is template text (from
     `resolve_chat_template`) or None for the tokenizer's own."""
     if example.messages is not None:
-        render = _renderer(tokenizer, chat_template, where)
+        render = _renderer(tokenizer, chat_template, where, example.tools)
+        _check_tools(tokenizer, chat_template, where, example.messages, example.tools)
         text = render(example.messages, False)
         encoding = tokenizer(text, add_special_tokens=False)  # what apply_chat_template(tokenize=True) does
         ids = encoding["input_ids"]
@@ -296,7 +286,8 @@ def tokenize_sft_example(
 
     if example.prompt is not None:
         if isinstance(example.prompt, list):  # conversational: the prompt ends with the assistant header
-            render = _renderer(tokenizer, chat_template, where)
+            render = _renderer(tokenizer, chat_template, where, example.tools)
+            _check_tools(tokenizer, chat_template, where, example.prompt + example.completion, example.tools)
             prompt_ids = tokenizer(render(example.prompt, True), add_special_tokens=False)["input_ids"]
             ids = tokenizer(render(example.prompt + example.completion, False), add_special_tokens=False)["input_ids"]
         else:  # strings, tokenized as TRL does (special tokens such as BOS added), EOS appended to the completion
@@ -353,18 +344,19 @@ def prepare_sft_documents(
     max_length: longer examples are truncated keeping the start, and dropped if no trained token is left.
     """
     template = resolve_chat_template(tokenizer, chat_template)
-    located = ((f"{source}, row {n}", row) for n, row in enumerate(rows, start=1))
+    located = ((f"{source}, row {n}", row, None) for n, row in enumerate(rows, start=1))
     return _tokenize_rows(located, tokenizer, max_length, template, train_on_prompt)
 
 
 def _tokenize_rows(
     located_rows, tokenizer, max_length, template, train_on_prompt
 ) -> tuple[list[Document], SFTDataStats]:
-    """(where, row) pairs -> documents truncated to max_length (keeping the start), dropped when nothing is trained."""
+    """(where, row, its dataset_info entry or None) -> documents truncated to max_length (keeping the start),
+    dropped when nothing is trained."""
     stats = SFTDataStats()
     documents = []
-    for where, row in located_rows:
-        example = normalize_sft_row(row, where)
+    for where, row, info in located_rows:
+        example = normalize_sft_row(row, where, info)
         doc = tokenize_sft_example(example, tokenizer, where, template, train_on_prompt)
         stats.rows += 1
         stats.formats[example.format] += 1
@@ -387,7 +379,7 @@ def load_sft_data(cfg, tokenizer, split: str = "train") -> list[Document] | None
     rows = load_split_rows(cfg, split)
     if rows is None:
         return None
-    located = ((row.where(), row.data) for row in rows)
+    located = ((row.where(), row.data, row.dataset_info) for row in rows)
     documents, stats = _tokenize_rows(located, tokenizer, cfg.max_length, None, cfg.train_on_prompt)
     print(f"sft data ({split}): {stats.summary()}")
     if not documents:

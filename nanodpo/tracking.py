@@ -38,10 +38,14 @@ class MetricMeans:
 
 def train_record(means: MetricMeans, state, **values) -> dict[str, float]:
     """A training record: the interval's metric means, then `values` (grad_norm, learning_rate, epoch, ...), the
-    tokens trained on so far, and — once there is one — the count of skipped non-finite steps."""
+    tokens trained on so far, once there is one the count of skipped non-finite steps, and under fp16 loss scaling
+    the last step's loss scale with the count of overflows the scaler skipped."""
     record = {**means.pop_means(), **values, "num_tokens": state.num_tokens}
     if state.nonfinite_total:
         record["nonfinite_steps_skipped"] = state.nonfinite_total
+    if state.loss_scale is not None:
+        record["loss_scale"] = state.loss_scale
+        record["overflow_steps_skipped"] = state.overflow_total
     return record
 
 

@@ -6,6 +6,7 @@ what is here is what would otherwise be pasted three times.
 """
 
 import contextlib
+import dataclasses
 import itertools
 import math
 import os
@@ -14,13 +15,22 @@ import random
 import numpy as np
 import torch
 from accelerate import Accelerator
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from nanodpo import logps
+from nanodpo.data import EpochSampler, to_device
 from nanodpo.errors import UserError
-from nanodpo.logps import ModelInputs, token_logps
+from nanodpo.fast.chunked_head import chunked_token_logps
+from nanodpo.logps import ModelInputs
 from nanodpo.model import decay_parameter_groups, is_main_process
 from nanodpo.packing import PackedRow, collate_packed
+
+
+def choose_token_logps(cfg):
+    """--logps: the readable path (nanodpo/logps.py), or chapter two's chunked head (nanodpo/fast/chunked_head.py);
+    the same TokenStats either way."""
+    return chunked_token_logps if cfg.logps == "chunked" else logps.token_logps
 
 
 def make_accelerator(cfg) -> Accelerator:
@@ -119,31 +129,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-class EpochSampler(Sampler):
-    """Row order for one epoch: a seeded permutation (`random`, reshuffled with seed + epoch) or file order.
-
-    The same seed and epoch always give the same order, on every process and after a restart.
-    """
-
-    def __init__(self, num_rows: int, shuffle: bool, seed: int):
-        self.num_rows = num_rows
-        self.shuffle = shuffle
-        self.seed = seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self):
-        if not self.shuffle:
-            return iter(range(self.num_rows))
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        return iter(torch.randperm(self.num_rows, generator=generator).tolist())
-
-    def __len__(self) -> int:
-        return self.num_rows
-
-
 def make_train_loader(examples: list, collate_fn, cfg) -> DataLoader:
     """Micro-batches of --per_device_train_batch_size examples, in EpochSampler's order."""
     sampler = EpochSampler(len(examples), shuffle=cfg.train_sampling_strategy == "random", seed=cfg.seed)
@@ -229,6 +214,44 @@ def make_scheduler(optimizer: torch.optim.Optimizer, cfg, total_steps: int) -> t
 # The loop's steps: one optimizer step's micro-batches, their gradient sync, and what is checked after them.
 
 
+@dataclasses.dataclass
+class RunState:
+    """Where a run is. Saved in trainer_state.json with every checkpoint."""
+
+    step: int = 0  # optimizer steps done (including skipped ones)
+    epoch: int = 0
+    steps_in_epoch: int = 0  # optimizer steps done in the current epoch (the data position; independent of the
+    # process count: with the same global batch, step k covers the same examples on 1 or n processes)
+    num_tokens: int = 0
+    nonfinite_in_a_row: int = 0
+    nonfinite_total: int = 0
+    overflow_total: int = 0  # fp16 overflows the loss scaler skipped (not counted as non-finite)
+    loss_scale: float | None = None  # fp16: the loss scale of the last step (the scaler itself is in scaler.pt)
+    pending_metrics: dict = dataclasses.field(default_factory=dict)  # the unfinished logging interval's values
+    ref_cache_key: str | None = None
+    world_size: int = 1
+    global_batch: int = 0
+    sharding: str | None = None  # "fsdp2" / "deepspeed": how the optimizer state below was written (None: whole)
+    best_metric: float | None = None
+    best_checkpoint: str | None = None
+
+    def finish_step(self, epoch: int, update) -> None:
+        """Count an optimizer step of `epoch` (the data position) and what became of its update (a training.Update):
+        applied, skipped as an fp16 overflow, or skipped as non-finite (which --max_nonfinite_steps counts)."""
+        if epoch != self.epoch:
+            self.epoch, self.steps_in_epoch = epoch, 0
+        if update.applied:
+            self.nonfinite_in_a_row = 0
+        elif update.nonfinite:
+            self.nonfinite_in_a_row += 1
+            self.nonfinite_total += 1
+        else:
+            self.overflow_total += 1
+        self.loss_scale = update.loss_scale
+        self.step += 1
+        self.steps_in_epoch += 1
+
+
 def optimizer_steps(accelerator, loader, micro_batches_per_step: int, state):
     """(epoch, one optimizer step's micro-batches on this process), epoch after epoch, for as long as the loop asks,
     from the data position in `state` on (a resumed run skips the steps its checkpoint had trained on).
@@ -280,11 +303,48 @@ def gradient_sync(accelerator, model, last_micro_batch: bool):
         yield
 
 
-def updates_are_finite(accelerator, *values: float) -> bool:
-    """False on every process when any process saw a NaN/inf among `values` (its loss, the gradient norm): that
-    update is skipped, since one NaN in the weights poisons them for good. (accelerate's reduce knows sum/mean/max.)"""
-    nonfinite = torch.tensor(float(not all(math.isfinite(float(v)) for v in values)), device=accelerator.device)
-    return accelerator.reduce(nonfinite, reduction="max").item() == 0.0
+# An overflow at a loss scale below this is not one loss scaling can cure: the gradients overflow fp16 even scaled down.
+MIN_LOSS_SCALE = 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Update:
+    """What becomes of one optimizer step's gradients (`decide_update`): applied, or skipped — as an fp16 overflow
+    (the loss scaler's business, not counted) or as a non-finite step (counted against --max_nonfinite_steps)."""
+
+    applied: bool
+    nonfinite: bool
+    loss_scale: float | None = None  # fp16 loss scaling: the scale this step's backward used (None: no scaler)
+
+    @property
+    def overflow(self) -> bool:
+        return not self.applied and not self.nonfinite
+
+
+def decide_update(accelerator, grad_norm: float, *losses: float) -> Update:
+    """Whether this step's update is applied, the same answer on every process (one process's NaN/inf is enough).
+    Called after clipping (which, under fp16, unscaled the gradients) and before `optimizer.step()`:
+
+    * loss and gradient norm finite: applied (under fp16 `optimizer.step()` is GradScaler's step and update);
+    * fp16 loss scaling, a finite loss but an inf/NaN gradient norm: the scaled gradients overflowed fp16. Normal
+      early in a run (the scale starts at 2^16 and halves until the gradients fit) and now and then after the
+      scaler grows its scale. Skipped as GradScaler skips it: its `update()` halves the scale. Not counted as
+      non-finite — unless the scale had already fallen below MIN_LOSS_SCALE;
+    * otherwise (a NaN/inf loss; an inf norm without a scaler): skipped and counted, since one NaN in the weights
+      poisons them for good. The scaler, if any, is updated all the same: it has unscaled these gradients, and
+      the next step's unscaling needs it to have moved on.
+    """
+    local = [not all(math.isfinite(float(v)) for v in losses), not math.isfinite(float(grad_norm))]
+    local = torch.tensor(local, dtype=torch.float32, device=accelerator.device)
+    loss_nonfinite, norm_nonfinite = (flag > 0 for flag in accelerator.reduce(local, reduction="max").tolist())
+    scaler = accelerator.scaler
+    loss_scale = scaler.get_scale() if scaler is not None else None
+    if not (loss_nonfinite or norm_nonfinite):
+        return Update(applied=True, nonfinite=False, loss_scale=loss_scale)
+    if scaler is not None:
+        scaler.update()  # no step; the scale halves if unscaling found an inf, and the next step can unscale
+    overflow = scaler is not None and not loss_nonfinite and loss_scale >= MIN_LOSS_SCALE
+    return Update(applied=False, nonfinite=not overflow, loss_scale=loss_scale)
 
 
 def clip_norm(cfg) -> float:
@@ -333,10 +393,6 @@ def collate_rows(examples: list, cfg, pad_token_id: int) -> dict:
     return batch
 
 
-def micro_batches(step_examples: list, micro_batch_size: int) -> list[list]:
-    return [step_examples[i : i + micro_batch_size] for i in range(0, len(step_examples), micro_batch_size)]
-
-
 def step_targets(accelerator, batches: list[dict]) -> int:
     """Target tokens of a whole optimizer step — every micro-batch, every process (at least 1): what the step's
     summed NLL is divided by. Labels other than -100, after the one-token shift."""
@@ -354,7 +410,7 @@ def lm_model_inputs(batch: dict) -> ModelInputs:
     scored tokens are the labels (HF convention: aligned with input_ids, -100 = not scored, shifted in logps.py)."""
     model_kwargs = {k: v for k, v in batch.items() if k not in ("labels", "row_tokens")}
     labels = batch["labels"]
-    return ModelInputs(model_kwargs, input_ids=labels.clamp(min=0), loss_mask=(labels != -100).long())
+    return ModelInputs(model_kwargs, labels=labels.clamp(min=0), loss_mask=(labels != -100).long())
 
 
 def lm_metrics(stats) -> dict[str, float]:
@@ -366,12 +422,8 @@ def lm_metrics(stats) -> dict[str, float]:
     }
 
 
-def to_device(batch: dict, device) -> dict:
-    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-
 @torch.no_grad()
-def evaluate_lm(model, eval_examples: list, collate_fn, cfg, accelerator) -> dict[str, float]:
+def evaluate_lm(model, eval_examples: list, collate_fn, cfg, accelerator, token_logps) -> dict[str, float]:
     """Token means over the whole eval set, named eval_*: NLL (eval_loss), its perplexity, entropy and
     mean_token_accuracy — every target token of every row counted once, whatever the batch size and process count.
 
@@ -388,7 +440,7 @@ def evaluate_lm(model, eval_examples: list, collate_fn, cfg, accelerator) -> dic
     for start in range(0, rows_per_process, batch_size):
         rows = shard[start : start + batch_size]
         batch = to_device(collate_fn(rows or eval_examples[:1]), accelerator.device)
-        stats = token_logps(model, lm_model_inputs(batch), cfg.logps)
+        stats = token_logps(model, lm_model_inputs(batch))
         if rows:
             sums += torch.tensor(
                 [float(-stats.logps.sum()), float(stats.mask.sum()), float(stats.entropy.sum()),
@@ -405,3 +457,14 @@ def evaluate_lm(model, eval_examples: list, collate_fn, cfg, accelerator) -> dic
         "eval_entropy": entropy / targets,
         "eval_mean_token_accuracy": hits / targets,
     }
+
+
+@contextlib.contextmanager
+def eval_mode(model):
+    """The model in eval mode (dropout off) inside the block, and back in the mode it was in after it."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)

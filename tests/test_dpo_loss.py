@@ -13,24 +13,20 @@ import math
 import re
 import warnings
 from dataclasses import dataclass
+from functools import partial
 
 import pytest
 import torch
 
 from nanodpo.config import DPOConfig
-from nanodpo.dpo import (
-    F_DIVERGENCE_LOSS_TYPES,
-    LOSS_TYPES,
-    check_dpo_options,
-    completion_logps,
-    dpo_loss,
-    dpo_metrics,
-    preference_loss,
-    reference_logps,
-    resolved_losses,
-)
+from nanodpo.dpo import dpo_batch_loss
 from nanodpo.errors import UserError
 from nanodpo.logps import TokenStats, token_stats
+from nanodpo.losses.metrics import dpo_metrics
+from nanodpo.losses.modifiers import completion_logps, reference_logps
+from nanodpo.losses.options import F_DIVERGENCE_LOSS_TYPES, LOSS_TYPES, check_dpo_options, resolved_losses
+from nanodpo.losses.pair import preference_loss, weighted_pair_loss
+from nanodpo.recipe import choose_loss, is_plain_dpo
 from tests import tiny
 
 trl = pytest.importorskip("trl")
@@ -182,7 +178,7 @@ def run_nanodpo(batch: Batch, cfg: DPOConfig, with_grad: bool = False):
         ref_chosen, ref_rejected = None, None
     else:
         ref_chosen, ref_rejected = reference_logps(batch.ref_logps, batch.mask, cfg.ld_alpha)
-    out = dpo_loss(stats, batch.mask, ref_chosen, ref_rejected, cfg)
+    out = choose_loss(cfg)(stats, batch.mask, ref_chosen, ref_rejected)  # what train_dpo.py runs for cfg
     grad = torch.autograd.grad(out.loss, policy_logps)[0] if with_grad else None
     return out, grad, dpo_metrics(out, stats)
 
@@ -349,7 +345,9 @@ def test_docstring_worked_example():
     stats = TokenStats(logps=policy.clone().requires_grad_(), mask=mask)
     ref_chosen, ref_rejected = reference_logps(ref, mask)
     assert ref_chosen.tolist() == [-13.0, -8.5] and ref_rejected.tolist() == [-14.0, -9.5]
-    out = dpo_loss(stats, mask, ref_chosen, ref_rejected, nanodpo_config(beta=0.1))
+    cfg = nanodpo_config(beta=0.1)
+    assert is_plain_dpo(cfg)
+    out = dpo_batch_loss(stats, mask, ref_chosen, ref_rejected, beta=0.1)  # nanodpo/dpo.py, the paper's loss
     assert out.chosen_logps.tolist() == [-12.0, -8.0] and out.rejected_logps.tolist() == [-15.0, -9.0]
     torch.testing.assert_close(out.chosen_rewards, torch.tensor([0.1, 0.05]))
     torch.testing.assert_close(out.rejected_rewards, torch.tensor([-0.1, 0.05]))
@@ -363,13 +361,31 @@ def test_docstring_worked_example():
     assert stats.logps.grad is not None
 
 
+def test_the_papers_loss_equals_the_general_pair_loss():
+    """nanodpo/dpo.py's `dpo_batch_loss` (what plain sigmoid DPO runs) and losses/pair.py's `weighted_pair_loss`
+    (every other loss type) give the same numbers and gradients for --loss_type sigmoid: bit for bit."""
+    torch.manual_seed(0)
+    policy = torch.randn(6, 9) * 3
+    mask = (torch.rand(6, 9) > 0.3).float()
+    ref_chosen, ref_rejected = torch.randn(3) * 5, torch.randn(3) * 5
+    grads, outs = [], []
+    for loss in (partial(dpo_batch_loss, beta=0.3), partial(weighted_pair_loss, cfg=nanodpo_config(beta=0.3))):
+        logps = policy.clone().requires_grad_()
+        out = loss(TokenStats(logps=logps * mask, mask=mask), mask, ref_chosen, ref_rejected)
+        grads.append(torch.autograd.grad(out.loss, logps)[0])
+        outs.append(out)
+    assert torch.equal(grads[0], grads[1]) and grads[0].abs().sum() > 0
+    for name in ("loss", "chosen_logps", "rejected_logps", "chosen_rewards", "rejected_rewards", "pair_losses"):
+        assert torch.equal(getattr(outs[0], name), getattr(outs[1], name)), name
+
+
 def test_conservative_dpo_label_smoothing_on_sigmoid():
     policy, ref, mask = docstring_example()
     ref_chosen, ref_rejected = reference_logps(ref, mask)
     with pytest.warns(UserWarning, match="TRL 1.16 ignores"):
         cfg = DPOConfig(beta=0.1, label_smoothing=0.1)
         check_dpo_options(cfg)
-    out = dpo_loss(TokenStats(logps=policy, mask=mask), mask, ref_chosen, ref_rejected, cfg)
+    out = weighted_pair_loss(TokenStats(logps=policy, mask=mask), mask, ref_chosen, ref_rejected, cfg)
     # margins 0.2 and 0.0: -(1-ε)·log σ(m) - ε·log σ(-m)
     per_pair = [-0.9 * logsigmoid(m) - 0.1 * logsigmoid(-m) for m in (0.2, 0.0)]
     assert math.isclose(out.loss.item(), sum(per_pair) / 2, rel_tol=1e-6)
@@ -387,7 +403,7 @@ def test_rpo_alpha_adds_chosen_nll():
     cfg = nanodpo_config(beta=0.1, rpo_alpha=0.5)
     assert resolved_losses(cfg) == [("sigmoid", 1.0), ("sft", 0.5)]
     stats = TokenStats(logps=policy, mask=mask)
-    out = dpo_loss(stats, mask, ref_chosen, ref_rejected, cfg)
+    out = weighted_pair_loss(stats, mask, ref_chosen, ref_rejected, cfg)
     # NLL: mean over the 5 chosen completion tokens (rows 0 and 1): (5 + 4 + 3 + 6 + 2) / 5 = 4
     assert math.isclose(out.nll_loss.item(), 4.0, rel_tol=1e-7)
     dpo = (-logsigmoid(0.2) - logsigmoid(0.0)) / 2
@@ -395,20 +411,20 @@ def test_rpo_alpha_adds_chosen_nll():
     assert dpo_metrics(out, stats)["nll_loss"] == pytest.approx(4.0)
     # the same as TRL 1.16's spelling
     trl_spelling = nanodpo_config(loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5])
-    same = dpo_loss(stats, mask, ref_chosen, ref_rejected, trl_spelling)
+    same = weighted_pair_loss(stats, mask, ref_chosen, ref_rejected, trl_spelling)
     assert same.loss.item() == out.loss.item()
 
 
 def test_reference_free():
     policy, _, mask = docstring_example()
     cfg = nanodpo_config(beta=0.1, reference_free=True)
-    out = dpo_loss(TokenStats(logps=policy, mask=mask), mask, None, None, cfg)
+    out = weighted_pair_loss(TokenStats(logps=policy, mask=mask), mask, None, None, cfg)
     # log π_ref = 0: margins are β·(chosen - rejected) = 0.1·(-12 + 15), 0.1·(-8 + 9)
     expected = (-logsigmoid(0.3) - logsigmoid(0.1)) / 2
     assert math.isclose(out.loss.item(), expected, rel_tol=1e-6)
     torch.testing.assert_close(out.chosen_rewards, torch.tensor([-1.2, -0.8]))
     with pytest.raises(ValueError, match="reference"):
-        dpo_loss(TokenStats(logps=policy, mask=mask), mask, None, None, nanodpo_config())
+        weighted_pair_loss(TokenStats(logps=policy, mask=mask), mask, None, None, nanodpo_config())
 
 
 def test_ld_alpha_by_hand():

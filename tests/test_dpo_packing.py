@@ -6,6 +6,8 @@ loss, metrics and gradients within 1e-5 (fp32), for the policy and the no_grad r
 """
 
 
+from functools import partial
+
 import pytest
 import torch
 
@@ -13,20 +15,21 @@ import train_dpo
 from nanodpo import errors
 from nanodpo.config import DPOConfig, parse_config
 from nanodpo.data import Row
-from nanodpo.dpo import dpo_metrics
+from nanodpo.dpo import concatenated_inputs, sequence_logps
 from nanodpo.dpo_data import PreferenceCollator, build_examples
 from nanodpo.errors import UserError
+from nanodpo.fast.chunked_head import chunked_token_logps
 from nanodpo.fast.dpo_packing import (
     PackedPreferenceCollator,
     TokenBudgetBatchSampler,
-    make_preference_collator,
+    packed_inputs,
     pair_tokens,
-    preference_model_inputs,
     resolve_layout,
     shared_unit,
 )
 from nanodpo.logps import token_logps
-from nanodpo.reference import compute_reference_logps
+from nanodpo.recipe import choose_data
+from nanodpo.reference import reference_from_model
 from nanodpo.tracking import read_metrics
 from tests import tiny
 
@@ -115,12 +118,18 @@ def test_hidden_index_points_at_each_token(tokenizer, examples, layout, attn, tr
 
 def dpo_step(policy, reference, batch, cfg):
     """One micro-batch of train_dpo.py: its loss (with grad) and its metrics."""
-    out, policy_stats = train_dpo.dpo_forward(policy, reference, batch, cfg, accelerator=None)
-    return out.loss, dpo_metrics(out, policy_stats)
+    out, _, metrics = tiny.dpo_forward(policy, reference, batch, cfg)
+    return out.loss, metrics
+
+
+def model_inputs(policy, batch):
+    return (packed_inputs if "packed_input_ids" in batch else concatenated_inputs)(policy, batch)
 
 
 def policy_stats(policy, batch, path, chunk_size=16):
-    return token_logps(policy, preference_model_inputs(policy, batch), path, chunk_size=chunk_size)
+    if path == "chunked":
+        return chunked_token_logps(policy, model_inputs(policy, batch), chunk_size=chunk_size)
+    return token_logps(policy, model_inputs(policy, batch))
 
 
 @pytest.mark.parametrize("truncation_mode", ["keep_start", "keep_end"])
@@ -185,7 +194,7 @@ def test_loss_variants_equal(tokenizer, examples, options):
     ref_grads = grads_of(policy)
     policy.zero_grad(set_to_none=True)
     cfg.logps = "chunked"
-    batch = make_preference_collator(cfg, tokenizer.pad_token_id)(examples)  # the default: shared and packed
+    batch = choose_data(cfg, tokenizer.pad_token_id).collator(examples)  # the default: shared and packed
     assert "packed_attention_mask" in batch
     loss, metrics = dpo_step(policy, reference, batch, cfg)
     loss.backward()
@@ -206,9 +215,10 @@ def test_lora_reference_adapter_disabled_in_packed_layout(tokenizer, examples):
     accelerator = Accelerator(cpu=True)
     padded = PreferenceCollator(tokenizer.pad_token_id, 48)(examples)
     packed = PackedPreferenceCollator(tokenizer.pad_token_id, 48)(examples)
-    padded_inputs, packed_inputs = preference_model_inputs(policy, padded), preference_model_inputs(policy, packed)
-    expected = compute_reference_logps(policy, None, padded_inputs, None, accelerator, "readable")
-    got = compute_reference_logps(policy, None, packed_inputs, None, accelerator, "chunked")
+    unwrap_model = accelerator.unwrap_model
+    score = partial(reference_from_model, ref_model=None, sum_logps=sequence_logps, unwrap_model=unwrap_model)
+    expected = score(policy, padded, model_inputs(policy, padded), token_logps=partial(token_logps, with_metrics=False))
+    got = score(policy, packed, model_inputs(policy, packed), token_logps=partial(chunked_token_logps, chunk_size=8))
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     adapter_on = policy_stats(policy, packed, "chunked", chunk_size=8)
@@ -235,7 +245,7 @@ def test_layout_options(capsys):
     errors._said_once.clear()
     assert resolve_layout(config()) == "prefix_shared"  # the default
     assert resolve_layout(config(batch_layout="padding_free")) == "padding_free"
-    assert type(make_preference_collator(config(batch_layout="padded"), 0)) is PreferenceCollator
+    assert type(choose_data(config(batch_layout="padded"), 0).collator) is PreferenceCollator
     # --logps picks the log-prob path and nothing else: the layout stays
     assert resolve_layout(config(logps="readable")) == "prefix_shared"
     with pytest.raises(UserError, match="--batch_layout 'packed' is not one of"):

@@ -9,7 +9,13 @@ sizes — and no LM-head projection ever sees more than `chunk_size` tokens.
 import pytest
 import torch
 
-from nanodpo.fast.chunked_head import ChunkedLabelLogps, fast_path_unsupported, fast_token_stats, label_stats
+from nanodpo.fast.chunked_head import (
+    ChunkedLabelLogps,
+    chunked_token_logps,
+    fast_path_unsupported,
+    fast_token_stats,
+    label_stats,
+)
 from nanodpo.logps import token_logps, token_stats
 from nanodpo.training import lm_model_inputs
 from tests import tiny
@@ -238,11 +244,11 @@ def test_lm_packed_rows_both_paths(tokenizer, attn):
         for n in (9, 14, 5, 21, 11)
     ]
     batch = collate_packed(pack_documents(docs, 32), attn, tokenizer.pad_token_id)
-    ref = token_logps(model, lm_model_inputs(batch), "readable")
+    ref = token_logps(model, lm_model_inputs(batch))
     ref.logps.sum().backward()
     ref_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
-    ours = token_logps(model, lm_model_inputs(batch), "chunked", chunk_size=4)
+    ours = chunked_token_logps(model, lm_model_inputs(batch), chunk_size=4)
     ours.logps.sum().backward()
     for field in ("logps", "mask", "entropy", "mean_logits"):
         torch.testing.assert_close(getattr(ours, field), getattr(ref, field), rtol=1e-5, atol=1e-5, msg=field)

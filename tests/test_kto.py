@@ -22,7 +22,6 @@ import torch
 import train_dpo
 from nanodpo.config import DPOConfig, parse_config
 from nanodpo.data import Row
-from nanodpo.dpo import kto_loss, micro_batch_metrics
 from nanodpo.dpo_data import (
     PreferenceCollator,
     UnpairedCollator,
@@ -33,6 +32,7 @@ from nanodpo.dpo_data import (
 )
 from nanodpo.errors import UserError
 from nanodpo.fast.dpo_packing import PackedPreferenceCollator
+from nanodpo.losses.kto import kto_loss
 from nanodpo.tracking import read_metrics
 from tests import tiny
 from tests.test_resume import KILL_AT_BACKWARD, ROOT, comparable, run_to_end
@@ -194,8 +194,8 @@ LAYOUTS = {"padding_free": (False, True), "prefix_shared": (True, False), "prefi
 
 def dpo_step(policy, reference, batch, cfg):
     """One micro-batch of train_dpo.py: its loss (with grad) and its metrics (kto: sums and counts)."""
-    out, policy_stats = train_dpo.dpo_forward(policy, reference, batch, cfg, accelerator=None)
-    return out.loss, micro_batch_metrics(out, policy_stats)
+    out, _, metrics = tiny.dpo_forward(policy, reference, batch, cfg)
+    return out.loss, metrics
 
 
 def test_layouts_equal_padded_batch():

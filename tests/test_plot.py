@@ -193,6 +193,45 @@ def test_grad_norm_spikes():
     assert "--max_grad_norm" in f.remedy
 
 
+def fp16_run(overflows_at: set[int]) -> list[dict]:
+    """A healthy DPO run under --fp16: the loss scale starts at 65536 and halves at each overflowed step (logged
+    grad_norm inf, as the loop logs it), and the skips are counted."""
+    records, scale, skipped = [], 65536.0, 0
+    for record in dpo_run():
+        if "loss" in record:
+            if record["step"] in overflows_at:
+                skipped += 1
+                record["grad_norm"] = "inf"
+            record.update(loss_scale=scale, overflow_steps_skipped=skipped)
+            if record["step"] in overflows_at:
+                scale /= 2
+        records.append(record)
+    return records
+
+
+def test_fp16_early_overflow_skips_are_normal():
+    # The scale finds its level in the first steps, then one overflow when the scaler tries a larger scale.
+    records = fp16_run({1, 2, 3, 4, 5, 150})
+    assert diagnose(records) == [] and diagnose(records, lang="zh") == []
+    records[80]["loss"] = "nan"  # a NaN loss under fp16 is still one
+    assert codes(records) == ["nan"]
+
+
+def test_fp16_loss_scale_collapsing():
+    collapsing = fp16_run(set(range(1, STEPS + 1, 10)))  # 20 halvings: 65536 -> 0.0625
+    findings = diagnose(collapsing)
+    assert [f.code for f in findings] == ["loss_scale_collapsed"] and findings[0].severity == "error"
+    assert "fell from 65536.0 to 0.06 by step 200, with 20 overflowed steps skipped" in findings[0].message
+    assert "--bf16" in findings[0].remedy and "T4" in findings[0].remedy
+    assert "loss scale 崩溃" in format_report(diagnose(collapsing, lang="zh"), lang="zh")
+
+    falling = fp16_run(set(range(1, STEPS + 1, 20)))  # 10 halvings, 4 after step 101: 65536 -> 64
+    findings = diagnose(falling)
+    assert [f.code for f in findings] == ["loss_scale_falling"] and findings[0].severity == "warning"
+    assert "4 overflowed steps skipped in the 99 steps after step 101 (4.0% of them" in findings[0].message
+    assert "溢出持续出现" in format_report(diagnose(falling, lang="zh"), lang="zh")
+
+
 def test_chinese_report():
     records = dpo_run()
     records[60]["loss"] = "nan"

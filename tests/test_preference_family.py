@@ -18,20 +18,14 @@ import torch
 import train_dpo
 from nanodpo.config import DPOConfig, parse_config
 from nanodpo.data import Row
-from nanodpo.dpo import (
-    check_dpo_options,
-    chosen_nll,
-    cpo_loss,
-    dpo_loss,
-    micro_batch_metrics,
-    orpo_log_odds,
-    orpo_loss,
-    simpo_loss,
-)
 from nanodpo.dpo_data import PreferenceCollator, build_examples, load_preference_data
 from nanodpo.errors import UserError
 from nanodpo.fast.dpo_packing import PackedPreferenceCollator
-from nanodpo.token_stats import TokenStats
+from nanodpo.logps import TokenStats
+from nanodpo.losses.family import cpo_loss, orpo_log_odds, orpo_loss, simpo_loss
+from nanodpo.losses.options import check_dpo_options
+from nanodpo.losses.pair import chosen_nll
+from nanodpo.recipe import choose_loss
 from nanodpo.tracking import read_metrics
 from tests import tiny
 
@@ -175,7 +169,7 @@ def test_identical_pair_has_zero_preference_gradient(loss_type):
     mask = torch.ones(2, 3)
     cfg = config(loss_type=loss_type, **({"cpo_alpha": 0.0} if loss_type == "cpo" else {}))
     ref = None if loss_type in FAMILY else torch.tensor([-4.0])
-    out = dpo_loss(TokenStats(logps=token_logps, mask=mask), mask, ref, ref, cfg)
+    out = choose_loss(cfg)(TokenStats(logps=token_logps, mask=mask), mask, ref, ref)
     preference_term = out.loss - (chosen_nll(token_logps, mask) if loss_type == "orpo" else 0.0)
     (grad,) = torch.autograd.grad(preference_term, token_logps)
     # The two rows are the same tokens, so each weight's gradient is their two gradients' sum: it cancels.
@@ -191,8 +185,8 @@ LAYOUTS = {"padding_free": (False, True), "prefix_shared": (True, False), "prefi
 
 def dpo_step(policy, reference, batch, cfg):
     """One micro-batch of train_dpo.py: its loss (with grad) and its metrics."""
-    out, policy_stats = train_dpo.dpo_forward(policy, reference, batch, cfg, accelerator=None)
-    return out.loss, micro_batch_metrics(out, policy_stats)
+    out, _, metrics = tiny.dpo_forward(policy, reference, batch, cfg)
+    return out.loss, metrics
 
 
 @pytest.mark.parametrize("loss_type", FAMILY)

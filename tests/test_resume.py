@@ -17,8 +17,9 @@ import torch
 
 from nanodpo.config import DPOConfig, parse_config
 from nanodpo.errors import UserError
-from nanodpo.scale.checkpoint import RunState, _check_compatible, checkpoints_in
+from nanodpo.scale.checkpoint import _check_compatible, checkpoints_in
 from nanodpo.tracking import read_metrics
+from nanodpo.training import RunState
 from tests import tiny
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("fresh_accelerate_state")]
@@ -193,9 +194,9 @@ def test_full_disk_at_save_time_is_a_clear_error(data, tmp_path, monkeypatch):
 
 
 def test_nonfinite_steps_are_skipped_then_stop_the_run(data, tmp_path, monkeypatch):
-    import train_dpo
+    from nanodpo import recipe
 
-    real_forward = train_dpo.dpo_forward
+    real_forward = recipe.concatenated_forward
     calls = {"n": 0}
 
     def poisoned(*args, **kwargs):
@@ -206,7 +207,7 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(data, tmp_path, monkeypat
             out = dataclasses.replace(out, loss=out.loss * float("nan"))
         return out, policy_stats
 
-    monkeypatch.setattr(train_dpo, "dpo_forward", poisoned)
+    monkeypatch.setattr(recipe, "concatenated_forward", poisoned)  # what choose_step picks for this run
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as exit_info:
         in_process("dpo", data, out, "--logging_steps", "1", "--max_nonfinite_steps", "3", "--max_steps", "20")

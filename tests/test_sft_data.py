@@ -271,7 +271,7 @@ def test_formats_normalise():
         "prompt_completion", prompt=conv[:2], completion=conv[2:]
     )
     assert normalize_sft_row({"instruction": "Add.", "input": "2 + 2", "output": "4"}, WHERE) == SFTExample(
-        "alpaca", messages=[msg("user", "Add.\n\n2 + 2"), msg("assistant", "4")]
+        "alpaca", messages=[msg("user", "Add.\n2 + 2"), msg("assistant", "4")]  # LLaMA-Factory's "instruction\ninput"
     )
     for empty_input in ({"input": ""}, {}, {"input": None}):
         row = {"instruction": "Name a fruit.", "output": "An apple.", **empty_input}
@@ -293,7 +293,7 @@ BAD_ROWS = [
     ({"messages": ["hi"]}, r"row 3, field 'messages\[0\]': expected a message object, got a string"),
     ({"messages": [{"content": "hi"}]}, r"row 3, field 'messages\[0\]': no 'role' \(found fields \['content'\]\)"),
     ({"messages": [{"role": ["user"], "content": "hi"}]}, r"field 'messages\[0\].role': unknown role \['user'\]"),
-    ({"messages": [msg("user", "q"), msg("tool", "r")]}, r"row 3, field 'messages\[1\].role': unknown role 'tool'"),
+    ({"messages": [msg("user", "q"), msg("bot", "r")]}, r"row 3, field 'messages\[1\].role': unknown role 'bot'"),
     ({"messages": [msg("user", "q"), msg("assistant", "")]}, r"row 3, field 'messages\[1\].content': empty text"),
     ({"messages": [msg("user", "q"), msg("assistant", " \n")]}, r"field 'messages\[1\].content': empty text"),
     ({"messages": [msg("user", "q"), msg("assistant", None)]}, r"'messages\[1\].content': expected a string, got null"),

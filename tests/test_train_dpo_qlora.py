@@ -9,6 +9,7 @@ import train_dpo
 from nanodpo.config import DPOConfig, parse_config
 from nanodpo.dpo_data import PreferenceCollator, load_preference_data
 from nanodpo.model import load_pretrained, load_tokenizer
+from nanodpo.recipe import choose_step
 from nanodpo.tracking import read_metrics
 from nanodpo.training import make_accelerator, make_eval_loader
 from tests import tiny
@@ -52,7 +53,8 @@ def test_qlora_trains_and_adapter_reloads(tmp_path):
     collator = PreferenceCollator(pad_token_id=tokenizer.pad_token_id, max_length=cfg.max_length)
     loader = make_eval_loader(eval_examples, collator, cfg.per_device_eval_batch_size)
     with torch.no_grad():
-        again = train_dpo.evaluate(model, None, loader, cfg, accelerator)
+        cfg.batch_layout = "padded"  # the layout of the loader above
+        again = train_dpo.evaluate(model, loader, choose_step(cfg, None, accelerator), accelerator)
     for name in ["eval_loss", "eval_rewards/margins", "eval_rewards/accuracies", "eval_logps/chosen"]:
         assert again[name] == pytest.approx(final_eval[name], rel=1e-4, abs=1e-5), name
     assert final_eval["eval_rewards/margins"] > 0

@@ -5,6 +5,7 @@ prompt/completion boundary really happen), with a ChatML chat template like Qwen
 Qwen2/Llama configs with a few layers.
 """
 
+import copy
 import json
 from pathlib import Path
 
@@ -12,6 +13,8 @@ import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+from nanodpo.recipe import choose_step
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -195,3 +198,14 @@ def assert_same_step(policy, loss, metrics: dict, ref_loss, ref_metrics: dict, r
             assert metrics[name] == pytest.approx(value, rel=1e-5, abs=metric_atol), (label, name)
     for name, param in policy.named_parameters():
         torch.testing.assert_close(param.grad, ref_grads[name], rtol=1e-4, atol=1e-6, msg=f"{label} {name}")
+
+
+def dpo_forward(policy, reference, batch: dict, cfg, accelerator=None):
+    """One micro-batch of train_dpo.py's step for `cfg` (its callables chosen by nanodpo/recipe.py as in a run), in
+    the layout `batch` was collated in: (out, the policy's TokenStats, the step's metrics of it)."""
+    if "packed_input_ids" not in batch:
+        cfg = copy.copy(cfg)
+        cfg.batch_layout = "padded"
+    step = choose_step(cfg, reference, accelerator)
+    out, stats = step.forward(policy, batch)
+    return out, stats, step.metrics(out, stats)

@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from nanodpo.errors import say_once
+from nanodpo.logps import ModelInputs, TokenStats
 from nanodpo.model import unwrap
-from nanodpo.token_stats import TokenStats
 
 # Tokens per LM-head chunk, by device. Besides its matmuls (8·C·V·H FLOPs: forward, backward's recomputation and two
 # products) a chunk costs a fixed traffic: the head's weight read three times, its gradient read and written in fp32
@@ -404,6 +404,20 @@ def fast_token_stats(model: nn.Module, inputs: dict, input_ids: torch.Tensor, lo
         is_top1=per_sequence(is_top1).bool() if with_metrics else None,
         log_sum_sq_probs=per_sequence(sum_sq) if with_sum_sq else None,
     )
+
+
+def chunked_token_logps(
+    model: nn.Module,
+    inputs: ModelInputs,
+    with_metrics: bool = True,
+    with_sum_sq: bool = False,
+    chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+) -> TokenStats:
+    """`nanodpo.logps.token_logps`, by the chunked head: what `--logps chunked` runs in its place."""
+    return fast_token_stats(
+        model, inputs.model_kwargs, inputs.labels, inputs.loss_mask, inputs.hidden_index, chunk_size,
+        with_metrics, with_sum_sq,
+    )  # fmt: skip
 
 
 def own_logits_label_stats(model, inputs, scored_index, labels, chunk_size, with_metrics, with_sum_sq):

@@ -51,12 +51,12 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.data import DataLoader, Sampler
 
+from nanodpo.data import EpochSampler
 from nanodpo.dpo_data import PreferenceCollator, common_prefix_length
 from nanodpo.errors import UserError, say_once
 from nanodpo.logps import ModelInputs
 from nanodpo.model import unwrap
 from nanodpo.packing import MASKED_ATTENTION, PADDING_FREE_ATTENTION, bfd_bins
-from nanodpo.training import EpochSampler
 
 
 @dataclass
@@ -205,12 +205,9 @@ def pack_rows(lengths: list[int], widths: tuple[float, ...] = (1.0, 1.25, 1.5, 2
     return next(bins for slots, bins in options if slots <= 1.1 * fewest)
 
 
-def preference_model_inputs(model, batch: dict) -> ModelInputs:
-    """What the model is called with for a padded or a packed DPO batch, and which tokens are scored: the
-    [chosen; rejected] sequences' completion tokens, whatever the layout (see nanodpo/logps.py)."""
-    scored = {"input_ids": batch["input_ids"], "loss_mask": batch["completion_mask"]}
-    if "packed_input_ids" not in batch:
-        return ModelInputs({"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}, **scored)
+def packed_inputs(model, batch: dict) -> ModelInputs:
+    """What the model is called with for a packed DPO batch (padding-free or prefix-shared rows), and which tokens are
+    scored: the [chosen; rejected] sequences' completion tokens, mapped through `hidden_index` (nanodpo/logps.py)."""
     inputs = {"input_ids": batch["packed_input_ids"], "position_ids": batch["packed_position_ids"]}
     if "packed_attention_mask" in batch:
         mask = batch["packed_attention_mask"]
@@ -226,14 +223,7 @@ def preference_model_inputs(model, batch: dict) -> ModelInputs:
             max_length_q=max_len,
             max_length_k=max_len,
         )
-    return ModelInputs(inputs, **scored, hidden_index=batch["hidden_index"])
-
-
-def batch_padding_fraction(batch: dict) -> float:
-    """Padding slots / all slots of what the model was run on (packed rows, or the padded [2B, T] batch)."""
-    if "padding_fraction" in batch:
-        return float(batch["padding_fraction"])
-    return 1.0 - float(batch["attention_mask"].float().mean())
+    return ModelInputs(inputs, batch["input_ids"], batch["completion_mask"], hidden_index=batch["hidden_index"])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -252,11 +242,8 @@ def resolve_layout(cfg) -> str:
     return cfg.batch_layout
 
 
-def make_preference_collator(cfg, pad_token_id: int):
-    """The collator train_dpo.py uses for --batch_layout: padded rows, or packed (and prefix-shared) ones."""
-    layout = resolve_layout(cfg)
-    if layout == "padded":
-        return PreferenceCollator(pad_token_id, max_length=cfg.max_length, truncation_mode=cfg.truncation_mode)
+def packed_collator(cfg, pad_token_id: int, layout: str) -> PackedPreferenceCollator:
+    """The collator of --batch_layout padding_free or prefix_shared (`resolve_layout`)."""
     return PackedPreferenceCollator(
         pad_token_id=pad_token_id,
         max_length=cfg.max_length,

@@ -16,8 +16,9 @@ What a checkpoint holds, so `--resume_from_checkpoint latest` continues bit for 
     scaler.pt               fp16 loss-scaler state (with --fp16)
     rng_state_<rank>.pth    python / numpy / torch (/ cuda) random states of every process
     trainer_state.json      step, epoch, batches consumed in the epoch (the data position; for streamed data the
-                            same count is replayed), token count, the unfinished logging interval's metric values,
-                            the reference-log-prob cache key, world size, global batch and sharding
+                            same count is replayed), token count, skipped-step counts, the unfinished logging
+                            interval's metric values, the reference-log-prob cache key, world size, global batch and
+                            sharding
 Loading uses safetensors for weights and `torch.load(weights_only=True)` for the rest: nothing is unpickled — except
 under DeepSpeed, whose engine files (DIR/deepspeed/: the ZeRO partitions of weights, fp32 master weights and moments,
 one per process) DeepSpeed itself loads with pickle.
@@ -32,7 +33,6 @@ import os
 import random
 import re
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +44,7 @@ from safetensors.torch import load_file
 from nanodpo.config import config_to_dict, save_config
 from nanodpo.errors import UserError
 from nanodpo.model import is_dtensor, is_main_process
-from nanodpo.scale.faults import EXIT_INTERRUPTED, EXIT_NONFINITE, nonfinite_message
+from nanodpo.training import RunState
 
 TRAINER_STATE = "trainer_state.json"
 # Options that must match for a checkpoint to be resumed: they change the model, the data or its order.
@@ -54,38 +54,6 @@ MUST_MATCH = (
     "train_sampling_strategy", "packing", "packing_strategy", "loss_type", "beta", "simpo_gamma", "cpo_alpha",
     "desirable_weight", "undesirable_weight", "unpair_preference_data",
 )  # fmt: skip
-
-
-@dataclasses.dataclass
-class RunState:
-    """Where a run is. Saved in trainer_state.json with every checkpoint."""
-
-    step: int = 0  # optimizer steps done (including skipped non-finite ones)
-    epoch: int = 0
-    steps_in_epoch: int = 0  # optimizer steps done in the current epoch (the data position; independent of the
-    # process count: with the same global batch, step k covers the same examples on 1 or n processes)
-    num_tokens: int = 0
-    nonfinite_in_a_row: int = 0
-    nonfinite_total: int = 0
-    pending_metrics: dict = dataclasses.field(default_factory=dict)  # the unfinished logging interval's values
-    ref_cache_key: str | None = None
-    world_size: int = 1
-    global_batch: int = 0
-    sharding: str | None = None  # "fsdp2" / "deepspeed": how the optimizer state below was written (None: whole)
-    best_metric: float | None = None
-    best_checkpoint: str | None = None
-
-    def finish_step(self, epoch: int, update_ok: bool) -> None:
-        """Count an optimizer step of `epoch` (the data position) and whether its update was skipped (non-finite)."""
-        if epoch != self.epoch:
-            self.epoch, self.steps_in_epoch = epoch, 0
-        if update_ok:
-            self.nonfinite_in_a_row = 0
-        else:
-            self.nonfinite_in_a_row += 1
-            self.nonfinite_total += 1
-        self.step += 1
-        self.steps_in_epoch += 1
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -462,25 +430,3 @@ def truncate_metrics(output_dir: str | Path, step: int, is_main_process: bool) -
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
     os.replace(tmp, path)
-
-
-def resume_command() -> str:
-    args = sys.argv[1:]
-    if "--resume_from_checkpoint" not in args:
-        args += ["--resume_from_checkpoint", "latest"]
-    return " ".join(["python", Path(sys.argv[0]).name, *args]) if sys.argv else ""
-
-
-def stop_early(accelerator, model, optimizer, scheduler, tokenizer, cfg, state: RunState, stop,
-                  loss: float, grad_norm: float) -> None:  # fmt: skip
-    """The two early stops, checked after every optimizer step but the last: --max_nonfinite_steps non-finite steps
-    in a row, or SIGTERM/SIGINT on any process. Each saves a checkpoint, says why and how to go on, and exits
-    non-zero (EXIT_NONFINITE, EXIT_INTERRUPTED; the loops' `with` blocks close the tracker and the progress bar)."""
-    if state.nonfinite_in_a_row >= cfg.max_nonfinite_steps:
-        save_checkpoint(accelerator, model, optimizer, scheduler, tokenizer, cfg, state)
-        accelerator.print(nonfinite_message(state.step, state.nonfinite_in_a_row, loss, grad_norm, cfg))
-        sys.exit(EXIT_NONFINITE)
-    if stop.should_stop(accelerator):
-        path = save_checkpoint(accelerator, model, optimizer, scheduler, tokenizer, cfg, state)
-        accelerator.print(f"saved {path}; resume with:\n  {resume_command()}")
-        sys.exit(EXIT_INTERRUPTED)

@@ -5,13 +5,20 @@
   several processes, a stop seen by any process stops all of them at the same step.
 * `nonfinite`: a loss or gradient norm that is NaN/inf skips the update (no optimizer step, no scheduler step); after
   --max_nonfinite_steps in a row the loop saves and stops with a message naming the step and the likely causes.
+  Under --fp16 an inf gradient norm is first the loss scaler's business: it skips the update and halves its scale
+  (training.decide_update), and only an overflow it cannot cure counts.
+* `stop_early`: the check after every optimizer step that does both.
 """
 
 import os
 import signal
 import sys
+from pathlib import Path
 
 import torch
+
+from nanodpo.scale.checkpoint import save_checkpoint
+from nanodpo.training import RunState
 
 EXIT_INTERRUPTED = 130  # the shell's code for "stopped by a signal"
 EXIT_NONFINITE = 3  # saved and stopped after --max_nonfinite_steps non-finite steps in a row
@@ -56,10 +63,33 @@ class GracefulStop:
 
 
 def nonfinite_message(step: int, count: int, loss: float, grad_norm: float, cfg) -> str:
-    precision = "fp16 overflow (try --bf16), " if cfg.fp16 else ""
+    # Under fp16 a NaN loss, or gradients overflowing at a loss scale below 1, is fp16's range being exceeded.
+    precision = "values past fp16's range (on Ampere or later GPUs --bf16 has fp32's range), " if cfg.fp16 else ""
     return (
         f"step {step}: {count} optimizer steps in a row had a non-finite loss or gradient norm (last: loss {loss}, "
         f"grad_norm {grad_norm}); stopping after saving a checkpoint. Likely causes: a learning rate too high "
         f"(--learning_rate {cfg.learning_rate}), {precision}or a bad data row in the last batches. Lower the "
         "learning rate and resume with --resume_from_checkpoint latest."
     )
+
+
+def resume_command() -> str:
+    args = sys.argv[1:]
+    if "--resume_from_checkpoint" not in args:
+        args += ["--resume_from_checkpoint", "latest"]
+    return " ".join(["python", Path(sys.argv[0]).name, *args]) if sys.argv else ""
+
+
+def stop_early(accelerator, model, optimizer, scheduler, tokenizer, cfg, state: RunState, stop,
+                  loss: float, grad_norm: float) -> None:  # fmt: skip
+    """The two early stops, checked after every optimizer step but the last: --max_nonfinite_steps non-finite steps
+    in a row, or SIGTERM/SIGINT on any process. Each saves a checkpoint, says why and how to go on, and exits
+    non-zero (EXIT_NONFINITE, EXIT_INTERRUPTED; the loops' `with` blocks close the tracker and the progress bar)."""
+    if state.nonfinite_in_a_row >= cfg.max_nonfinite_steps:
+        save_checkpoint(accelerator, model, optimizer, scheduler, tokenizer, cfg, state)
+        accelerator.print(nonfinite_message(state.step, state.nonfinite_in_a_row, loss, grad_norm, cfg))
+        sys.exit(EXIT_NONFINITE)
+    if stop.should_stop(accelerator):
+        path = save_checkpoint(accelerator, model, optimizer, scheduler, tokenizer, cfg, state)
+        accelerator.print(f"saved {path}; resume with:\n  {resume_command()}")
+        sys.exit(EXIT_INTERRUPTED)

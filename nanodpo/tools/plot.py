@@ -14,6 +14,8 @@ panels in a grid — the panels a tutorial reads in wandb:
     loss, grad_norm, learning_rate                              every run
     rewards/chosen|rejected|margins|accuracies                  DPO: the implicit rewards β·log(π/π_ref)
     logps/chosen|rejected, logits/chosen|rejected               DPO: the policy's summed log-probs, mean logits
+    loss_scale, overflow_steps_skipped                          --fp16: the loss scaler's scale (log axis), and
+                                                                the overflowed steps it skipped
     any other number the run logged (nll_loss, entropy, ...)
 
 Steps whose value was NaN or inf are marked with a red dotted line.
@@ -25,6 +27,9 @@ Reading the DPO curves (what `--diagnose` checks, see `diagnose`):
 - accuracies at 1.0 early, with a loss that drops in steps at each epoch: the model memorises the pairs.
 - a loss flat at 0.693: nothing is learned (learning rate, beta, masks).
 - grad_norm spikes and NaN: the optimisation is unstable.
+- --fp16: a few overflow skips early on are normal (the loss scale starts at 2^16 and halves until the gradients
+  fit fp16; their grad_norm is inf), and one now and then when the scaler tries a larger scale. A scale that keeps
+  falling, toward 0, is not: fp16 cannot hold the gradients.
 
 From Python (train_dpo.py calls `diagnose` at the end of a run):
     from nanodpo.tools.plot import load_records, plot_metrics, diagnose, format_report
@@ -175,6 +180,8 @@ def _draw_panel(ax, records: list[dict], name: str, is_dpo: bool) -> None:
         ax.axhline(LN2, color="grey", linestyle="--", linewidth=0.8, label="ln 2 (policy = reference)")
     if name in ("rewards/margins", "rewards/chosen", "rewards/rejected"):
         ax.axhline(0.0, color="grey", linestyle="--", linewidth=0.8)
+    if name == "loss_scale":
+        ax.set_yscale("log", base=2)  # the scaler halves and doubles it
     if name == "rewards/accuracies":
         ax.set_ylim(-0.05, 1.05)
         ax.axhline(0.5, color="grey", linestyle="--", linewidth=0.8)
@@ -237,11 +244,13 @@ STUCK_TOLERANCE = 0.01  # loss within ln 2 ± this over the second half of the r
 SPIKE_FACTOR = 10.0  # a grad_norm above this × the median of the previous SPIKE_WINDOW values is a spike
 SPIKE_WINDOW = 20
 SPIKE_HISTORY = 5  # need this many earlier values before judging a spike
+COLLAPSED_SCALE = 1.0  # fp16: a loss scale below this no longer protects small gradients (training.MIN_LOSS_SCALE)
+LATE_OVERFLOWS = 0.01  # fp16: overflow skips in the second half of a run above this fraction of its steps (and 3)
 
 
 @dataclass
 class Finding:
-    code: str  # nan | loss_stuck_ln2 | chosen_logps_falling | overfitting | grad_norm_spikes
+    code: str  # nan | loss_stuck_ln2 | chosen_logps_falling | overfitting | grad_norm_spikes | loss_scale_*
     severity: str  # "error" (the run is broken) or "warning" (worth a look)
     message: str  # what the curves show, naming the values that triggered it
     remedy: str  # what to try
@@ -257,9 +266,9 @@ TEXT = {
             "non-finite values: {metric} was {value} at step {step}, the first of {count} logged step(s) with "
             "NaN/inf (metrics affected: {metrics}).",
             "The run diverged or divided by zero. Lower --learning_rate or add warmup (--warmup_ratio 0.1), keep "
-            "--max_grad_norm 1.0, prefer bf16 to fp16 (fp16 overflows), and look for pairs whose completion is "
-            "empty or cut away by --max_length (a mask with no tokens). Restart from a checkpoint saved before "
-            "step {step}.",
+            "--max_grad_norm 1.0, prefer bf16 to fp16 where the GPU has it (Ampere or later), and look for pairs "
+            "whose completion is empty or cut away by --max_length (a mask with no tokens). Restart from a "
+            "checkpoint saved before step {step}.",
         ),
         "loss_stuck_ln2": (
             "loss is stuck at ln 2 ≈ 0.693: from step {start} to step {end} it stayed within 0.693 ± {tol} (last "
@@ -297,8 +306,24 @@ TEXT = {
             "{median} (spike steps: {steps}).",
             "Clipping (--max_grad_norm 1.0; 0 disables it) limits each update, so a rare spike is harmless. "
             "Frequent or growing spikes: lower --learning_rate or warm up longer, look at the examples of those "
-            "steps (very long or unusual pairs), prefer bf16 to fp16. If the loss jumps at the same steps, resume "
-            "from an earlier checkpoint with a lower learning rate.",
+            "steps (very long or unusual pairs), prefer bf16 to fp16 where the GPU has it. If the loss jumps at "
+            "the same steps, resume from an earlier checkpoint with a lower learning rate.",
+        ),
+        "loss_scale_collapsed": (
+            "the fp16 loss scale collapsed: it fell from {first} to {last} by step {step}, with {skipped} overflowed "
+            "steps skipped. At a scale below 1 the gradients overflow fp16 even scaled down: this is not the scaler "
+            "finding its level (a few early halvings from 65536 are), the run itself overflows.",
+            "Lower --learning_rate or warm up longer, keep --max_grad_norm 1.0, and look at the examples of the "
+            "last steps (very long or unusual rows). On an Ampere or later GPU train with --bf16 (fp32's range, no "
+            "loss scaling); on a T4/V100 resume from a checkpoint saved before step {step} with a lower learning "
+            "rate.",
+        ),
+        "loss_scale_falling": (
+            "fp16 overflows keep coming: {late} overflowed steps skipped in the {span} steps after step {start} "
+            "({pct}% of them, each a lost update), and the loss scale went from {first} to {last}. A few skips "
+            "early on are normal; a scale that keeps falling is heading for a collapse.",
+            "Lower --learning_rate, keep --max_grad_norm 1.0, and look at the examples of those steps. On an Ampere "
+            "or later GPU prefer --bf16, which needs no loss scaling.",
         ),
         "joiner": "; ",
         "header": "Curve diagnostics: {n} finding(s)",
@@ -311,9 +336,9 @@ TEXT = {
         "nan": (
             "出现非有限值：{metric} 在第 {step} 步为 {value}，共有 {count} 个记录步含 NaN/inf（涉及指标：{metrics}）。",
             "训练发散或出现了除以零。请降低 --learning_rate 或加入预热（--warmup_ratio 0.1），"
-            "保持 --max_grad_norm 1.0，"
-            "优先用 bf16 而不是 fp16（fp16 容易溢出），并检查是否有回答为空或被 --max_length 截掉的样本（掩码里没有 "
-            "token）。从第 {step} 步之前保存的检查点重新开始。",
+            "保持 --max_grad_norm 1.0，GPU 支持时（Ampere 及更新）优先用 bf16 而不是 fp16，"
+            "并检查是否有回答为空或被 --max_length 截掉的样本（掩码里没有 token）。"
+            "从第 {step} 步之前保存的检查点重新开始。",
         ),
         "loss_stuck_ln2": (
             "loss 停在 ln 2 ≈ 0.693：从第 {start} 步到第 {end} 步一直在 0.693 ± {tol} 之内（最后为 {last:.4f}），"
@@ -347,8 +372,22 @@ TEXT = {
             "grad_norm 出现 {count} 次尖峰：最大为第 {step} 步的 {value}，是滑动中位数 {median} 的 {ratio} 倍"
             "（尖峰所在步：{steps}）。",
             "梯度裁剪（--max_grad_norm 1.0；设为 0 则关闭）限制了每次更新，偶尔的尖峰无害。尖峰频繁或越来越大时：降低 "
-            "--learning_rate 或延长预热，检查这些步对应的样本（特别长或异常的样本对），优先用 bf16 而不是 fp16。如果 "
-            "loss 在同一步也跳了起来，请用更低的学习率从更早的检查点恢复训练。",
+            "--learning_rate 或延长预热，检查这些步对应的样本（特别长或异常的样本对），"
+            "GPU 支持时优先用 bf16 而不是 fp16。如果 loss 在同一步也跳了起来，请用更低的学习率从更早的检查点恢复训练。",
+        ),
+        "loss_scale_collapsed": (
+            "fp16 的 loss scale 崩溃了：到第 {step} 步已从 {first} 降到 {last}，共跳过 {skipped} 个溢出步。"
+            "scale 小于 1 时，梯度缩小后仍超出 fp16 的范围："
+            "这不是 scaler 在寻找合适的值（开始时从 65536 减半几次才是），而是训练本身在溢出。",
+            "降低 --learning_rate 或延长预热，保持 --max_grad_norm 1.0，并检查最后几步的样本（特别长或异常的样本）。"
+            "在 Ampere 及更新的 GPU 上改用 --bf16（与 fp32 范围相同，无需 loss scaling）；在 T4/V100 上用更低的学习率"
+            "从第 {step} 步之前保存的检查点恢复训练。",
+        ),
+        "loss_scale_falling": (
+            "fp16 溢出持续出现：第 {start} 步之后的 {span} 步中跳过了 {late} 个溢出步（占 {pct}%，每个都是一次丢失的"
+            "更新），loss scale 从 {first} 变为 {last}。开始时跳过几步是正常的；scale 一直下降则正在走向崩溃。",
+            "降低 --learning_rate，保持 --max_grad_norm 1.0，并检查这些步对应的样本。在 Ampere 及更新的 GPU 上优先用 "
+            "--bf16，它不需要 loss scaling。",
         ),
         "joiner": "；",
         "header": "曲线诊断：发现 {n} 个问题",
@@ -388,15 +427,22 @@ def _finding(code: str, severity: str, lang: str, values: dict) -> Finding:
     return Finding(code, severity, message.format(**values), remedy.format(**values), values)
 
 
+def _nonfinite_names(record: dict) -> list[str]:
+    """The record's NaN/inf metrics — but for an fp16 run's inf grad_norm: an overflow the loss scaler skipped
+    (`_check_loss_scale` judges those)."""
+    overflow = "loss_scale" in record and math.isfinite(record.get("loss", 0.0))
+    return [k for k, v in record.items() if not math.isfinite(v) and not (overflow and k == "grad_norm")]
+
+
 def _check_nan(records: list[dict], lang: str) -> Finding | None:
-    bad_records = [r for r in records if any(not math.isfinite(v) for k, v in r.items() if k != "step")]
+    bad_records = [r for r in records if _nonfinite_names(r)]
     if not bad_records:
         return None
     first = bad_records[0]
     metrics = []
     for record in bad_records:
-        metrics += [k for k, v in record.items() if k != "step" and not math.isfinite(v) and k not in metrics]
-    first_bad = [k for k, v in first.items() if k != "step" and not math.isfinite(v)]
+        metrics += [k for k in _nonfinite_names(record) if k not in metrics]
+    first_bad = _nonfinite_names(first)
     first_metric = "loss" if "loss" in first_bad else first_bad[0]
     values = dict(
         metric=first_metric,
@@ -541,12 +587,31 @@ def _check_grad_spikes(records: list[dict], lang: str) -> Finding | None:
     return _finding("grad_norm_spikes", "warning", lang, values)
 
 
+def _check_loss_scale(records: list[dict], lang: str) -> Finding | None:
+    """--fp16: the loss scale collapsing (below COLLAPSED_SCALE), or overflow skips that keep coming in the second
+    half of the run. A few early skips, while the scale halves down from 65536, are normal and say nothing."""
+    steps, scales = series(records, "loss_scale")
+    _, skipped = series(records, "overflow_steps_skipped")
+    if not scales or len(skipped) != len(scales):
+        return None
+    values = dict(first=_fmt(scales[0]), last=_fmt(scales[-1]), step=steps[-1], skipped=int(skipped[-1]))
+    if scales[-1] < COLLAPSED_SCALE:
+        return _finding("loss_scale_collapsed", "error", lang, values)
+    half = len(steps) // 2
+    late, span = skipped[-1] - skipped[half], steps[-1] - steps[half]
+    if len(steps) < MIN_POINTS or late <= max(3, LATE_OVERFLOWS * span):
+        return None
+    values.update(late=int(late), span=span, start=steps[half], pct=f"{100 * late / span:.1f}")
+    return _finding("loss_scale_falling", "warning", lang, values)
+
+
 def diagnose(records: list[dict], lang: str = "en") -> list[Finding]:
     """What the curves say: a list of findings (empty for a healthy run), each with the values that triggered it
     and a remedy, in English (lang="en") or Chinese (lang="zh"). `records` as read from metrics.jsonl."""
     _texts(lang)
     records = clean_records(records)
-    checks = (_check_nan, _check_stuck, _check_chosen_falling, _check_overfitting, _check_grad_spikes)
+    checks = (_check_nan, _check_stuck, _check_chosen_falling, _check_overfitting, _check_grad_spikes,
+              _check_loss_scale)  # fmt: skip
     return [f for f in (check(records, lang) for check in checks) if f is not None]
 
 

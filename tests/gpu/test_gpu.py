@@ -18,6 +18,9 @@ The tiny model (tests/tiny.py) keeps every run to seconds.
 
 Reviewed against the libraries' documentation (November 2026):
   * bf16: `Accelerator(mixed_precision="bf16")` autocasts the forward (train_*.py --bf16); weights stay fp32.
+  * fp16 (T4/V100): `Accelerator(mixed_precision="fp16")` autocasts to float16 and scales the loss with a CUDA
+    `GradScaler` (backward scales, clip_grad_norm_ unscales, the prepared optimizer's step is the scaler's step and
+    update); an overflow the loop skips must still `update()` the scaler (training.decide_update).
   * QLoRA: transformers' `BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=
     bfloat16)`; the quantized model is placed on its GPU while loading (`device_map`), as nanodpo.model.load_pretrained
     does; `prepare_model_for_kbit_training`'s steps are nanodpo's `prepare_for_kbit_training`.
@@ -30,8 +33,10 @@ Reviewed against the libraries' documentation (November 2026):
 """
 
 import importlib
+import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 import warnings
@@ -308,6 +313,68 @@ def test_bf16_dpo_and_sft_track_fp32(workdir, tmp_path):
         fp32 = train(script, common(workdir, tmp_path / f"{name}_fp32", **options))
         assert_close_curves(bf16, fp32, keys, rtol=2e-2, label=f"{name} bf16 vs fp32")
         assert bf16[-1]["loss"] < bf16[0]["loss"]
+
+
+OVERFLOW_AT_BACKWARD = """
+import os, sys
+overflow_at = {int(n) for n in sys.argv[1].split(",") if n}; sys.argv = sys.argv[2:]
+sys.path.insert(0, os.getcwd())
+from accelerate import Accelerator
+original, calls = Accelerator.backward, [0]
+def backward(self, loss, **kwargs):
+    calls[0] += 1
+    if calls[0] in overflow_at:  # the loss's value unchanged, its gradient x1e36: past fp16's range
+        loss = loss + 1e36 * (loss - loss.detach())
+    return original(self, loss, **kwargs)
+Accelerator.backward = backward
+import runpy
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def overflowing(options: dict, backward_calls: list[int]) -> None:
+    """train_dpo.py with `options`, its backward calls numbered in `backward_calls` (from 1) overflowing fp16."""
+    calls = ",".join(map(str, backward_calls))
+    run([sys.executable, "-c", OVERFLOW_AT_BACKWARD, calls, str(ROOT / "train_dpo.py"), *argv(options)], timeout=120)
+
+
+def nonfinite(value) -> bool:
+    return value in ("inf", "-inf", "nan")  # how metrics.jsonl writes them (JSON has no inf)
+
+
+def test_fp16_dpo_survives_overflows_and_resumes_with_its_scale(workdir, tmp_path):
+    """--fp16 on CUDA (float16 autocast, accelerate's GradScaler from 2^16), the T4/V100 setting. Steps 1 and 3 are
+    made to overflow (micro-batches 1 and 5, 2 per step), as fp16 runs do early on; the tiny model may overflow on
+    its own too. Each overflowed step is skipped and halves the scale; the next step runs (before issue 23 it raised
+    "unscale_() has already been called"); none counts as non-finite; the loss goes down. Resumed from checkpoint-2
+    (scaler.pt) with step 3 overflowing again, the run logs the uninterrupted run's loss scales and overflow counts
+    exactly, its losses to 1e-3 (GPU kernels need not be bit-reproducible)."""
+    straight = tmp_path / "straight"
+    options = common(workdir, straight, dataset=str(workdir / "dpo.jsonl"), fp16="true", max_steps=8, save_steps=2)
+    overflowing(options, [1, 5])
+    ours = records(straight)
+    by_step = {r["step"]: r for r in ours}
+    assert sorted(by_step) == list(range(1, 9))
+    for step in (1, 3):
+        assert nonfinite(by_step[step]["grad_norm"]), by_step[step]
+        assert by_step[step + 1]["loss_scale"] == by_step[step]["loss_scale"] / 2
+    overflowed = [r["step"] for r in ours if nonfinite(r["grad_norm"])]
+    assert [r["overflow_steps_skipped"] for r in ours] == [sum(s <= r["step"] for s in overflowed) for r in ours]
+    assert len(overflowed) < len(ours) and not any("nonfinite_steps_skipped" in r for r in ours)
+    assert all(math.isfinite(r["loss"]) for r in ours) and ours[-1]["loss"] < ours[0]["loss"]
+    print(f"fp16: overflowed steps {overflowed}, loss scales {[r['loss_scale'] for r in ours]}")
+
+    resumed = tmp_path / "resumed"
+    shutil.copytree(straight, resumed)
+    for late in resumed.glob("checkpoint-*"):
+        if late.name != "checkpoint-2":
+            shutil.rmtree(late)
+    overflowing({**options, "output_dir": str(resumed), "resume_from_checkpoint": "latest"}, [1])  # step 3
+    again = records(resumed)
+    assert [r["step"] for r in again] == [r["step"] for r in ours]
+    for a, b in zip(again, ours):
+        assert (a["loss_scale"], a["overflow_steps_skipped"]) == (b["loss_scale"], b["overflow_steps_skipped"]), a
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-3), (a, b)
 
 
 def test_qlora_dpo(workdir, tmp_path):

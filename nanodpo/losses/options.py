@@ -1,0 +1,209 @@
+"""The preference options, checked before anything loads: each invalid or TRL-refused combination is refused with
+one sentence naming the flag. And the questions the setup asks of them: which family loss, which terms, whether the
+loss reads a reference at all."""
+
+import warnings
+
+from nanodpo.errors import UserError
+
+LOSS_TYPES: tuple[str, ...] = (
+    "sigmoid",
+    "hinge",
+    "ipo",
+    "exo_pair",
+    "nca_pair",
+    "robust",
+    "bco_pair",
+    "sppo_hard",
+    "aot",
+    "aot_unpaired",
+    "apo_zero",
+    "apo_down",
+    "discopop",
+    "sft",
+    "sigmoid_norm",
+)
+# The rest of the family: each is a whole loss of its own (`--loss_type` alone, no --loss_weights), equal to its TRL
+# trainer. simpo, cpo and orpo need no reference model; kto trains on unpaired rows.
+FAMILY_LOSS_TYPES: tuple[str, ...] = ("simpo", "cpo", "orpo", "kto")
+REFERENCE_FREE_LOSS_TYPES = frozenset({"simpo", "cpo", "orpo"})
+# Their length normalisation: simpo and orpo score a completion by its average token log-prob ℓ(y).
+AVERAGED_LOGPS_LOSS_TYPES = frozenset({"simpo", "orpo"})
+F_DIVERGENCES: tuple[str, ...] = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
+# f-DPO's reparameterisation leaves a β·log Z(x) term in each reward that cancels only in the chosen - rejected
+# difference, so only the losses that see nothing but that difference (and sft, which sees no reward) generalise.
+F_DIVERGENCE_LOSS_TYPES = frozenset(
+    {"sigmoid", "sigmoid_norm", "hinge", "ipo", "exo_pair", "robust", "discopop", "sft"}
+)
+# Loss types that read --label_smoothing (all others ignore it).
+LABEL_SMOOTHING_LOSS_TYPES = frozenset({"sigmoid", "robust", "exo_pair", "aot", "aot_unpaired"})
+
+
+def family_loss_type(cfg) -> str | None:
+    """The family loss (simpo, cpo, orpo, kto) the config selects, or None for the DPO losses."""
+    return cfg.loss_type[0] if len(cfg.loss_type) == 1 and cfg.loss_type[0] in FAMILY_LOSS_TYPES else None
+
+
+def needs_reference(cfg) -> bool:
+    """Whether the loss reads log π_ref at all (the reference-free family and --reference_free do not)."""
+    return not (cfg.reference_free or family_loss_type(cfg) in REFERENCE_FREE_LOSS_TYPES)
+
+
+def resolved_losses(cfg) -> list[tuple[str, float]]:
+    """The (loss_type, weight) terms summed into the loss: --loss_type with --loss_weights (default 1.0 each), plus
+    ("sft", rpo_alpha) when --rpo_alpha is set (RPO = the preference loss + α·NLL of the chosen completion)."""
+    weights = cfg.loss_weights if cfg.loss_weights is not None else [1.0] * len(cfg.loss_type)
+    terms = [(loss_type, float(weight)) for loss_type, weight in zip(cfg.loss_type, weights, strict=True)]
+    if cfg.rpo_alpha is not None:
+        terms.append(("sft", float(cfg.rpo_alpha)))
+    return terms
+
+
+def resolved_cpo_alpha(cfg) -> float:
+    """--cpo_alpha, or its default for the loss: 1.0 for cpo (TRL's CPOConfig), 0.0 for simpo (the SimPO paper has
+    no NLL term)."""
+    if cfg.cpo_alpha is not None:
+        return float(cfg.cpo_alpha)
+    return 1.0 if family_loss_type(cfg) == "cpo" else 0.0
+
+
+def check_dpo_options(cfg) -> None:
+    """Refuse option combinations that are invalid (or that TRL refuses), each with one sentence naming the flag."""
+    known = LOSS_TYPES + FAMILY_LOSS_TYPES
+    if not cfg.loss_type:
+        raise UserError("--loss_type is empty; give at least one of: " + ", ".join(known))
+    for loss_type in cfg.loss_type:
+        if loss_type not in known:
+            raise UserError(f"--loss_type {loss_type!r} is not one of: {', '.join(known)}")
+    if set(cfg.loss_type) & set(FAMILY_LOSS_TYPES):
+        check_family_options(cfg)
+        return
+    for name in FAMILY_OPTIONS:
+        if getattr(cfg, name) != option_default(cfg, name):
+            raise UserError(f"--{name} applies to the family losses (simpo, cpo, orpo, kto), not to --loss_type "
+                            f"{' '.join(cfg.loss_type)}")
+    if cfg.loss_weights is not None and len(cfg.loss_weights) != len(cfg.loss_type):
+        raise UserError(
+            f"--loss_weights has {len(cfg.loss_weights)} value(s) but --loss_type has {len(cfg.loss_type)}; "
+            "give one weight per loss type."
+        )
+    if cfg.rpo_alpha is not None and "sft" in cfg.loss_type:
+        raise UserError(
+            "--rpo_alpha adds an 'sft' term, but --loss_type already contains 'sft'; use one or the other "
+            "(rpo_alpha=α is loss_type [..., sft] with loss_weights [..., α])."
+        )
+    if cfg.reference_free and cfg.precompute_ref_logps:
+        raise UserError("--reference_free uses no reference model, so --precompute_ref_logps has nothing to compute.")
+    if not cfg.beta > 0:
+        raise UserError(f"--beta must be > 0 (got {cfg.beta}).")
+
+    loss_types = {loss_type for loss_type, _ in resolved_losses(cfg)}
+    if cfg.f_divergence_type not in F_DIVERGENCES:
+        raise UserError(f"--f_divergence_type {cfg.f_divergence_type!r} is not one of: {', '.join(F_DIVERGENCES)}")
+    # Like TRL, any value but reverse_kl is refused here (alpha_divergence with coef 1.0 included, although it
+    # reduces to reverse_kl), because the other losses have no f-divergence generalisation.
+    if cfg.f_divergence_type != "reverse_kl" and not loss_types <= F_DIVERGENCE_LOSS_TYPES:
+        unsupported = sorted(loss_types - F_DIVERGENCE_LOSS_TYPES)
+        raise UserError(
+            f"--f_divergence_type {cfg.f_divergence_type} does not apply to loss type(s) {', '.join(unsupported)}; "
+            f"it works only with {', '.join(sorted(F_DIVERGENCE_LOSS_TYPES))} (use reverse_kl with the others)."
+        )
+
+    smoothing = cfg.label_smoothing
+    if not 0.0 <= smoothing <= 1.0:
+        raise UserError(f"--label_smoothing is a probability and must lie in [0, 1] (got {smoothing}).")
+    if "exo_pair" in loss_types and not 0.0 < smoothing < 1.0:
+        raise UserError(
+            f"--label_smoothing must be in (0, 1) for loss type exo_pair (got {smoothing}); the EXO paper uses 1e-3."
+        )
+    if "robust" in loss_types and not 0.0 <= smoothing < 0.5:
+        raise UserError(
+            f"--label_smoothing must be in [0, 0.5) for loss type robust (got {smoothing}): it is the probability "
+            "that a label is flipped, and robust DPO divides by 1 - 2·label_smoothing."
+        )
+    if "sigmoid" in loss_types and smoothing > 0:
+        warnings.warn(
+            f"--label_smoothing {smoothing} with loss type sigmoid gives conservative DPO (as TRL <= 0.28); "
+            "TRL 1.16 ignores label_smoothing for sigmoid, so its numbers will differ.",
+            stacklevel=2,
+        )
+
+    if cfg.use_weighting and loss_types & {"aot", "aot_unpaired"}:
+        raise UserError(
+            "--use_weighting cannot be combined with loss type aot or aot_unpaired: those losses sort the pairs, "
+            "so a per-pair weight would no longer belong to its pair."
+        )
+    if cfg.ld_alpha is not None and not 0.0 <= cfg.ld_alpha <= 1.0:
+        raise UserError(f"--ld_alpha must lie in [0, 1] (got {cfg.ld_alpha}); 1.0 means no length desensitisation.")
+    if "discopop" in loss_types and not cfg.discopop_tau > 0:
+        raise UserError(f"--discopop_tau must be > 0 for loss type discopop (got {cfg.discopop_tau}).")
+
+
+# The family's options: any value but their default with a DPO loss type is refused.
+FAMILY_OPTIONS = ("simpo_gamma", "cpo_alpha", "desirable_weight", "undesirable_weight", "unpair_preference_data")
+
+
+def option_default(cfg, name: str):
+    """The default of option `name` in cfg's dataclass (nanodpo/config.py), read without importing it."""
+    return type(cfg).__dataclass_fields__[name].default
+
+
+def check_family_options(cfg) -> None:
+    """simpo, cpo, orpo and kto are whole losses: alone in --loss_type, without the DPO-only modifiers."""
+    loss_type = cfg.loss_type[0]
+    if len(cfg.loss_type) > 1:
+        raise UserError(
+            f"--loss_type {' '.join(cfg.loss_type)}: {', '.join(t for t in cfg.loss_type if t in FAMILY_LOSS_TYPES)} "
+            "is a whole loss of its own and cannot be summed with other loss types; give it alone"
+        )
+    if not cfg.beta > 0:
+        raise UserError(f"--beta must be > 0 (got {cfg.beta}).")
+    dpo_only = {
+        "loss_weights": cfg.loss_weights is not None,
+        "rpo_alpha": cfg.rpo_alpha is not None,
+        "reference_free": cfg.reference_free,
+        "f_divergence_type": cfg.f_divergence_type != "reverse_kl",
+        "ld_alpha": cfg.ld_alpha is not None,
+        "use_weighting": cfg.use_weighting,
+    }
+    hints = {"rpo_alpha": " (cpo and simpo add the NLL term with --cpo_alpha; orpo always has it)",
+             "reference_free": " (simpo, cpo and orpo use no reference anyway; kto needs one)"}  # fmt: skip
+    for flag, is_set in dpo_only.items():
+        if is_set:
+            hint = hints.get(flag, "")
+            raise UserError(f"--{flag} applies to the DPO loss types, not to --loss_type {loss_type}{hint}")
+    if cfg.precompute_ref_logps:
+        why = (
+            "uses no reference model, so there is nothing to precompute"
+            if loss_type in REFERENCE_FREE_LOSS_TYPES
+            else "compares each row with its micro-batch's mismatched rows, which change with the batch; the "
+            "reference log-probs are computed on the fly (a LoRA adapter disabled, or a frozen copy)"
+        )
+        raise UserError(f"--precompute_ref_logps: loss type {loss_type} {why}")
+    if not 0.0 <= cfg.label_smoothing < 0.5:
+        raise UserError(f"--label_smoothing must lie in [0, 0.5) (got {cfg.label_smoothing}).")
+    if cfg.label_smoothing > 0 and loss_type not in ("simpo", "cpo"):
+        raise UserError(f"--label_smoothing applies to simpo and cpo only, not to --loss_type {loss_type}")
+    if loss_type not in ("simpo", "cpo"):
+        for name in ("simpo_gamma", "cpo_alpha"):
+            if getattr(cfg, name) != option_default(cfg, name):
+                raise UserError(f"--{name} applies to simpo and cpo only, not to --loss_type {loss_type}")
+    if loss_type == "cpo" and cfg.simpo_gamma != option_default(cfg, "simpo_gamma"):
+        raise UserError("--simpo_gamma applies to simpo only, not to --loss_type cpo")
+    if loss_type == "kto":  # (the ranges of --simpo_gamma, --cpo_alpha and the kto weights: nanodpo/config.py)
+        for flag in ("per_device_train_batch_size", "per_device_eval_batch_size"):
+            if getattr(cfg, flag) < 2:
+                raise UserError(
+                    f"--{flag} {getattr(cfg, flag)} is too small for kto: its KL reference point is estimated from "
+                    "the other rows of each micro-batch (row i's prompt with row i-1's completion), so a micro-batch "
+                    "needs at least 2 rows"
+                )
+        if cfg.max_tokens_per_batch is not None:
+            raise UserError(
+                "--max_tokens_per_batch is not supported with kto: a micro-batch filled to a token budget may hold "
+                "a single row, too few to estimate the KL reference point; use --per_device_train_batch_size"
+            )
+    else:
+        for name in ("desirable_weight", "undesirable_weight", "unpair_preference_data"):
+            if getattr(cfg, name) != option_default(cfg, name):
+                raise UserError(f"--{name} applies to kto only, not to --loss_type {loss_type}")
