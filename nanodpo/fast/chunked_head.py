@@ -325,9 +325,8 @@ def label_stats(hidden: torch.Tensor, labels: torch.Tensor, head: nn.Module, chu
     """Per-token (logps, entropy, mean_logits, is_top1, log_sum_sq_probs) for M scored tokens: hidden [M, H] (the
     hidden state that predicts each label), labels [M]. Metrics not asked for are empty tensors. chunk_size: None =
     CHUNK_SIZE of the device, 0 = all M at once."""
-    if chunk_size is None:
-        chunk_size = CHUNK_SIZE.get(hidden.device.type, CHUNK_SIZE["cpu"])
-    chunk_size = chunk_size if chunk_size > 0 else max(1, hidden.shape[0])
+    size = CHUNK_SIZE.get(hidden.device.type, CHUNK_SIZE["cpu"]) if chunk_size is None else chunk_size
+    chunk_size = size if size > 0 else max(1, hidden.shape[0])
     return ChunkedLabelLogps.apply(hidden, labels, head, chunk_size, with_metrics, with_sum_sq, *head_params(head))
 
 
@@ -358,10 +357,9 @@ def scored_label_stats(model: nn.Module, inputs: dict, scored_index: torch.Tenso
                        chunk_size: int | None, with_metrics: bool, with_sum_sq: bool) -> tuple:  # fmt: skip
     """One forward of `model(**inputs)` (through its DDP / FSDP / peft wrappers) in which the LM head's own call IS
     the chunked projection: the head receives every position's final hidden state [R, L, H] (`logits_to_keep=0`),
-    keeps the M scored ones (`scored_index`, flat into R·L) and returns `label_stats` of them in place of logits.
-    There because a sharded head has its full weight only there: FSDP2's and ZeRO-3's hooks gather it around the
-    head's forward and, through hooks on its outputs, for backward (as TRL 1.16's `add_fused_lm_head`). The values
-    are read from the model's output: hooks may replace the head's output tensors."""
+    keeps the M scored ones (`scored_index`, flat into R·L) and returns `label_stats` of them in place of logits —
+    where FSDP2's and ZeRO-3's hooks gather a sharded head's weight, for forward and backward (as TRL 1.16's
+    `add_fused_lm_head`). The values are read from the model's output: hooks may replace the head's outputs."""
     head = unwrap(model).get_output_embeddings()
 
     def chunked_head_forward(hidden: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -376,13 +374,9 @@ def scored_label_stats(model: nn.Module, inputs: dict, scored_index: torch.Tenso
 def fast_token_stats(model: nn.Module, inputs: dict, input_ids: torch.Tensor, loss_mask: torch.Tensor,
                      hidden_index: torch.Tensor | None = None, chunk_size: int | None = DEFAULT_CHUNK_SIZE,
                      with_metrics: bool = True, with_sum_sq: bool = False) -> TokenStats:  # fmt: skip
-    """The fast equivalent of `token_stats(model(**inputs).logits, input_ids, loss_mask, ...)`.
-
-    inputs: what the model is called with (its rows [R, L] may be a packed layout of the sequences).
-    input_ids, loss_mask: [N, T], one sequence per row — the layout of the returned TokenStats ([N, T-1]).
-    hidden_index: [N, T-1], flat index into the model's R·L positions of the hidden state that predicts
-        input_ids[n, t+1]; None = the identity (inputs["input_ids"] is input_ids itself).
-    """
+    """The fast equivalent of `token_stats(model(**inputs).logits, input_ids, loss_mask, ...)`: inputs, input_ids,
+    loss_mask and hidden_index as `nanodpo.logps.ModelInputs`' model_kwargs, labels, loss_mask and hidden_index
+    (None = the identity: the model's rows are the sequences)."""
     n, t = input_ids.shape
     mask = loss_mask[:, 1:].bool()
     if hidden_index is None:
@@ -406,18 +400,11 @@ def fast_token_stats(model: nn.Module, inputs: dict, input_ids: torch.Tensor, lo
     )
 
 
-def chunked_token_logps(
-    model: nn.Module,
-    inputs: ModelInputs,
-    with_metrics: bool = True,
-    with_sum_sq: bool = False,
-    chunk_size: int | None = DEFAULT_CHUNK_SIZE,
-) -> TokenStats:
+def chunked_token_logps(model: nn.Module, inputs: ModelInputs, with_metrics: bool = True, with_sum_sq: bool = False,
+                        chunk_size: int | None = DEFAULT_CHUNK_SIZE) -> TokenStats:  # fmt: skip
     """`nanodpo.logps.token_logps`, by the chunked head: what `--logps chunked` runs in its place."""
-    return fast_token_stats(
-        model, inputs.model_kwargs, inputs.labels, inputs.loss_mask, inputs.hidden_index, chunk_size,
-        with_metrics, with_sum_sq,
-    )  # fmt: skip
+    return fast_token_stats(model, inputs.model_kwargs, inputs.labels, inputs.loss_mask, inputs.hidden_index,
+                            chunk_size, with_metrics, with_sum_sq)  # fmt: skip
 
 
 def own_logits_label_stats(model, inputs, scored_index, labels, chunk_size, with_metrics, with_sum_sq):
