@@ -25,7 +25,7 @@ Two CPU processes (gloo), e.g. to try DDP without a GPU:
 
 Every option can be given in the YAML file or on the command line (which wins); `python train_dpo.py --help`
 lists them. Outputs: OUTPUT_DIR/ holds the final model (or LoRA adapter) with its tokenizer and config.yaml,
-metrics.jsonl (with --report_to jsonl) and checkpoint-<step>/ folders (with --save_steps).
+metrics.jsonl (always) and checkpoint-<step>/ folders (with --save_steps).
 
 Sections: 1. options  2. tokenizer and data  3. policy and reference  4. optimizer  5. the step's callables, chosen
           once  6. reference log-probs (precomputed)  7. data order, schedule, resume  8. the loop: train, log,

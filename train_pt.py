@@ -5,15 +5,14 @@ Every document is tokenized, gets EOS appended, and is packed into rows of --max
 concatenate-and-chunk. Every token is a target except the first of each document (nothing before it in the same
 document predicts it). Loss = mean NLL over the target tokens of the whole optimizer step (see train_sft.py).
 
-From scratch: --from_scratch takes the architecture and tokenizer of --model (a hub id, a local folder, a GGUF file —
-its metadata: the weights are not loaded — or the preset `nanodpo-tiny`, a few-million-parameter Qwen2 with the
-project's own bilingual tokenizer) with optional overrides, e.g. scaling Qwen2.5-0.5B's config up to ~1B:
-    python train_pt.py --model Qwen/Qwen2.5-0.5B --from_scratch --hidden_size 1536 --num_hidden_layers 28 \
-        --intermediate_size 8960 --num_attention_heads 12 --num_key_value_heads 2 --dataset corpus/*.jsonl
+--from_scratch takes the architecture and tokenizer of --model (a hub id, a local folder, a GGUF file's metadata, or
+the preset `nanodpo-tiny`: a few-million-parameter Qwen2 with the project's bilingual tokenizer), random weights, and
+any of --hidden_size, --num_hidden_layers, --intermediate_size, --num_attention_heads, --num_key_value_heads.
 
 Usage
 -----
     python train_pt.py --config configs/pt_tiny.yaml
+    python train_pt.py --model Qwen/Qwen2.5-0.5B --from_scratch --hidden_size 1536 --num_hidden_layers 28 ...
     accelerate launch --multi_gpu --num_processes 8 train_pt.py --config ...           # DDP
     python train_pt.py --model ./base --dataset big.jsonl --streaming --max_steps 10000  # corpus bigger than RAM
     ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 train_pt.py ...
@@ -24,6 +23,7 @@ Sections: 1. options  2. tokenizer and data  3. model  4. optimizer and schedule
 """
 
 import time
+from functools import partial
 
 import torch
 from transformers import AutoModelForCausalLM
@@ -32,7 +32,7 @@ from nanodpo import training
 from nanodpo.config import PTConfig, config_to_dict, parse_config
 from nanodpo.demo.stages import main_or_demo
 from nanodpo.errors import UserError, exit_on_user_error
-from nanodpo.model import check_model_options, is_main_process, load_model_config, load_policy, load_tokenizer
+from nanodpo.model import DTYPES, check_model_options, is_main_process, load_model_config, load_policy, load_tokenizer
 from nanodpo.packing import check_row_length
 from nanodpo.pt_data import load_packed_rows, stream_steps
 from nanodpo.scale.checkpoint import (
@@ -67,7 +67,10 @@ def build_model(cfg, tokenizer, device):
     values.update(overrides, vocab_size=len(tokenizer), use_cache=False)
     values.update(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
     config = type(config).from_dict(values)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation=cfg.attn_implementation)
+    # In --dtype: transformers would otherwise build it in the dtype the config names (Qwen2.5's: bfloat16) whatever
+    # --dtype says; 'auto' keeps that one.
+    dtype = {} if cfg.dtype == "auto" else {"dtype": DTYPES[cfg.dtype]}
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=cfg.attn_implementation, **dtype)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if is_main_process():
@@ -93,8 +96,8 @@ def main(argv: list[str] | None = None) -> None:
     eval_rows = load_packed_rows(cfg, tokenizer, "eval")
     train_rows = None if cfg.streaming else load_packed_rows(cfg, tokenizer, "train")
 
-    def collate(rows):
-        return training.collate_rows(rows, cfg, tokenizer.pad_token_id)
+    collate = partial(training.collate_packed_rows, pad_token_id=tokenizer.pad_token_id,
+                      attn_implementation=cfg.attn_implementation)  # fmt: skip
 
     # ------------------------------------------------------------------------------------------------------------
     # 3. Model.
@@ -115,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
     scheduler = training.make_scheduler(optimizer, cfg, total_steps)  # stepped by hand, once per optimizer step
     accelerator.print(f"{training.describe_step(cfg, accelerator, 'rows')} | optimizer steps: {total_steps}")
     state = start_or_resume(accelerator, model, optimizer, scheduler, cfg)
-    if cfg.streaming:
+    if cfg.streaming:  # each step's rows read from the corpus, packed as they come (nanodpo/pt_data.py)
         steps = stream_steps(cfg, tokenizer, accelerator, collate, state)
     else:
         steps = training.optimizer_steps(accelerator, loader, cfg.gradient_accumulation_steps, state)

@@ -24,6 +24,7 @@ Sections: 1. options  2. tokenizer and data (packing)  3. model  4. optimizer an
 """
 
 import time
+from functools import partial
 
 import torch
 
@@ -71,14 +72,14 @@ def main(argv: list[str] | None = None) -> None:
             f"packed {len(train_docs)} examples into {len(train_examples)} rows of {cfg.max_length} tokens "
             f"({cfg.packing_strategy}), packing efficiency {layout_stats['packing_efficiency']:.1%}"
         )
+        collate = partial(training.collate_packed_rows, pad_token_id=tokenizer.pad_token_id,
+                          attn_implementation=cfg.attn_implementation)  # fmt: skip
     else:
         train_examples, eval_examples = train_docs, eval_docs
         lengths = [len(doc.input_ids) for doc in train_docs]
         layout_stats = {"padding_fraction": padding_fraction(lengths, cfg.per_device_train_batch_size)}
         accelerator.print(f"padding fraction {layout_stats['padding_fraction']:.1%}")
-
-    def collate(examples):
-        return training.collate_rows(examples, cfg, tokenizer.pad_token_id)
+        collate = partial(training.collate_documents, pad_token_id=tokenizer.pad_token_id)
 
     # ------------------------------------------------------------------------------------------------------------
     # 3. Model (full, LoRA or QLoRA).

@@ -3,14 +3,16 @@
 Every field has a `help` string; `python train_dpo.py --help` prints them all. Names follow HF `TrainingArguments`
 and TRL's `DPOConfig`/`SFTConfig` wherever those have one, so flags from a TRL command line carry over.
 
-Precedence: dataclass default < YAML file < command line. Unknown YAML keys, values of the wrong type, unknown
-choices and numbers out of range (`RANGES`) are refused with a `UserError` naming the key, before anything runs.
+Precedence: dataclass default < YAML file < command line. Unknown options (flags or YAML keys), values of the wrong
+type, unknown choices and numbers out of range (`RANGES`) are refused with a `UserError` naming the key, before
+anything runs; an unknown option with the name most likely meant (nanodpo's for a TRL name, `TRL_NAMES`).
 
     cfg = parse_config(DPOConfig, ["--config", "configs/dpo.yaml", "--beta", "0.2"])
 """
 
 import argparse
 import dataclasses
+import difflib
 import math
 import types
 import typing
@@ -52,7 +54,9 @@ class TrainConfig:
     )
     dtype: str = opt(
         "float32",
-        "Dtype the weights are loaded in. 'auto' takes the checkpoint's; with --bf16 on GPU use bfloat16.",
+        "Dtype the weights are loaded in; 'auto' takes the checkpoint's. Full fine-tuning on one process or DDP "
+        "needs float32 (the optimizer steps these weights; --bf16 computes in bf16); bfloat16 suits a LoRA base, "
+        "and FSDP2 / DeepSpeed with --bf16 (they keep fp32 master weights).",
         ("auto", "float32", "bfloat16", "float16"),
     )
     attn_implementation: str = opt(
@@ -80,9 +84,10 @@ class TrainConfig:
     disable_dropout: bool = opt(True, "Set every dropout probability in the model to 0 (as TRL does by default).")
     logps: str = opt(
         "chunked",
-        "How token log-probs are computed (nanodpo/logps.py), the same numbers either way: chunked applies the LM "
-        "head only at scored tokens, a chunk at a time, so the [batch, seq, vocab] logits never exist; readable "
-        "takes the model's full logits, then log_softmax + gather.",
+        "How token log-probs are computed, the same numbers either way: readable (the demo's, what a learner reads: "
+        "nanodpo/logps.py) takes the model's full logits, then log_softmax + gather; chunked (the fast path, the "
+        "default, nanodpo/fast/chunked_head.py) applies the LM head only at scored tokens, a chunk at a time, so the "
+        "[batch, seq, vocab] logits never exist.",
         ("chunked", "readable"),
     )
     # --- data ---
@@ -114,7 +119,12 @@ class TrainConfig:
     adam_beta2: float = opt(0.999, "AdamW beta2.")
     adam_epsilon: float = opt(1e-8, "AdamW epsilon.")
     max_grad_norm: float = opt(1.0, "Clip the global gradient norm to this (0 disables clipping; the norm is logged).")
-    bf16: bool = opt(False, "bfloat16 mixed precision (autocast; Ampere or later GPUs, or CPU).")
+    bf16: bool = opt(
+        False,
+        "bfloat16 mixed precision: the forward autocast to bf16 (DeepSpeed: its bf16 engine); Ampere or later GPUs, "
+        "or CPU. Neither --bf16 nor --fp16: accelerate's own mixed_precision (accelerate launch --mixed_precision, "
+        "accelerate config), if set.",
+    )
     fp16: bool = opt(False, "float16 mixed precision with loss scaling (GPU; for T4/V100, which lack bf16).")
     train_sampling_strategy: str = opt(
         "random", "Order of training rows: shuffled each epoch (seeded), or in file order.", ("random", "sequential")
@@ -141,7 +151,9 @@ class TrainConfig:
     )
     report_to: list[str] = opt(
         ["jsonl"],
-        "Where metrics go: any of none, jsonl (OUTPUT_DIR/metrics.jsonl), wandb, tensorboard, all.",
+        "Trackers besides OUTPUT_DIR/metrics.jsonl, which is always written (python -m nanodpo.tools.plot and the "
+        "end-of-run curve diagnosis read it): wandb (needs `wandb login`, or WANDB_MODE=offline; checked at start), "
+        "tensorboard (OUTPUT_DIR/runs/), all (both); jsonl or none: the file alone.",
         ("none", "jsonl", "wandb", "tensorboard", "all"),
     )
     wandb_project: str = opt("nanodpo", "wandb project (WANDB_MODE=offline works without a network).")
@@ -200,10 +212,10 @@ class DPOConfig(TrainConfig):
     precompute_ref_batch_size: int | None = opt(None, "Batch size for --precompute_ref_logps (default: eval batch).")
     batch_layout: str = opt(
         "prefix_shared",
-        "How a micro-batch's pairs are laid out (nanodpo/fast/dpo_packing.py), the same numbers either way: padded "
-        "[chosen; rejected] rows (TRL's batch); padding_free: the sequences packed into rows without padding, each "
-        "isolated; prefix_shared: packed, and each pair's prompt computed once for both answers (flash_attention_2 "
-        "falls back to padding_free).",
+        "How a micro-batch's pairs are laid out, the same numbers either way: padded [chosen; rejected] rows (TRL's "
+        "batch; the demo's readable path, nanodpo/dpo_batch.py); the fast path (nanodpo/fast/dpo_packing.py): "
+        "padding_free, the sequences packed into rows without padding, each isolated; prefix_shared (the default), "
+        "packed, and each pair's prompt computed once for both answers (flash_attention_2 falls back to padding_free).",
         ("prefix_shared", "padding_free", "padded"),
     )
     max_tokens_per_batch: int | None = opt(
@@ -424,14 +436,68 @@ def build_arg_parser(cls, description: str | None = None) -> argparse.ArgumentPa
         base, _ = _unwrap_optional(tp)
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         help_text = f"{f.metadata.get('help', '')} (default: {default})"
+        choices = f.metadata.get("choices")
+        allowed = "{" + ",".join(choices) + "}" if choices else None  # what --help shows, as argparse spells choices
         if typing.get_origin(base) is list:
-            parser.add_argument(f"--{f.name}", nargs="*", help=help_text, metavar="VALUE")
+            parser.add_argument(f"--{f.name}", nargs="*", help=help_text, metavar=allowed or "VALUE")
         elif base is bool:
             # `--use_lora` alone means true; `--use_lora false` also works (YAML-style values).
             parser.add_argument(f"--{f.name}", nargs="?", const="true", help=help_text, metavar="BOOL")
         else:
-            parser.add_argument(f"--{f.name}", help=help_text, metavar=base.__name__.upper())
+            parser.add_argument(f"--{f.name}", help=help_text, metavar=allowed or base.__name__.upper())
     return parser
+
+
+# TRL's and TrainingArguments' names that nanodpo spells differently (README.md, "Flags from TRL"): an unknown option
+# with one of these names is answered with nanodpo's. TRL_NOT_NEEDED: TRL options nanodpo has no use for, and why.
+TRL_NAMES = {
+    "model_name_or_path": "model",
+    "dataset_name": "dataset",
+    "dataset_train_split": "dataset_split",
+    "dataset_test_split": "eval_split",
+    "use_peft": "use_lora",
+    "peft_config": "use_lora",
+    "lora_rank": "lora_r",
+    "torch_dtype": "dtype",
+    "max_seq_length": "max_length",
+    "precompute_ref_log_probs": "precompute_ref_logps",
+    "quantization_bit": "load_in_4bit",
+    "eval_strategy": "eval_steps",
+    "save_strategy": "save_steps",
+    "load_best_model_at_end": "metric_for_best_model",
+    "padding_free": "batch_layout",
+    "use_liger_kernel": "logps",
+}
+TRL_NOT_NEEDED = {
+    "model_init_kwargs": "its parts are --dtype, --attn_implementation and --load_in_4bit",
+    "deepspeed": "give accelerate the DeepSpeed config: accelerate launch --config_file configs/accelerate/zero2.yaml",
+    "dataset_text_field": "the format is recognised from the columns",
+    "remove_unused_columns": "the collators read only their own columns",
+    "ddp_find_unused_parameters": "accelerate sets up DDP",
+}
+
+
+def unknown_option(name: str, options: list[str], spell=lambda name: f"--{name}") -> str:
+    """The refusal of an unknown option, with the one most likely meant: nanodpo's name for a TRL option, or else the
+    closest option name. `spell` writes a name as the user wrote it (a flag, or a YAML key)."""
+    if TRL_NAMES.get(name) in options:
+        return f"unknown option {spell(name)}: did you mean {spell(TRL_NAMES[name])}? ({name} is TRL's name for it)"
+    if name in TRL_NOT_NEEDED:
+        return f"unknown option {spell(name)}: TRL's, not needed in nanodpo ({TRL_NOT_NEEDED[name]})"
+    close = difflib.get_close_matches(name, options, n=1)
+    if close:
+        return f"unknown option {spell(name)}: did you mean {spell(close[0])}?"
+    return f"unknown option {spell(name)} (see --help for the list)"
+
+
+def _refuse_unknown_arguments(unknown: list[str], options: list[str]) -> None:
+    """Command-line words argparse did not take: the first unknown option (or stray value), refused with a hint."""
+    flags = [word.lstrip("-").split("=")[0] for word in unknown if word.startswith("-")]
+    if flags:
+        raise UserError(f"command line: {unknown_option(flags[0], options)}")
+    raise UserError(
+        f"command line: unexpected argument {unknown[0]!r} (options are --name value; a YAML file goes after --config)"
+    )
 
 
 def load_yaml(path: str) -> dict:
@@ -454,25 +520,34 @@ def load_yaml(path: str) -> dict:
 def parse_config(cls, argv: list[str] | None = None, description: str | None = None):
     """Build `cls` from dataclass defaults, then `--config` YAML, then the command-line flags."""
     parser = build_arg_parser(cls, description)
-    args = vars(parser.parse_args(argv))
-    config_path = args.pop("config", None)
+    namespace, unknown = parser.parse_known_args(argv)
     types_by_name = _field_types(cls)
+    if unknown:
+        _refuse_unknown_arguments(unknown, list(types_by_name))
+    args = vars(namespace)
+    config_path = args.pop("config", None)
     values: dict[str, Any] = {}
     if config_path is not None:
         for key, value in load_yaml(config_path).items():
             if key not in types_by_name:
-                raise UserError(f"--config {config_path}: unknown option '{key}' (see --help for the list)")
+                where = unknown_option(str(key), list(types_by_name), spell=lambda name: f"'{name}'")
+                raise UserError(f"--config {config_path}: {where}")
             values[key] = _convert(key, types_by_name[key], value, f"--config {config_path}")
     for key, value in args.items():
         values[key] = _convert(key, types_by_name[key], value, "command line")
     cfg = cls(**values)
     _check_choices(cfg)
     _check_ranges(cfg)
-    if "all" in cfg.report_to:
-        cfg.report_to = ["jsonl", "wandb", "tensorboard"]
-    elif "none" in cfg.report_to:
-        cfg.report_to = []
+    cfg.report_to = trackers(cfg.report_to)
     return cfg
+
+
+def trackers(report_to: list[str]) -> list[str]:
+    """--report_to as the trackers the run opens: jsonl (OUTPUT_DIR/metrics.jsonl) always — it costs nothing, and
+    the plot and the curve diagnosis read it — then wandb and tensorboard where asked for ('all': both)."""
+    if "none" in report_to and len(set(report_to)) > 1:
+        raise UserError(f"--report_to {' '.join(report_to)}: 'none' cannot be combined with a tracker")
+    return ["jsonl", *(name for name in ("wandb", "tensorboard") if name in report_to or "all" in report_to)]
 
 
 def config_to_dict(cfg) -> dict:

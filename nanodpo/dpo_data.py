@@ -1,7 +1,8 @@
-"""Preference data: formats, prompt extraction, tokenization and the collator — the same token ids as TRL 1.16.
+"""Preference data: formats, prompt extraction and tokenization — the same token ids as TRL 1.16.
 
     examples = load_preference_data(cfg, tokenizer)            # [{"prompt_ids", "chosen_ids", "rejected_ids"}, ...]
     batch = PreferenceCollator(tokenizer.pad_token_id, cfg.max_length, cfg.truncation_mode)(examples[:4])
+                                                                 # nanodpo/dpo_batch.py: the [chosen; rejected] batch
 
 Row formats (TRL's; every row needs `chosen` and `rejected`):
 
@@ -53,9 +54,8 @@ model-specific role) is refused up front rather than rendered wrongly or failing
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from nanodpo.data import Row, load_split_rows
+from nanodpo.dpo_batch import common_prefix_length
 from nanodpo.errors import UserError
 from nanodpo.llamafactory import check_tools_rendered, row_tools, trl_row
 
@@ -301,16 +301,6 @@ def split_completion(prompt_ids, prompt_chosen_ids, prompt_rejected_ids):
     return prompt_ids[:prompt_len], prompt_chosen_ids[prompt_len:], prompt_rejected_ids[prompt_len:]
 
 
-def common_prefix_length(ids: list[int], other_ids: list[int]) -> int:
-    """Number of leading tokens the two lists share."""
-    length = 0
-    for token, other in zip(ids, other_ids):
-        if token != other:
-            break
-        length += 1
-    return length
-
-
 def chat_template_kwargs(row: Row) -> dict:
     """TRL passes the row's `tools` (a list, or a JSON string) and `chat_template_kwargs` to the chat template."""
     tools = row_tools(row)
@@ -450,106 +440,3 @@ def build_unpaired_examples(
         )
     stats.check_some_kept()
     return examples, stats
-
-
-@dataclass
-class UnpairedCollator:
-    """A KTO micro-batch in the [chosen; rejected] shape of the pair collators, so every layout (padded,
-    padding-free, prefix-shared) and log-prob path serves it unchanged:
-
-        rows 0 .. B-1     (x_i, y_i)        the micro-batch's rows, scored by the loss
-        rows B .. 2B-1    (x_i, y_{i-1})    mismatched: row i's prompt with the previous row's completion (row 0 takes
-                                            the last one's), for the KL reference point z_ref (TRL's rotation)
-
-    plus `label` [B] (bool). `pairs` is the pair collator (PreferenceCollator or PackedPreferenceCollator); with
-    prefix sharing, each row and its mismatched row share the prompt, computed once.
-    """
-
-    pairs: Any
-
-    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
-        rotated = [
-            {"prompt_ids": ex["prompt_ids"], "chosen_ids": ex["completion_ids"],
-             "rejected_ids": examples[i - 1]["completion_ids"]}
-            for i, ex in enumerate(examples)
-        ]  # fmt: skip
-        batch = self.pairs(rotated)
-        batch["label"] = torch.tensor([bool(ex["label"]) for ex in examples])
-        return batch
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Batching.
-
-
-@dataclass
-class PreferenceCollator:
-    """Pads a list of examples into one batch of 2B sequences: the B prompt+chosen rows, then the B prompt+rejected.
-
-    Same tensors as TRL 1.16's `DataCollatorForPreference`. Each sequence is truncated to `max_length` first —
-    `keep_start` keeps its first tokens, `keep_end` its last — then right-padded to the longest (rounded up to
-    `pad_to_multiple_of`). `completion_mask` is 1 on completion tokens. `ref_chosen_logps`/`ref_rejected_logps` [B]
-    are passed through when the examples carry them (precomputed reference log-probs).
-
-    Worked example, pad_token_id=0, max_length=4, keep_start:
-
-        examples = [{"prompt_ids": [1, 2, 3], "chosen_ids": [4, 5], "rejected_ids": [6]},
-                    {"prompt_ids": [7, 8],    "chosen_ids": [9],    "rejected_ids": [10, 11]}]
-
-        input_ids        attention_mask   completion_mask
-        [[ 1,  2,  3,  4],  [[1, 1, 1, 1],   [[0, 0, 0, 1],     prompt 0 + chosen 0 (token 5 cut by max_length)
-         [ 7,  8,  9,  0],   [1, 1, 1, 0],    [0, 0, 1, 0],     prompt 1 + chosen 1, padded
-         [ 1,  2,  3,  6],   [1, 1, 1, 1],    [0, 0, 0, 1],     prompt 0 + rejected 0
-         [ 7,  8, 10, 11]]   [1, 1, 1, 1]]    [0, 0, 1, 1]]     prompt 1 + rejected 1
-
-    With keep_end instead, row 0 would be [2, 3, 4, 5] (the prompt's start is cut) with completion_mask [0, 0, 1, 1].
-    """
-
-    pad_token_id: int
-    max_length: int | None = None
-    truncation_mode: str = "keep_start"
-    pad_to_multiple_of: int | None = None
-
-    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
-        sequences, masks = [], []
-        for completion in ("chosen_ids", "rejected_ids"):
-            for ex in examples:
-                sequences.append(ex["prompt_ids"] + ex[completion])
-                masks.append([0] * len(ex["prompt_ids"]) + [1] * len(ex[completion]))
-
-        if self.max_length is not None:
-            if self.truncation_mode == "keep_start":
-                cut = slice(None, self.max_length)
-            elif self.truncation_mode == "keep_end":
-                cut = slice(-self.max_length, None)
-            else:
-                raise ValueError(f"truncation_mode must be 'keep_start' or 'keep_end', got {self.truncation_mode!r}")
-            sequences = [seq[cut] for seq in sequences]
-            masks = [mask[cut] for mask in masks]
-
-        length = max(len(seq) for seq in sequences)
-        if self.pad_to_multiple_of:
-            length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of  # round up
-        batch = {
-            "input_ids": _pad(sequences, length, self.pad_token_id),
-            "attention_mask": _pad([[1] * len(seq) for seq in sequences], length, 0),
-            "completion_mask": _pad(masks, length, 0),
-        }
-        for key in ("ref_chosen_logps", "ref_rejected_logps"):
-            if key in examples[0]:
-                batch[key] = torch.tensor([ex[key] for ex in examples])
-        return batch
-
-
-def with_chosen_prompt_scored(batch: dict) -> dict:
-    """The batch with `completion_mask` also 1 on the chosen sequences' prompt tokens (every real token of the first
-    half): ORPO's NLL term covers the whole chosen sequence, as TRL's ORPOTrainer computes it. The rejected rows keep
-    their completion mask. Works with every layout: the packed ones map every token of every sequence."""
-    chosen_attention, _ = batch["attention_mask"].chunk(2)
-    _, rejected_completion = batch["completion_mask"].chunk(2)
-    return {**batch, "completion_mask": torch.cat([chosen_attention, rejected_completion]).to(batch["completion_mask"])}
-
-
-def _pad(rows: list[list[int]], length: int, value: int) -> torch.Tensor:
-    """Right-pad each row to `length` with `value`; int64 [len(rows), length]."""
-    return torch.tensor([row + [value] * (length - len(row)) for row in rows], dtype=torch.long)

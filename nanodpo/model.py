@@ -19,12 +19,45 @@ import torch
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, GgufConfig
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, GgufConfig, Qwen2Config
 from transformers.integrations import is_deepspeed_zero3_enabled
 
-from nanodpo.demo import TOKENIZER_DIR, tiny_model_config
-from nanodpo.errors import UserError
+from nanodpo.errors import UserError, say_once
 from nanodpo.sft_data import resolve_chat_template
+
+# ----------------------------------------------------------------------------------------------------------------
+# The preset `nanodpo-tiny`: the offline demo's model (nanodpo/demo/), with the tokenizer nanodpo ships.
+
+TOKENIZER_DIR = Path(__file__).resolve().parent / "assets" / "tokenizer"
+
+# Special token ids of the shipped tokenizer (make_tokenizer.SPECIAL_TOKENS, in this order).
+PAD_TOKEN_ID = 0  # <|endoftext|>
+IM_START_TOKEN_ID = 1  # <|im_start|>
+EOS_TOKEN_ID = 2  # <|im_end|>
+
+# A Qwen2 small enough to train on a CPU in minutes: with the demo tokenizer's ~1,200 tokens, ~3.5M parameters (0.3M
+# of them the embedding, tied to the output layer); about 1k tokens/s of training per CPU core at sequence length 256.
+# head_dim = 256 / 4 = 64; 2 key/value heads (grouped-query attention, as in Qwen2).
+TINY_MODEL_PRESET = dict(
+    hidden_size=256,
+    intermediate_size=768,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    tie_word_embeddings=True,
+    rms_norm_eps=1e-6,
+    rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    pad_token_id=PAD_TOKEN_ID,
+    eos_token_id=EOS_TOKEN_ID,
+    bos_token_id=None,
+)
+
+
+def tiny_model_config(vocab_size: int, **overrides):
+    """A `transformers.Qwen2Config` of TINY_MODEL_PRESET with this vocabulary (and any field overridden)."""
+    return Qwen2Config(**{**TINY_MODEL_PRESET, "vocab_size": vocab_size, **overrides})
+
 
 # Architectures nanodpo ships (no weights: pretrain them with train_pt.py --from_scratch), with their tokenizer.
 PRESETS = {"nanodpo-tiny": (tiny_model_config, TOKENIZER_DIR)}
@@ -57,32 +90,103 @@ def check_model_options(cfg) -> None:
         )
     if cfg.load_in_4bit and not cfg.use_lora:
         raise UserError("--load_in_4bit trains a LoRA adapter on frozen 4-bit weights: add --use_lora")
+    check_precision_options(cfg, os.environ)
+    if cfg.attn_implementation == "flash_attention_2" and not torch.cuda.is_available():
+        raise UserError("--attn_implementation flash_attention_2 needs a CUDA GPU; use sdpa")
+    if cfg.attn_implementation == "flash_attention_2" and cfg.dtype == "float32" and not (cfg.bf16 or cfg.fp16):
+        # (transformers would fail only at the first forward: "FlashAttention only supports fp16 and bf16")
+        raise UserError(
+            "--attn_implementation flash_attention_2 has no float32 kernel, and --dtype float32 without mixed "
+            "precision runs attention in float32: add --bf16 (float32 weights, bfloat16 compute; --fp16 on a T4/V100)"
+        )
+    check_sharding_options(cfg, os.environ)
+
+
+def check_precision_options(cfg, env) -> None:
+    """The run's mixed precision — --bf16 / --fp16, or accelerate's own — and weights its optimizer can step, checked
+    before anything is loaded. `env`: what `accelerate launch` exported (see check_sharding_options)."""
     if cfg.bf16 and cfg.fp16:
         raise UserError("--bf16 and --fp16 are exclusive: pick one mixed-precision mode")
+    take_launcher_precision(cfg, env)
+    check_master_weights(cfg, env)
     if cfg.fp16 and not torch.cuda.is_available():
         # accelerate would not refuse: on a CPU it silently drops fp16 (no autocast, no loss scaling) and trains fp32.
         raise UserError("--fp16 needs a CUDA GPU (accelerate runs fp16 on GPUs only); use --bf16 or no mixed precision")
-    if cfg.fp16 and cfg.dtype == "float16" and not cfg.use_lora and not getattr(cfg, "from_scratch", False):
-        raise UserError(
-            "--fp16 with --dtype float16 would train float16 weights, whose gradients loss scaling cannot unscale: "
-            "keep the trained weights in float32 (--dtype float32, the default; fp16 autocast still computes in "
-            "float16), or train a LoRA adapter (--use_lora, kept in float32) on the float16 base"
-        )
     # Without including_emulation=False, torch says yes on a T4 or V100: it can store bf16 tensors, not compute fast.
     if cfg.bf16 and torch.cuda.is_available() and not torch.cuda.is_bf16_supported(including_emulation=False):
         raise UserError(
             f"--bf16: this GPU ({torch.cuda.get_device_name()}) has no bfloat16 compute (bf16 needs an Ampere or "
             "later GPU: A100, RTX 30xx, H100 ...); on a T4 or V100 use --fp16 (float16 with loss scaling)"
         )
-    if cfg.attn_implementation == "flash_attention_2" and not torch.cuda.is_available():
-        raise UserError("--attn_implementation flash_attention_2 needs a CUDA GPU; use sdpa")
-    if cfg.attn_implementation == "flash_attention_2" and cfg.dtype == "float32" and not (cfg.bf16 or cfg.fp16):
-        # (transformers would fail only at the first forward: "FlashAttention only supports fp16 and bf16")
+
+
+def take_launcher_precision(cfg, env) -> None:
+    """accelerate's own mixed precision — `accelerate launch --mixed_precision`, or the accelerate config file's
+    `mixed_precision`, which accelerate exports as ACCELERATE_MIXED_PRECISION — is honoured: a training config that
+    sets neither --bf16 nor --fp16 takes it (and its saved config.yaml says so); one that sets the other is refused.
+    accelerate exports 'no' also where nothing was configured, so 'no' leaves the training config's choice alone."""
+    launcher = env.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+    ours = "bf16" if cfg.bf16 else "fp16" if cfg.fp16 else "no"
+    if launcher in ("no", ours):
+        return
+    source = f"accelerate's mixed_precision is {launcher} (from accelerate launch --mixed_precision or its config file)"
+    if launcher not in ("bf16", "fp16"):
+        raise UserError(f"{source}: nanodpo trains in bf16, fp16 or fp32; launch with --mixed_precision bf16/fp16/no")
+    if ours != "no":
         raise UserError(
-            "--attn_implementation flash_attention_2 has no float32 kernel, and --dtype float32 without --bf16 runs "
-            "attention in float32: add --bf16 (float32 weights, bf16 compute) or load --dtype bfloat16"
+            f"{source} but the training config says --{ours}: make them agree (launch with --mixed_precision {ours}, "
+            f"or train with --{launcher})"
         )
-    check_sharding_options(cfg, os.environ)
+    setattr(cfg, launcher, True)
+    say_once(f"mixed precision {launcher}: {source}")
+
+
+def check_master_weights(cfg, env) -> None:
+    """Refuse full fine-tuning of bfloat16/float16 weights that no fp32 copy backs.
+
+    An optimizer that steps bf16 weights loses every update smaller than half their spacing (bf16 keeps 8 bits of
+    mantissa): at DPO's learning rates (5e-7) about 1% of the weights move at all, where fp32 moves all of them. So the
+    trained weights must be float32 — with --bf16 the forward still computes in bf16 (autocast: TRL's and HF's
+    recipe) — unless something keeps an fp32 master copy for the optimizer:
+      * DeepSpeed with its bf16/fp16 section (accelerate fills it in from --bf16/--fp16): its optimizers step fp32
+        master weights and copy them back;
+      * FSDP2 with mixed precision: accelerate upcasts the trainable weights to fp32 when it shards them, and the
+        mixed-precision policy computes in bf16.
+    One process and DDP keep no copy. LoRA is fine with any base dtype: peft creates the adapters, the only weights
+    trained, in float32. `--dtype auto` takes the checkpoint's dtype (bfloat16 for most hub models), so it needs one
+    of the two as well.
+    """
+    if cfg.use_lora or cfg.dtype == "float32":
+        return
+    # What accelerate builds in the processes it launches (read from the environment, as check_sharding_options
+    # does): DeepSpeed or FSDP as configured — except with ACCELERATE_USE_CPU, where it runs DDP.
+    cpu = _env_flag(env, "ACCELERATE_USE_CPU")
+    deepspeed = _env_flag(env, "ACCELERATE_USE_DEEPSPEED") and not cpu
+    fsdp = _env_flag(env, "ACCELERATE_USE_FSDP") and not cpu
+    if (cfg.bf16 or cfg.fp16) and (deepspeed or fsdp):
+        return
+    weights = f"--dtype {cfg.dtype}"
+    if cfg.dtype == "auto":
+        weights += " (the checkpoint's dtype, bfloat16 for most hub models)"
+    lost = "nothing keeps fp32 master weights, and an optimizer stepping half-precision weights loses small updates"
+    if cfg.fp16:
+        lost += " (and loss scaling cannot unscale float16 gradients)"
+    if deepspeed or fsdp:
+        setup = "DeepSpeed" if deepspeed else "FSDP2"
+        raise UserError(
+            f"full fine-tuning of {weights} weights under {setup} without --bf16/--fp16: {lost}; add --bf16 or --fp16 "
+            f"({setup} then keeps an fp32 copy)"
+        )
+    flag = "--fp16" if cfg.fp16 else "--bf16"
+    raise UserError(
+        f"full fine-tuning of {weights} weights on one process or DDP: {lost}; use --dtype float32 with {flag} "
+        f"(fp32 weights, {flag[2:]} compute), shard with FSDP2 or DeepSpeed and {flag} (both keep an fp32 copy), or "
+        "train a LoRA adapter (--use_lora)"
+    )
+
+
+def _env_flag(env, name: str) -> bool:
+    return env.get(name, "false").lower() in ("1", "true", "yes", "on")  # accelerate's str_to_bool
 
 
 def check_sharding_options(cfg, env) -> None:

@@ -234,12 +234,8 @@ def collate_packed(
 ) -> dict[str, Any]:
     """Batch tensors for `model(**batch)`: input_ids, labels, position_ids [B, L] (padded to the longest row, or to
     `pad_to`), attention_mask [B, 1, L, L] (the module docstring's block-causal mask: bool for sdpa, additive float of
-    `dtype` for eager, which adds the mask to the scores), use_cache=False. Padding is one more (dummy) document that
-    attends only to itself, so no softmax row is empty (NaN). flash-attention: `collate_varlen`.
-
-    The trap `use_cache=False` avoids: with sdpa, transformers 5.23 can also isolate documents from `position_ids`
-    alone (it looks for position resets), but ONLY when there is no attention mask AND no KV cache. With the default
-    `use_cache=True` the model makes a cache during training and documents silently attend to each other.
+    `dtype` for eager), use_cache=False (with a KV cache, transformers lets packed documents see each other).
+    Padding is one more (dummy) document attending only to itself: no softmax row is empty. flash: `collate_varlen`.
     """
     if attn_implementation in PADDING_FREE_ATTENTION:
         return collate_varlen(rows)

@@ -66,7 +66,7 @@ from typing import Any
 from jinja2.exceptions import TemplateError
 
 from nanodpo.data import load_split_rows
-from nanodpo.dpo_data import common_prefix_length
+from nanodpo.dpo_batch import common_prefix_length
 from nanodpo.errors import UserError
 from nanodpo.llamafactory import (
     DatasetInfo,

@@ -1,4 +1,5 @@
-"""Where the metrics go: `OUTPUT_DIR/metrics.jsonl`, wandb, tensorboard — and a mean over each logging interval.
+"""Where the metrics go: `OUTPUT_DIR/metrics.jsonl` (always), wandb, tensorboard — and a mean over each logging
+interval.
 
 Only the main process creates a `Tracker`; the others get a no-op (see `make_tracker`).
 
@@ -7,10 +8,14 @@ metrics.jsonl holds one JSON object per line: training records `{"step", "epoch"
 (`{"step", "epoch", "eval_loss", "eval_rewards/accuracies", ...}`) — the names TRL/HF Trainer log.
 """
 
+import importlib.util
+import inspect
 import json
 import math
 import os
 from pathlib import Path
+
+from nanodpo.errors import UserError
 
 
 class MetricMeans:
@@ -129,6 +134,34 @@ class NullTracker:
 
     def close(self) -> None:
         pass
+
+
+def check_trackers(cfg, env) -> None:
+    """Refuse, before anything heavy runs, a --report_to tracker that would fail only at its first use — after the
+    data is tokenized, the model loaded and the reference log-probs computed: wandb or tensorboard not installed,
+    or wandb without a login (`wandb login` or WANDB_API_KEY) unless it logs offline or is disabled (WANDB_MODE)."""
+    if "tensorboard" in cfg.report_to and importlib.util.find_spec("tensorboard") is None:
+        raise UserError("--report_to tensorboard needs the tensorboard package: pip install tensorboard")
+    if "wandb" not in cfg.report_to:
+        return
+    try:
+        import wandb
+    except ImportError:
+        raise UserError("--report_to wandb needs the wandb package: pip install wandb") from None
+    if env.get("WANDB_MODE", "").lower() in ("offline", "dryrun", "disabled"):
+        return
+    if not wandb_logged_in(wandb):
+        raise UserError(
+            "--report_to wandb, but wandb has no login here: run `wandb login` (or set WANDB_API_KEY), or log "
+            "offline with WANDB_MODE=offline (then `wandb sync`); metrics.jsonl is written either way"
+        )
+
+
+def wandb_logged_in(wandb) -> bool:
+    """Whether wandb has credentials (environment, netrc, settings), without prompting or contacting its server."""
+    if "prompt" in inspect.signature(wandb.login).parameters:
+        return wandb.login(prompt=False, verify=False)
+    return bool(wandb.api.api_key)  # wandb before login(prompt=...): its own lookup of the same credentials
 
 
 def make_tracker(cfg, is_main_process: bool, config_dict: dict):

@@ -20,17 +20,22 @@ from tqdm.auto import tqdm
 
 from nanodpo import logps
 from nanodpo.data import EpochSampler, to_device
-from nanodpo.errors import UserError
+from nanodpo.errors import UserError, say_once
 from nanodpo.fast.chunked_head import chunked_token_logps
 from nanodpo.logps import ModelInputs
 from nanodpo.model import decay_parameter_groups, is_main_process
-from nanodpo.packing import PackedRow, collate_packed
+from nanodpo.packing import collate_packed
+from nanodpo.tracking import check_trackers
 
 
 def choose_token_logps(cfg):
     """--logps: the readable path (nanodpo/logps.py), or chapter two's chunked head (nanodpo/fast/chunked_head.py);
-    the same TokenStats either way."""
-    return chunked_token_logps if cfg.logps == "chunked" else logps.token_logps
+    the same TokenStats either way. Says which, once."""
+    if cfg.logps == "chunked":
+        say_once("log-probs: chunked LM head, the fast path (--logps readable: log_softmax + gather; the same numbers)")
+        return chunked_token_logps
+    say_once("log-probs: log_softmax + gather, the readable path (--logps chunked: the fast path, the same numbers)")
+    return logps.token_logps
 
 
 def make_accelerator(cfg) -> Accelerator:
@@ -38,14 +43,19 @@ def make_accelerator(cfg) -> Accelerator:
 
     It knows --gradient_accumulation_steps: `accelerator.backward(loss)` divides the loss by it (DeepSpeed: its engine
     does), so an optimizer step's gradient is the mean of its micro-batch gradients; `gradient_sync` below skips the
-    all-reduce on every micro-batch but the last.
+    all-reduce on every micro-batch but the last. Its mixed precision is --bf16 / --fp16, or where the training
+    config sets neither, accelerate's own (`accelerate launch --mixed_precision`, the accelerate config: see
+    nanodpo.model.take_launcher_precision). The trackers of --report_to are checked here too, before anything heavy
+    runs.
     """
-    mixed_precision = "bf16" if cfg.bf16 else "fp16" if cfg.fp16 else "no"
+    mixed_precision = "bf16" if cfg.bf16 else "fp16" if cfg.fp16 else None  # None: accelerate's own setting
     accelerator = Accelerator(
         gradient_accumulation_steps=cfg.gradient_accumulation_steps, mixed_precision=mixed_precision
     )
     if accelerator.state.deepspeed_plugin is not None:
         fit_deepspeed_config(accelerator, cfg)
+    if accelerator.is_main_process:  # the only process that opens them
+        check_trackers(cfg, os.environ)
     cores = os.cpu_count() or 1
     if accelerator.device.type == "cpu" and accelerator.num_processes == 1 and torch.get_num_threads() == 1 < cores:
         # `accelerate launch` without --cpu sets OMP_NUM_THREADS=1 on a machine with no GPU: a 2-4x slower run.
@@ -236,8 +246,7 @@ class RunState:
     best_checkpoint: str | None = None
 
     def finish_step(self, epoch: int, update) -> None:
-        """Count an optimizer step of `epoch` (the data position) and what became of its update (a training.Update):
-        applied, skipped as an fp16 overflow, or skipped as non-finite (which --max_nonfinite_steps counts)."""
+        """Count an optimizer step of `epoch` (the data position) and what became of its update (`decide_update`)."""
         if epoch != self.epoch:
             self.epoch, self.steps_in_epoch = epoch, 0
         if update.applied:
@@ -322,28 +331,35 @@ class Update:
 
 
 def decide_update(accelerator, grad_norm: float, *losses: float) -> Update:
-    """Whether this step's update is applied, the same answer on every process (one process's NaN/inf is enough).
-    Called after clipping (which, under fp16, unscaled the gradients) and before `optimizer.step()`:
-
-    * loss and gradient norm finite: applied (under fp16 `optimizer.step()` is GradScaler's step and update);
-    * fp16 loss scaling, a finite loss but an inf/NaN gradient norm: the scaled gradients overflowed fp16. Normal
-      early in a run (the scale starts at 2^16 and halves until the gradients fit) and now and then after the
-      scaler grows its scale. Skipped as GradScaler skips it: its `update()` halves the scale. Not counted as
-      non-finite — unless the scale had already fallen below MIN_LOSS_SCALE;
-    * otherwise (a NaN/inf loss; an inf norm without a scaler): skipped and counted, since one NaN in the weights
-      poisons them for good. The scaler, if any, is updated all the same: it has unscaled these gradients, and
-      the next step's unscaling needs it to have moved on.
-    """
+    """Whether this step's update is applied, the same answer on every process (one process's NaN/inf is enough):
+    a NaN/inf loss or gradient norm would poison the weights for good, so such an update is skipped and counted
+    (against --max_nonfinite_steps). Called after clipping, before `optimizer.step()`. Under --fp16 an inf gradient
+    norm is first the loss scaler's business: `fp16_update`."""
     local = [not all(math.isfinite(float(v)) for v in losses), not math.isfinite(float(grad_norm))]
     local = torch.tensor(local, dtype=torch.float32, device=accelerator.device)
     loss_nonfinite, norm_nonfinite = (flag > 0 for flag in accelerator.reduce(local, reduction="max").tolist())
-    scaler = accelerator.scaler
-    loss_scale = scaler.get_scale() if scaler is not None else None
+    if accelerator.scaler is not None:
+        return fp16_update(accelerator.scaler, loss_nonfinite, norm_nonfinite)
+    finite = not (loss_nonfinite or norm_nonfinite)
+    return Update(applied=finite, nonfinite=not finite)
+
+
+def fp16_update(scaler, loss_nonfinite: bool, norm_nonfinite: bool) -> Update:
+    """`decide_update` under fp16 loss scaling (clipping has unscaled the gradients):
+
+    * loss and gradient norm finite: applied (`optimizer.step()` is then GradScaler's step and update);
+    * a finite loss but an inf/NaN gradient norm: the scaled gradients overflowed fp16. Normal early in a run (the
+      scale starts at 2^16 and halves until the gradients fit) and now and then after the scaler grows its scale.
+      Skipped as GradScaler skips it: its `update()` halves the scale. Not counted as non-finite — unless the scale
+      had already fallen below MIN_LOSS_SCALE;
+    * a NaN/inf loss: skipped and counted. The scaler is updated all the same: it has unscaled these gradients, and
+      the next step's unscaling needs it to have moved on.
+    """
+    loss_scale = scaler.get_scale()
     if not (loss_nonfinite or norm_nonfinite):
         return Update(applied=True, nonfinite=False, loss_scale=loss_scale)
-    if scaler is not None:
-        scaler.update()  # no step; the scale halves if unscaling found an inf, and the next step can unscale
-    overflow = scaler is not None and not loss_nonfinite and loss_scale >= MIN_LOSS_SCALE
+    scaler.update()  # no step; the scale halves if unscaling found an inf, and the next step can unscale
+    overflow = not loss_nonfinite and loss_scale >= MIN_LOSS_SCALE
     return Update(applied=False, nonfinite=not overflow, loss_scale=loss_scale)
 
 
@@ -376,21 +392,25 @@ def sum_over_processes(accelerator, value: int) -> int:
 # Token-mean language-model loss (PT and SFT).
 
 
-def collate_rows(examples: list, cfg, pad_token_id: int) -> dict:
-    """Model inputs for LM training: packed rows (nanodpo.packing) or single documents padded on the right, with
-    `labels` (HF convention: -100 = not scored) and `row_tokens` (the real, non-padding tokens of each row)."""
-    if isinstance(examples[0], PackedRow):
-        batch = collate_packed(examples, cfg.attn_implementation, pad_token_id)
-    else:
-        length = max(len(doc.input_ids) for doc in examples)
-        pads = [length - len(doc.input_ids) for doc in examples]
-        batch = {
-            "input_ids": torch.tensor([doc.input_ids + [pad_token_id] * n for doc, n in zip(examples, pads)]),
-            "attention_mask": torch.tensor([[1] * len(doc.input_ids) + [0] * n for doc, n in zip(examples, pads)]),
-            "labels": torch.tensor([doc.labels() + [-100] * n for doc, n in zip(examples, pads)]),
-        }
-    batch["row_tokens"] = torch.tensor([len(example.input_ids) for example in examples])
+def collate_packed_rows(rows: list, pad_token_id: int, attn_implementation: str) -> dict:
+    """Model inputs for LM training from packed rows (nanodpo/packing.py): `labels` (HF convention: -100 = not
+    scored) and `row_tokens`, the real (non-padding) tokens of each row."""
+    batch = collate_packed(rows, attn_implementation, pad_token_id)
+    batch["row_tokens"] = torch.tensor([len(row.input_ids) for row in rows])
     return batch
+
+
+def collate_documents(docs: list, pad_token_id: int) -> dict:
+    """Model inputs for LM training from single documents, padded on the right: input_ids, attention_mask,
+    `labels` (HF convention: -100 = not scored) and `row_tokens`, the real (non-padding) tokens of each row."""
+    length = max(len(doc.input_ids) for doc in docs)
+    pads = [length - len(doc.input_ids) for doc in docs]
+    return {
+        "input_ids": torch.tensor([doc.input_ids + [pad_token_id] * n for doc, n in zip(docs, pads)]),
+        "attention_mask": torch.tensor([[1] * len(doc.input_ids) + [0] * n for doc, n in zip(docs, pads)]),
+        "labels": torch.tensor([doc.labels() + [-100] * n for doc, n in zip(docs, pads)]),
+        "row_tokens": torch.tensor([len(doc.input_ids) for doc in docs]),
+    }
 
 
 def step_targets(accelerator, batches: list[dict]) -> int:

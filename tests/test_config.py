@@ -100,7 +100,8 @@ def test_boolean_flag_forms():
 
 def test_report_to_all_and_none():
     assert parse_config(DPOConfig, ["--report_to", "all"]).report_to == ["jsonl", "wandb", "tensorboard"]
-    assert parse_config(DPOConfig, ["--report_to", "none"]).report_to == []
+    assert parse_config(DPOConfig, ["--report_to", "none"]).report_to == ["jsonl"]  # metrics.jsonl is always written
+    assert parse_config(DPOConfig, ["--report_to", "wandb"]).report_to == ["jsonl", "wandb"]
 
 
 @pytest.mark.parametrize(

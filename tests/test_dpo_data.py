@@ -14,7 +14,8 @@ from trl.data_utils import maybe_extract_prompt as trl_maybe_extract_prompt
 
 from nanodpo.config import DPOConfig
 from nanodpo.data import Row
-from nanodpo.dpo_data import PreferenceCollator, build_examples, extract_prompt, load_preference_data
+from nanodpo.dpo_batch import PreferenceCollator
+from nanodpo.dpo_data import build_examples, extract_prompt, load_preference_data
 from nanodpo.errors import UserError
 from tests import tiny
 

@@ -16,7 +16,8 @@ from nanodpo import errors
 from nanodpo.config import DPOConfig, parse_config
 from nanodpo.data import Row
 from nanodpo.dpo import concatenated_inputs, sequence_logps
-from nanodpo.dpo_data import PreferenceCollator, build_examples
+from nanodpo.dpo_batch import PreferenceCollator
+from nanodpo.dpo_data import build_examples
 from nanodpo.errors import UserError
 from nanodpo.fast.chunked_head import chunked_token_logps
 from nanodpo.fast.dpo_packing import (

@@ -71,7 +71,8 @@ def test_chunked_head_peak_rss_at_most_0_7_of_readable(tmp_path):
 def padded_micro_batch_tokens(argv: list[str]) -> list[int]:
     """[chosen; rejected] positions of each readable-path micro-batch (2 pairs, padded to the longest)."""
     from nanodpo.config import DPOConfig, parse_config
-    from nanodpo.dpo_data import PreferenceCollator, load_preference_data
+    from nanodpo.dpo_batch import PreferenceCollator
+    from nanodpo.dpo_data import load_preference_data
     from nanodpo.model import load_tokenizer
 
     cfg = parse_config(DPOConfig, argv + ["--output_dir", "unused"])

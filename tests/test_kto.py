@@ -22,14 +22,8 @@ import torch
 import train_dpo
 from nanodpo.config import DPOConfig, parse_config
 from nanodpo.data import Row
-from nanodpo.dpo_data import (
-    PreferenceCollator,
-    UnpairedCollator,
-    build_unpaired_examples,
-    load_unpaired_data,
-    prepare_unpaired_row,
-    unpair_rows,
-)
+from nanodpo.dpo_batch import PreferenceCollator, UnpairedCollator
+from nanodpo.dpo_data import build_unpaired_examples, load_unpaired_data, prepare_unpaired_row, unpair_rows
 from nanodpo.errors import UserError
 from nanodpo.fast.dpo_packing import PackedPreferenceCollator
 from nanodpo.losses.kto import kto_loss

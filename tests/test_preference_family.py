@@ -18,7 +18,8 @@ import torch
 import train_dpo
 from nanodpo.config import DPOConfig, parse_config
 from nanodpo.data import Row
-from nanodpo.dpo_data import PreferenceCollator, build_examples, load_preference_data
+from nanodpo.dpo_batch import PreferenceCollator
+from nanodpo.dpo_data import build_examples, load_preference_data
 from nanodpo.errors import UserError
 from nanodpo.fast.dpo_packing import PackedPreferenceCollator
 from nanodpo.logps import TokenStats

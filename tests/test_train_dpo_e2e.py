@@ -199,7 +199,8 @@ def test_single_step_gradients_match_trl(workdir, tmp_path):
     from trl import DPOTrainer
 
     from nanodpo.config import DPOConfig, parse_config
-    from nanodpo.dpo_data import PreferenceCollator, load_preference_data
+    from nanodpo.dpo_batch import PreferenceCollator
+    from nanodpo.dpo_data import load_preference_data
     from nanodpo.training import make_accelerator
 
     tokenizer = AutoTokenizer.from_pretrained(workdir / "model")

@@ -7,7 +7,8 @@ import torch
 
 import train_dpo
 from nanodpo.config import DPOConfig, parse_config
-from nanodpo.dpo_data import PreferenceCollator, load_preference_data
+from nanodpo.dpo_batch import PreferenceCollator
+from nanodpo.dpo_data import load_preference_data
 from nanodpo.model import load_pretrained, load_tokenizer
 from nanodpo.recipe import choose_step
 from nanodpo.tracking import read_metrics

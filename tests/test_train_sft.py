@@ -279,7 +279,7 @@ def test_accumulation_does_not_change_the_loss_or_the_update(tmp_path):
     from nanodpo.logps import token_logps
     from nanodpo.model import load_tokenizer
     from nanodpo.sft_data import load_sft_data
-    from nanodpo.training import collate_rows, lm_model_inputs
+    from nanodpo.training import collate_documents, lm_model_inputs
 
     model_dir = sharp_model_dir(tmp_path / "model")
     tiny.write_jsonl(tmp_path / "train.jsonl", uneven_rows(24))
@@ -318,7 +318,7 @@ def test_accumulation_does_not_change_the_loss_or_the_update(tmp_path):
     sums, counts = [], []
     with torch.no_grad():
         for i in range(0, 8, 2):
-            stats = token_logps(model, lm_model_inputs(collate_rows(docs[i : i + 2], cfg, 0)), with_metrics=False)
+            stats = token_logps(model, lm_model_inputs(collate_documents(docs[i : i + 2], 0)), with_metrics=False)
             sums.append(float(-stats.logps.sum()))
             counts.append(float(stats.mask.sum()))
     token_mean = sum(sums) / sum(counts)

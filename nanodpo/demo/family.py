@@ -13,10 +13,12 @@ preference stage. KTO reads the pairs as unpaired rows (`--unpair_preference_dat
 
 import argparse
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 from nanodpo.demo.evaluate import style_rate
-from nanodpo.demo.stages import DATA_DIR, DEMO_DIR, config_path
+from nanodpo.demo.stages import DATA_DIR, DEMO_DIR, ROOT, config_path
 
 OUT_DIR = DEMO_DIR / "family"
 
@@ -35,10 +37,7 @@ ROWS = (("polite", "polite"), ("blunt", "blunt"), ("on_topic", "on topic"), ("co
 
 
 def train(loss: str) -> Path:
-    from accelerate.state import AcceleratorState
-
-    import train_dpo
-
+    """train_dpo.py with the loss's options, run as a user runs it (the package imports no script)."""
     start, options = FAMILY[loss]
     out = OUT_DIR / loss
     argv = ["--config", str(config_path("dpo")), "--model", str(DEMO_DIR / start), "--output_dir", str(out),
@@ -46,8 +45,7 @@ def train(loss: str) -> Path:
     for key, value in options.items():
         argv += [f"--{key}", str(value)]
     print(f"family: {loss} from {DEMO_DIR / start}: train_dpo.py {' '.join(argv)}")
-    AcceleratorState._reset_state(reset_partial_state=True)
-    train_dpo.main(argv)
+    subprocess.run([sys.executable, str(ROOT / "train_dpo.py"), *argv], check=True)
     return out
 
 

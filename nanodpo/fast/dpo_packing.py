@@ -52,7 +52,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from nanodpo.data import EpochSampler
-from nanodpo.dpo_data import PreferenceCollator, common_prefix_length
+from nanodpo.dpo_batch import PreferenceCollator, common_prefix_length
 from nanodpo.errors import UserError, say_once
 from nanodpo.logps import ModelInputs
 from nanodpo.model import unwrap

@@ -1,13 +1,9 @@
-"""Surviving interruptions and numerical blow-ups.
+"""Surviving interruptions and numerical blow-ups: `stop_early`, checked after every optimizer step.
 
-* `GracefulStop`: SIGTERM (preemption, `kill`) or SIGINT (Ctrl-C) asks the loop to finish the current optimizer step,
-  save a checkpoint, print the command that resumes, and exit non-zero. A second signal exits at once. Under
-  several processes, a stop seen by any process stops all of them at the same step.
-* `nonfinite`: a loss or gradient norm that is NaN/inf skips the update (no optimizer step, no scheduler step); after
-  --max_nonfinite_steps in a row the loop saves and stops with a message naming the step and the likely causes.
-  Under --fp16 an inf gradient norm is first the loss scaler's business: it skips the update and halves its scale
-  (training.decide_update), and only an overflow it cannot cure counts.
-* `stop_early`: the check after every optimizer step that does both.
+* SIGTERM (preemption, `kill`) or SIGINT (Ctrl-C) (`GracefulStop`): finish the step, save a checkpoint, print the
+  command that resumes, exit non-zero; a second signal exits at once; a stop seen by any process stops them all.
+* --max_nonfinite_steps NaN/inf steps in a row (each skipped by training.decide_update): save and stop, with a
+  message naming the step and the likely causes.
 """
 
 import os

@@ -67,7 +67,8 @@ from nanodpo import tracking
 from nanodpo.config import DPOConfig, PTConfig, SFTConfig, parse_config
 from nanodpo.demo import TOKENIZER_DIR
 from nanodpo.demo.bench import main as demo_main
-from nanodpo.dpo_data import PreferenceCollator, load_preference_data
+from nanodpo.dpo_batch import PreferenceCollator
+from nanodpo.dpo_data import load_preference_data
 from nanodpo.fast.dpo_packing import sequences_of, shared_unit
 from nanodpo.model import check_model_source, load_pretrained, load_tokenizer
 from nanodpo.packing import Document, PackedRow, _make_row, collate_packed, pack_documents

@@ -1,6 +1,6 @@
 """A memory plan for DPO, per GPU, from formulas: what each piece of a training step holds, before you rent the GPUs.
 
-    python -m nanodpo.tools.memplan                                  # Qwen2.5-0.5B/1.5B/7B, the four setups below
+    python -m nanodpo.tools.memplan                                  # Qwen2.5-0.5B/1.5B/7B, the five setups below
     python -m nanodpo.tools.memplan --pairs 1 --max_length 2048 --gpus 8 --lora_r 64
 
 Setups (per GPU; `--gpus` for DDP and FSDP2):
@@ -8,6 +8,8 @@ Setups (per GPU; `--gpus` for DDP and FSDP2):
   lora_ddp        DDP: a bf16 copy of the base on every GPU + a LoRA adapter
   full_fsdp2      FSDP2 full fine-tuning, the reference online (a frozen bf16 copy, sharded like the policy)
   full_fsdp2_pre  FSDP2 full fine-tuning, reference log-probs precomputed (no reference model during training)
+  full_1gpu_pre   one GPU, full fine-tuning of fp32 weights with bf16 autocast, reference log-probs precomputed (DDP:
+                  the same on every GPU, plus its gradient buckets, 4 bytes per parameter)
 
 Pieces, in bytes (P = parameters, N = GPUs, T = tokens of one micro-batch = 2 × pairs × max_length, the padded
 upper bound; packed layouts hold fewer):
@@ -15,7 +17,8 @@ upper bound; packed layouts hold fewer):
                   quantization: 1 byte per block + 4 bytes per 256 blocks); what is not a linear layer (embeddings,
                   untied LM head, norms) kept fp32 for training (`prepare_for_kbit_training`); FSDP2: fp32 master
                   weights sharded, 4P/N, plus the bf16 copy of the units being gathered (two decoder layers and the
-                  LM head's unit, which accelerate keeps gathered between forward and backward)
+                  LM head's unit, which accelerate keeps gathered between forward and backward); one GPU, full:
+                  fp32 weights 4P plus the bf16 copies autocast makes of them in the forward, 2P (held for backward)
   gradients       fp32 of the trained parameters (LoRA: r·(in + out) per linear layer; full: P, FSDP2: /N)
   optimizer       AdamW's two fp32 moments: 8 bytes per trained parameter (/N under FSDP2)
   reference       full fine-tuning with an online reference only: a frozen bf16 copy, 2P/N under FSDP2
@@ -87,7 +90,7 @@ QWEN25 = {
     "1.5B": Architecture("Qwen2.5-1.5B", 1536, 28, 12, 2, 8960, 151_936, tied=True),
     "7B": Architecture("Qwen2.5-7B", 3584, 28, 28, 4, 18944, 152_064, tied=False),
 }
-SETUPS = ("qlora_1gpu", "lora_ddp", "full_fsdp2", "full_fsdp2_pre")
+SETUPS = ("qlora_1gpu", "lora_ddp", "full_fsdp2", "full_fsdp2_pre", "full_1gpu_pre")
 
 
 def activation_bytes_per_token_layer(arch: Architecture, act_bytes: int = 2) -> int:
@@ -127,6 +130,9 @@ def plan(arch: Architecture, setup: str, pairs: int, max_length: int, gpus: int,
     elif setup == "lora_ddp":
         trained = arch.lora_params(lora_r)
         rows["weights"] = 2 * p + 4 * trained
+    elif setup == "full_1gpu_pre":
+        trained = p
+        rows["weights"] = 4 * p + 2 * p  # fp32 weights + autocast's bf16 copies
     else:
         trained = p
         gathered = 2 * (2 * arch.layer_params() + arch.vocab * arch.hidden)  # bf16: 2 layers + the LM head's unit

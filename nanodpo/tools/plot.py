@@ -7,8 +7,8 @@ Usage
     python -m nanodpo.tools.plot out/demo/dpo --diagnose          # also print what the curves say
     python -m nanodpo.tools.plot out/demo/dpo --diagnose --lang zh   # 用中文输出诊断
 
-The run must have logged to metrics.jsonl (`--report_to jsonl`, the default). Figures, one per metric with the
-train curve and the eval points overlaid (`eval_loss` on the `loss` panel, and so on), plus `overview.png` with all
+Every run writes the metrics.jsonl this reads, whatever --report_to says. Figures, one per metric with the train
+curve and the eval points overlaid (`eval_loss` on the `loss` panel, and so on), plus `overview.png` with all
 panels in a grid — the panels a tutorial reads in wandb:
 
     loss, grad_norm, learning_rate                              every run
