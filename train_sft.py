@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     # ------------------------------------------------------------------------------------------------------------
     # 4. Optimizer, data order, schedule; resume.
     train_loader = training.make_train_loader(train_examples, collate, cfg)
-    optimizer = training.make_optimizer(model, cfg)
+    optimizer = training.make_optimizer(model, cfg, accelerator.device)
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
     total_steps, steps_per_epoch = training.count_training_steps(cfg, len(train_loader))
     scheduler = training.make_scheduler(optimizer, cfg, total_steps)  # stepped by hand, once per optimizer step

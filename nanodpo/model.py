@@ -95,6 +95,12 @@ def check_model_options(cfg) -> None:
     check_precision_options(cfg, os.environ)
     if cfg.attn_implementation == "flash_attention_2" and not torch.cuda.is_available():
         raise UserError("--attn_implementation flash_attention_2 needs a CUDA GPU; use sdpa")
+    if cfg.attn_implementation == "flash_attention_2" and cfg.dtype == "float32" and not (cfg.bf16 or cfg.fp16):
+        # (transformers would fail only at the first forward: "FlashAttention only supports fp16 and bf16")
+        raise UserError(
+            "--attn_implementation flash_attention_2 has no float32 kernel, and --dtype float32 without mixed "
+            "precision runs attention in float32: add --bf16 (float32 weights, bfloat16 compute; --fp16 on a T4/V100)"
+        )
     check_sharding_options(cfg, os.environ)
 
 
