@@ -106,7 +106,7 @@ def choose_step(cfg, ref_model, accelerator) -> DPOStep:
     if loss_type == "orpo":  # ORPO's NLL term scores the chosen prompt tokens too (TRL's ORPOTrainer does)
         model_inputs = partial(scoring_chosen_prompt, model_inputs=model_inputs)
     token_logps = choose_token_logps(cfg)
-    say_once(describe_path(cfg, layout))
+    say_once(describe_layout(layout))
 
     sum_logps = sequence_logps if cfg.ld_alpha is None else partial(completion_logps, ld_alpha=cfg.ld_alpha)
     unwrap_model = accelerator.unwrap_model if accelerator is not None else unwrap
@@ -160,13 +160,10 @@ def is_plain_dpo(cfg) -> bool:
     )  # fmt: skip
 
 
-def describe_path(cfg, layout: str) -> str:
-    if cfg.logps == "readable" and layout == "padded":
-        return "readable path: padded [chosen; rejected] rows, log_softmax + gather (the fast path: --logps chunked)"
-    return (
-        f"fast path: --logps {cfg.logps}, --batch_layout {layout} (the readable path: --logps readable "
-        "--batch_layout padded; the same numbers)"
-    )
+def describe_layout(layout: str) -> str:
+    if layout == "padded":
+        return "batch layout: padded [chosen; rejected] rows, the readable path (--batch_layout prefix_shared: fast)"
+    return f"batch layout: {layout} rows, the fast path (--batch_layout padded: the readable path, the same numbers)"
 
 
 def scoring_chosen_prompt(model, batch: dict, *, model_inputs):
