@@ -5,16 +5,13 @@ or path it runs.
 
     choice                 the demo's (readable) path                     the alternatives
     ---------------------  ---------------------------------------------  ---------------------------------------------
-    data                   preference pairs, DPOTrainer's tokenization    simpo/cpo/orpo: CPOTrainer's tokenization;
-                           (dpo_data.py)                                  kto: unpaired rows with their mismatched
-                                                                          completions, in the pairs' shape
+    data                   pairs as DPOTrainer tokenizes (dpo_data.py)    simpo/cpo/orpo: as CPOTrainer; kto: rows
     --batch_layout         padded: dpo.concatenated_inputs                padding_free | prefix_shared: fast/dpo_packing
     --logps                readable: logps.token_logps                    chunked: fast/chunked_head.chunked_token_logps
     reference              a frozen copy, or the LoRA adapter off:        --precompute_ref_logps: read from the batch;
                            reference.reference_from_model                 reference-free losses: none
     --loss_type            sigmoid: dpo.dpo_batch_loss                    losses/: pair.py, family.py, kto.py
-    metrics                losses/metrics.py                              kto: losses/kto.py; simpo/cpo/orpo:
-                                                                          `logits/*` named `completion_logits/*`
+    metrics                losses/metrics.py                              kto: losses/kto.py
 """
 
 from collections.abc import Callable

@@ -5,8 +5,7 @@ Four sources; nanodpo/recipe.py picks one at setup and the step calls it as `ref
     second copy of the model is needed (`peft`'s `disable_adapter()` context): `reference_from_model`.
   * Full fine-tuning: a frozen copy of the starting weights (`nanodpo.model.load_reference`): `reference_from_model`.
   * `--precompute_ref_logps`: one pass over the data before training with the untrained policy (whose weights are
-    the reference), cached on disk; no reference model is ever loaded: `precomputed_reference`. (kto too: its
-    mismatched pairs are fixed when the data is read.)
+    the reference), cached on disk; no reference model is ever loaded: `precomputed_reference`.
   * none: the reference-free losses (simpo, cpo, orpo) and `--reference_free` (log π_ref = 0): `no_reference`.
 
 The cache key hashes the tokenized data, a fingerprint of the reference weights and every setting that changes a
