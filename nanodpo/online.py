@@ -94,8 +94,8 @@ def prompt_example(row, tokenizer, room: int | None) -> dict:
             )
         if prompt[-1]["role"] not in ("user", "tool"):
             raise UserError(
-                f"{row.where('prompt')}: ends with a {prompt[-1]['role']} message; an online DPO prompt ends with the "
-                "user's turn (or a tool result), and the policy samples the assistant's answer to it"
+                f"{row.where('prompt')}: its last message is from '{prompt[-1]['role']}'; an online DPO prompt ends "
+                "with the user's turn (or a tool result), and the policy samples the assistant's answer to it"
             )
         ids = apply_template(row, tokenizer, prompt, add_generation_prompt=True, **chat_template_kwargs(row))
     else:
