@@ -305,7 +305,7 @@ class PTConfig(TrainConfig):
 # The range of every numeric option, checked right after parsing, before anything is loaded; a float option must also
 # be finite (no nan / inf). "[a, b)" includes a and excludes b. DPO's loss options (beta, label_smoothing, ld_alpha,
 # discopop_tau) depend on the loss type and are checked with it, in nanodpo/dpo.py `check_dpo_options`;
-# f_alpha_divergence_coef and loss_weights take any finite number.
+# f_alpha_divergence_coef, loss_weights and reward_weights take any finite number.
 
 RANGES = {
     "seed": "[0, 4294967295]",  # numpy's seed range
