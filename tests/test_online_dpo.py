@@ -47,17 +47,7 @@ def workdir(tmp_path_factory):
     tiny.write_jsonl(root / "prompts.jsonl", [{"prompt": r["prompt"], "row": i} for i, r in enumerate(string_rows)])
     chat_rows = tiny.preference_rows(16, "conversational")
     tiny.write_jsonl(root / "chat_prompts.jsonl", [{"prompt": r["prompt"]} for r in chat_rows])
-    # A reward model with a tokenizer of its own (another vocabulary, another chat template).
-    from transformers import Qwen2Config, Qwen2ForSequenceClassification
-
-    rm_tokenizer = tiny.make_tokenizer(vocab_size=300)
-    rm_tokenizer.chat_template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
-    torch.manual_seed(3)
-    config = Qwen2Config(vocab_size=len(rm_tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1, num_labels=1,
-                         pad_token_id=rm_tokenizer.pad_token_id)  # fmt: skip
-    Qwen2ForSequenceClassification(config).save_pretrained(root / "reward_model")
-    rm_tokenizer.save_pretrained(root / "reward_model")
+    tiny.make_reward_model_dir(root / "reward_model")  # a tokenizer of its own: decode, then re-encode
     return root
 
 
