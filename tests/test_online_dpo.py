@@ -13,6 +13,7 @@ The tiny model's generation config lists 40 stop tokens besides <|im_end|>, so t
 model end within 8 tokens: pairs of unequal length, padding after EOS, and the missing-EOS penalty all occur.
 """
 
+import json
 import math
 from pathlib import Path
 
@@ -257,7 +258,7 @@ def test_metrics_samples_and_columns(workdir, tmp_path):
     assert [r["step"] for r in records] == [2, 4]
     for name in COMPARED + ["completions/mean_length", "grad_norm", "num_tokens"]:
         assert name in records[0], name
-    samples = [__import__("json").loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert [s["step"] for s in samples] == [2, 2, 2, 4, 4, 4]
     for s in samples:
         assert s["split"] == "train" and s["chosen_score"] >= s["rejected_score"]
@@ -341,3 +342,43 @@ def test_checked_scores_names_the_judge_and_the_answer():
         online.checked_scores([None, 1.0], "j", ["p", "q"], ["a", "b"])
     with pytest.raises(UserError, match="returned a float for 2 answers"):
         online.checked_scores(1.0, "j", ["p", "q"], ["a", "b"])
+
+
+def test_qlora(workdir, tmp_path):
+    """A 4-bit base with a LoRA adapter samples, is judged and trains; the reference is the adapter off."""
+    out = tmp_path / "out"
+    train_dpo.main(options(workdir, out, use_lora=True, load_in_4bit=True, lora_r=8, lora_alpha=16,
+                           learning_rate=1e-2, max_steps=3))  # fmt: skip
+    records = train_records(out)
+    assert len(records) == 3 and records[0]["objective/kl"] == 0 and records[-1]["objective/kl"] != 0
+    assert (out / "adapter_model.safetensors").exists()
+
+
+def test_samples_go_to_every_tracker(tmp_path):
+    """samples.jsonl, a wandb table and tensorboard text, at the step of the record they come with."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from nanodpo.config import DPOConfig, parse_config
+    from nanodpo.tracking import Tracker
+
+    rows = [{"split": "train", "prompt": "Hi", "chosen": "Hello | there", "rejected": "Go", "chosen_score": 2.0,
+             "rejected_score": 1.0}]  # fmt: skip
+    pending = [rows]
+    cfg = parse_config(DPOConfig, ["--report_to", "tensorboard", "--output_dir", str(tmp_path)])
+    logged = []
+    with Tracker(cfg, tmp_path, {}, samples=lambda: pending.pop() if pending else []) as tracker:
+        tracker.wandb_run = type("Run", (), {"log": lambda self, data, step: logged.append((data, step))})()
+        tracker.log({"loss": 0.5}, step=3)
+        tracker.log({"loss": 0.4}, step=4)  # nothing new sampled: no rows
+        tracker.wandb_run = None
+    assert [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()] == [
+        {"step": 3, **rows[0]}
+    ]
+    (table, step), = [(data["samples"], step) for data, step in logged if "samples" in data]
+    assert step == 3 and table.columns[:3] == ["step", "split", "prompt"] and table.data[0][4] == "Go"
+    runs = list((tmp_path / "runs").iterdir())
+    accumulator = EventAccumulator(str(runs[0]))
+    accumulator.Reload()
+    assert "samples/text_summary" in accumulator.Tags()["tensors"]
+    text = accumulator.Tensors("samples/text_summary")[0]
+    assert text.step == 3 and b"Hello \\| there" in text.tensor_proto.string_val[0]
