@@ -197,6 +197,7 @@ def workdir(tmp_path_factory):
     prompts = [{"prompt": row["prompt"]} for row in tiny.preference_rows(24, "conversational")]
     tiny.write_jsonl(root / "online_train.jsonl", prompts[:16])
     tiny.write_jsonl(root / "online_eval.jsonl", prompts[16:])
+    tiny.make_reward_model_dir(root / "reward_model")
     return root
 
 
@@ -586,7 +587,8 @@ def fsdp_dpo_runs(workdir: Path) -> dict[str, tuple[str, dict]]:
     lora / lora_readable: a LoRA adapter on the sharded base, the reference the same model with the adapter off;
         lora_readable takes TRL's padded batch and full logits (--logps readable --batch_layout padded).
     lora_online: online DPO, the answers sampled by the sharded policy (every process runs all --max_new_tokens
-        forwards, each gathering the weights: correct, not fast).
+        forwards, each gathering the weights: correct, not fast), judged by a reward model sharded like a reference
+        and a function, weighted.
     """
     dpo = dict(
         dataset=str(workdir / "dpo_train.jsonl"), optim="sgd", learning_rate=0.5, max_length=64, beta=0.1, max_steps=3,
@@ -602,7 +604,8 @@ def fsdp_dpo_runs(workdir: Path) -> dict[str, tuple[str, dict]]:
                                       "dtype": "float32"}),
         "lora_readable": ("fsdp2_lora.yaml", {**dpo, **lora, "logps": "readable", "batch_layout": "padded"}),
         "lora_online": ("fsdp2_lora.yaml", {**without_eval(online_options(workdir)), **lora, "optim": "sgd",
-                                            "learning_rate": 0.5}),
+                                            "learning_rate": 0.5, "reward_model": str(workdir / "reward_model"),
+                                            "reward_weights": [1.0, 0.5]}),
     }  # fmt: skip
 
 
@@ -722,4 +725,6 @@ def test_fsdp2_reference_is_sharded_and_frozen(fsdp_runs):
     # Both processes print to one pipe, so their lines may run into each other: find each record by its braces.
     found = [json.loads(text) for text in re.findall(r"reference under fsdp2: (\{[^{}]*\})", output)]
     facts = {"params": 27, "dtensor_params": 27, "trainable": 0, "registered": False, "local_fraction": 0.5}
-    assert found == 6 * [facts]  # full_online, full_adamw and its resumed run, on each process
+    assert [f for f in found if f["params"] != 15] == 6 * [facts]  # full_online, full_adamw and its resumed run
+    # lora_online's reward model (15 parameters), sharded the same way
+    assert [f for f in found if f["params"] == 15] == 2 * [{**facts, "params": 15, "dtensor_params": 15}]
