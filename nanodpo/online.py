@@ -344,9 +344,9 @@ class PairSampler:
         with training.eval_mode(policy):
             completion_ids = sample_completions(self.unwrap_model(policy), prompt_ids, prompt_mask,
                                                 generator=generator, **self.sampling)  # fmt: skip
-        ends = torch.isin(completion_ids, self.sampling["stop_ids"])
+        ends = torch.isin(completion_ids, self.sampling["stop_ids"]).cpu()
         contain_eos = ends.any(dim=1)
-        lengths = torch.where(contain_eos, ends.int().argmax(dim=1) + 1, completion_ids.shape[1])  # through the EOS
+        lengths = torch.where(contain_eos, ends.int().argmax(dim=1) + 1, ends.shape[1])  # through the EOS
         answers = [ids[:n] for ids, n in zip(completion_ids.tolist(), lengths.tolist())]
 
         # 2. Judge: decoded text (as conversations' assistant messages), weighted judges summed.
@@ -358,22 +358,21 @@ class PairSampler:
         scores = torch.stack([judge(prompts, completions, answers, columns) for judge in self.judges], dim=1)
         scores = (scores * self.weights).sum(dim=1)
         if self.missing_eos_penalty is not None:
-            scores[~contain_eos.cpu()] -= self.missing_eos_penalty
+            scores[~contain_eos] -= self.missing_eos_penalty
 
         # 3. Rank: the higher score is chosen (a tie: the first answer).
         half = len(batch["prompts"])
-        first = torch.arange(half)
-        chosen = torch.where(scores[:half] >= scores[half:], first, first + half)
-        rejected = torch.where(scores[:half] >= scores[half:], first + half, first)
-        order = torch.cat([chosen, rejected]).tolist()
-        chosen, rejected = order[:half], order[half:]
+        first_wins = (scores[:half] >= scores[half:]).tolist()
+        chosen = [i if wins else i + half for i, wins in enumerate(first_wins)]
+        rejected = [i + half if wins else i for i, wins in enumerate(first_wins)]
         self.samples.keep(batch["prompts"], batch["draws"], [texts[i] for i in chosen], [texts[i] for i in rejected],
                           scores[chosen], scores[rejected])  # fmt: skip
 
         # 4. The pairs, collated exactly as offline ones; what the metrics read rides along, [chosen; rejected].
         pairs = self.collator([{"prompt_ids": p, "chosen_ids": answers[c], "rejected_ids": answers[r]}
                                for p, c, r in zip(batch["prompt_ids"], chosen, rejected)])  # fmt: skip
-        pairs.update(scores=scores[order], contain_eos=contain_eos.cpu()[order], lengths=lengths.cpu()[order].float())
+        order = chosen + rejected
+        pairs.update(scores=scores[order], contain_eos=contain_eos[order], lengths=lengths[order].float())
         return to_device(pairs, prompt_ids.device)
 
 
