@@ -18,38 +18,17 @@ import json
 from pathlib import Path
 
 from nanodpo.demo.evaluate import style_rate
+from nanodpo.demo.family import format_table, train_dpo_run
 from nanodpo.demo.stages import DATA_DIR, DEMO_DIR, config_path
 from nanodpo.demo.world import write_demo_data
 from nanodpo.tracking import read_metrics
 
 OUT_DIR = DEMO_DIR / "online_vs_offline"
 RUNS = {"offline": "dpo", "online": "online_dpo"}  # run -> its configs/demo_<name>.yaml
-ROWS = (("polite", "polite"), ("blunt", "blunt"), ("on_topic", "on topic"), ("correct", "correct fact"))
 
 
 def train(run: str) -> Path:
-    from accelerate.state import AcceleratorState
-
-    import train_dpo
-
-    out = OUT_DIR / run
-    argv = ["--config", str(config_path(RUNS[run])), "--output_dir", str(out), "--overwrite_output_dir", "true"]
-    print(f"online_vs_offline: {run}: train_dpo.py {' '.join(argv)}")
-    AcceleratorState._reset_state(reset_partial_state=True)
-    train_dpo.main(argv)
-    return out
-
-
-def format_table(results: dict[str, dict]) -> str:
-    names = list(results)
-    lines = ["greedy answers, held-out".ljust(26) + "".join(f"{name:>9s}" for name in names)]
-    for key, label in ROWS:
-        lines.append(label.ljust(26) + "".join(f"{results[name][key]:>9.0%}" for name in names))
-        if key == "polite":
-            for lang in ("en", "zh"):
-                row = f"  {lang} questions".ljust(26)
-                lines.append(row + "".join(f"{results[name]['by_lang'][lang]['polite']:>9.0%}" for name in names))
-    return "\n".join(lines)
+    return train_dpo_run(run, OUT_DIR / run, {"config": config_path(RUNS[run])})
 
 
 def score_curve(run_dir: Path) -> str:
@@ -80,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
         results[run] = style_rate(OUT_DIR / run, heldout)
     summary = {name: {k: v for k, v in r.items() if k != "answers"} for name, r in results.items()}
     (OUT_DIR / "results.json").write_text(json.dumps(summary, indent=1, ensure_ascii=False), encoding="utf-8")
-    print(format_table(results))
+    print(format_table(results, by_language=True))
     if "online" in args.runs:
         print("\nonline DPO, the judge's score of the sampled answers:\n" + score_curve(OUT_DIR / "online"))
 
