@@ -37,7 +37,7 @@ import torch
 from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, GenerationConfig
 
 from nanodpo import training
-from nanodpo.data import EpochSampler, load_split_rows, to_device
+from nanodpo.data import EpochSampler, load_split_rows
 from nanodpo.dpo import DPOOutput
 from nanodpo.dpo_data import apply_template, chat_template_kwargs, check_value
 from nanodpo.errors import UserError
@@ -373,7 +373,7 @@ class PairSampler:
                                for p, c, r in zip(batch["prompt_ids"], chosen, rejected)])  # fmt: skip
         order = chosen + rejected
         pairs.update(scores=scores[order], contain_eos=contain_eos[order], lengths=lengths[order].float())
-        return to_device(pairs, prompt_ids.device)
+        return {name: value.to(prompt_ids.device) if torch.is_tensor(value) else value for name, value in pairs.items()}
 
 
 @dataclass
