@@ -26,6 +26,7 @@ import importlib
 import importlib.util
 import inspect
 import math
+import numbers
 import os
 import sys
 from collections.abc import Callable
@@ -178,12 +179,12 @@ def checked_scores(values, name: str, prompts: list, completions: list) -> torch
         got = f"{len(values)} values" if isinstance(values, (list, tuple)) else f"a {type(values).__name__}"
         raise UserError(f"judge {name} returned {got} for {len(completions)} answers; it must return one score each")
     for i, value in enumerate(values):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
             raise UserError(
                 f"judge {name} scored answer {i} {value!r} (prompt {str(prompts[i])[:80]!r}, answer "
                 f"{str(completions[i])[:80]!r}); every answer needs a finite number"
             )
-    return torch.tensor(values, dtype=torch.float32)
+    return torch.tensor([float(value) for value in values], dtype=torch.float32)
 
 
 def import_judge(spec: str) -> Callable:

@@ -335,7 +335,10 @@ def test_prompts_with_answers_are_refused(workdir, tmp_path, row, message):
 
 
 def test_checked_scores_names_the_judge_and_the_answer():
+    import numpy as np
+
     assert online.checked_scores(torch.tensor([1, 2.5]), "j", ["p", "q"], ["a", "b"]).tolist() == [1.0, 2.5]
+    assert online.checked_scores([np.float32(0.5), 2], "j", ["p", "q"], ["a", "b"]).tolist() == [0.5, 2.0]
     with pytest.raises(UserError, match="judge j scored answer 1 inf"):
         online.checked_scores([0.0, math.inf], "j", ["p", "q"], ["a", "b"])
     with pytest.raises(UserError, match="judge j scored answer 0 None"):
