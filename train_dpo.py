@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # ------------------------------------------------------------------------------------------------------------
     # 4. The optimizer, and the policy placed for training: wrapped for DDP, sharded under FSDP2, a DeepSpeed engine.
-    optimizer = training.make_optimizer(policy, cfg)
+    optimizer = training.make_optimizer(policy, cfg, accelerator.device)
     policy, optimizer = accelerator.prepare(policy, optimizer)
 
     # ------------------------------------------------------------------------------------------------------------

@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # ------------------------------------------------------------------------------------------------------------
     # 4. Optimizer and schedule; resume.
-    optimizer = training.make_optimizer(model, cfg)
+    optimizer = training.make_optimizer(model, cfg, accelerator.device)
     if cfg.streaming:
         model, optimizer = accelerator.prepare(model, optimizer)
         total_steps, steps_per_epoch = cfg.max_steps, None  # the stream's length is unknown until read once

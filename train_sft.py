@@ -32,7 +32,7 @@ from nanodpo import training
 from nanodpo.config import SFTConfig, config_to_dict, parse_config
 from nanodpo.demo.stages import main_or_demo
 from nanodpo.errors import exit_on_user_error
-from nanodpo.model import check_model_options, load_policy, load_tokenizer
+from nanodpo.model import check_model_options, load_policy, load_tokenizer, set_eos_token_id
 from nanodpo.packing import check_row_length, pack_documents, packing_efficiency, padding_fraction
 from nanodpo.scale.checkpoint import (
     check_output_dir,
@@ -42,7 +42,7 @@ from nanodpo.scale.checkpoint import (
     update_best,
 )
 from nanodpo.scale.faults import GracefulStop, stop_early
-from nanodpo.sft_data import load_sft_data
+from nanodpo.sft_data import load_sft_data, set_eos_token, use_end_of_turn_as_eos
 from nanodpo.tracking import MetricMeans, make_tracker, train_record
 
 
@@ -60,9 +60,13 @@ def main(argv: list[str] | None = None) -> None:
     # ------------------------------------------------------------------------------------------------------------
     # 2. Tokenizer and data: every row normalised, checked and tokenized (with its loss mask) before the model loads.
     #    With --packing the examples are packed into rows of max_length tokens, each still isolated (packing.py).
+    #    The model is saved with the EOS it learned to end its turns with (sft_data.py: "End of turn and EOS").
     tokenizer = load_tokenizer(cfg)
+    if cfg.eos_token:
+        set_eos_token(tokenizer, cfg.eos_token)
     train_docs = load_sft_data(cfg, tokenizer, split="train")
     eval_docs = load_sft_data(cfg, tokenizer, split="eval")
+    new_eos = bool(cfg.eos_token) or use_end_of_turn_as_eos(tokenizer, train_docs)
     if cfg.packing:
         overflow = "truncate"  # an SFT example cut in two would train its second half without its prompt
         train_examples = pack_documents(train_docs, cfg.max_length, cfg.packing_strategy, overflow)
@@ -84,13 +88,15 @@ def main(argv: list[str] | None = None) -> None:
     # ------------------------------------------------------------------------------------------------------------
     # 3. Model (full, LoRA or QLoRA).
     model = load_policy(cfg, accelerator.device)
+    if new_eos:
+        set_eos_token_id(model, tokenizer.eos_token_id)
     # --logps: the readable log_softmax + gather, or the chunked LM head (nanodpo/fast/); the same numbers.
     token_logps = training.choose_token_logps(cfg)
 
     # ------------------------------------------------------------------------------------------------------------
     # 4. Optimizer, data order, schedule; resume.
     train_loader = training.make_train_loader(train_examples, collate, cfg)
-    optimizer = training.make_optimizer(model, cfg)
+    optimizer = training.make_optimizer(model, cfg, accelerator.device)
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
     total_steps, steps_per_epoch = training.count_training_steps(cfg, len(train_loader))
     scheduler = training.make_scheduler(optimizer, cfg, total_steps)  # stepped by hand, once per optimizer step

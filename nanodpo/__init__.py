@@ -1,15 +1,22 @@
 """nanodpo: a minimal, readable trainer for causal language models (pretraining, SFT, DPO).
 
-Where to read what, in the order a DPO batch goes (README "Read the code"):
-  nanodpo/dpo_data.py     preference data: formats, prompt extraction, tokenization, the padded collator
-  nanodpo/fast/dpo_packing.py  model inputs: padding-free and prefix-shared rows (--batch_layout)
-  nanodpo/logps.py        token log-probs: the readable path (fast/chunked_head.py: the chunked head)
-  nanodpo/reference.py    the reference policy's log-probs (and their on-disk cache)
-  nanodpo/dpo.py          the DPO loss family (every TRL 1.16 loss type, with the paper equations)
-  train_dpo.py            the DPO training loop, top to bottom
-and for the other two scripts: sft_data.py, pt_data.py, packing.py, train_sft.py, train_pt.py. Shared by the loops:
-training.py (accelerator, loaders, optimizer, schedule, gradient sync), checkpoint.py, tracking.py, config.py,
-model.py, data.py.
+Read one DPO step in this order (the readable path: what the demo runs):
+  train_dpo.py            the loop, top to bottom; its step's callables are chosen once, in recipe.py
+  nanodpo/dpo.py          the DPO loss as the paper writes it, and the concatenated [chosen; rejected] forward
+  nanodpo/logps.py        per-token log-probs: log_softmax + gather
+  nanodpo/dpo_batch.py    the collator: examples -> one [chosen; rejected] batch
+  nanodpo/reference.py    where the reference policy's log-probs come from
+  nanodpo/training.py     what the three loops share: accelerator, loaders, schedule, gradient sync, the update rule
+and, for the other scripts: train_sft.py, train_pt.py, sft_data.py, pt_data.py, packing.py.
+
+The layers, bottom to top (no module imports a higher one: tests/test_layers.py):
+  data        data.py, llamafactory.py, dpo_data.py, sft_data.py, pt_data.py, packing.py, dpo_batch.py
+  model       model.py (loading, LoRA, the nanodpo-tiny preset), generation.py (sampling with a KV cache)
+  log-probs   logps.py, fast/ (chapter two: the chunked LM head, padding-free and prefix-shared rows)
+  losses      dpo.py, losses/ (the rest of the family, its options and metrics)
+  loop        recipe.py, reference.py, training.py, tracking.py, scale/ (checkpoints, faults, sharding),
+              online.py (online DPO: pairs sampled by the policy and ranked by judges)
+  on top      the scripts, tools/ (plot, chat, merge, bench, memplan), demo/ (the offline demo)
 """
 
 __version__ = "0.1.0"

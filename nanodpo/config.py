@@ -84,9 +84,10 @@ class TrainConfig:
     disable_dropout: bool = opt(True, "Set every dropout probability in the model to 0 (as TRL does by default).")
     logps: str = opt(
         "chunked",
-        "How token log-probs are computed (nanodpo/logps.py), the same numbers either way: chunked applies the LM "
-        "head only at scored tokens, a chunk at a time, so the [batch, seq, vocab] logits never exist; readable "
-        "takes the model's full logits, then log_softmax + gather.",
+        "How token log-probs are computed, the same numbers either way: readable (the demo's, what a learner reads: "
+        "nanodpo/logps.py) takes the model's full logits, then log_softmax + gather; chunked (the fast path, the "
+        "default, nanodpo/fast/chunked_head.py) applies the LM head only at scored tokens, a chunk at a time, so the "
+        "[batch, seq, vocab] logits never exist.",
         ("chunked", "readable"),
     )
     # --- data ---
@@ -211,10 +212,10 @@ class DPOConfig(TrainConfig):
     precompute_ref_batch_size: int | None = opt(None, "Batch size for --precompute_ref_logps (default: eval batch).")
     batch_layout: str = opt(
         "prefix_shared",
-        "How a micro-batch's pairs are laid out (nanodpo/fast/dpo_packing.py), the same numbers either way: padded "
-        "[chosen; rejected] rows (TRL's batch); padding_free: the sequences packed into rows without padding, each "
-        "isolated; prefix_shared: packed, and each pair's prompt computed once for both answers (flash_attention_2 "
-        "falls back to padding_free).",
+        "How a micro-batch's pairs are laid out, the same numbers either way: padded [chosen; rejected] rows (TRL's "
+        "batch; the demo's readable path, nanodpo/dpo_batch.py); the fast path (nanodpo/fast/dpo_packing.py): "
+        "padding_free, the sequences packed into rows without padding, each isolated; prefix_shared (the default), "
+        "packed, and each pair's prompt computed once for both answers (flash_attention_2 falls back to padding_free).",
         ("prefix_shared", "padding_free", "padded"),
     )
     max_tokens_per_batch: int | None = opt(
@@ -269,6 +270,12 @@ class SFTConfig(TrainConfig):
     learning_rate: float = opt(2e-5, "Peak learning rate (TRL's SFT default).")
     dataset_info: str | None = opt(None, DATASET_INFO_HELP)
     train_on_prompt: bool = opt(False, "Train on every token, not only the assistant turns / completion.")
+    eos_token: str | None = opt(
+        None,
+        "The EOS token: appended to text rows and string completions, and saved as the model's EOS (TRL's "
+        "eos_token). Default: the tokenizer's, except that after training on conversations the chat template's "
+        "end-of-turn token (<|im_end|>) is saved as EOS, so generation stops at the end of a turn.",
+    )
     packing: bool = opt(False, "Pack several examples into each row of --max_length tokens (documents stay isolated).")
     packing_strategy: str = opt("bfd", "bfd: best-fit decreasing, isolated documents; wrapped: concatenate-and-chunk "
                                 "(attention crosses documents; for teaching).", ("bfd", "wrapped"))

@@ -21,7 +21,8 @@ class PreferenceCollator:
     Same tensors as TRL 1.16's `DataCollatorForPreference`. Each sequence is truncated to `max_length` first —
     `keep_start` keeps its first tokens, `keep_end` its last — then right-padded to the longest (rounded up to
     `pad_to_multiple_of`). `completion_mask` is 1 on completion tokens. `ref_chosen_logps`/`ref_rejected_logps` [B]
-    are passed through when the examples carry them (precomputed reference log-probs).
+    are passed through when the examples carry them (precomputed reference log-probs). An example may carry its own
+    `rejected_prompt_ids` (CPOTrainer's tokenization, nanodpo/dpo_data.py `cpo_tokenize_pair`).
 
     Worked example, pad_token_id=0, max_length=4, keep_start:
 
@@ -44,10 +45,11 @@ class PreferenceCollator:
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         sequences, masks = [], []
-        for completion in ("chosen_ids", "rejected_ids"):
+        for side in ("chosen", "rejected"):
             for ex in examples:
-                sequences.append(ex["prompt_ids"] + ex[completion])
-                masks.append([0] * len(ex["prompt_ids"]) + [1] * len(ex[completion]))
+                prompt = ex.get(f"{side}_prompt_ids", ex["prompt_ids"])  # simpo/cpo/orpo: a side's own prompt
+                sequences.append(prompt + ex[f"{side}_ids"])
+                masks.append([0] * len(prompt) + [1] * len(ex[f"{side}_ids"]))
 
         if self.max_length is not None:
             if self.truncation_mode == "keep_start":
@@ -93,22 +95,21 @@ class UnpairedCollator:
     padding-free, prefix-shared) and log-prob path serves it unchanged:
 
         rows 0 .. B-1     (x_i, y_i)        the micro-batch's rows, scored by the loss
-        rows B .. 2B-1    (x_i, y_{i-1})    mismatched: row i's prompt with the previous row's completion (row 0 takes
-                                            the last one's), for the KL reference point z_ref (TRL's rotation)
+        rows B .. 2B-1    (x_i, y'_i)       mismatched: row i's prompt with the completion it was given when the data
+                                            was read (`kl_completion_ids`, nanodpo/dpo_data.py `add_kl_completions`),
+                                            for the KL reference point z_ref
 
-    plus `label` [B] (bool). `pairs` is the pair collator (PreferenceCollator or PackedPreferenceCollator); with
-    prefix sharing, each row and its mismatched row share the prompt, computed once.
+    plus `label` [B] (bool), and precomputed reference log-probs when the examples carry them (`ref_chosen_logps`:
+    the rows', `ref_rejected_logps`: the mismatched rows'). `pairs` is the pair collator (PreferenceCollator or
+    PackedPreferenceCollator); with prefix sharing, each row and its mismatched row share the prompt, computed once.
     """
 
     pairs: Any
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
-        rotated = [
-            {"prompt_ids": ex["prompt_ids"], "chosen_ids": ex["completion_ids"],
-             "rejected_ids": examples[i - 1]["completion_ids"]}
-            for i, ex in enumerate(examples)
-        ]  # fmt: skip
-        batch = self.pairs(rotated)
+        batch = self.pairs([
+            {**ex, "chosen_ids": ex["completion_ids"], "rejected_ids": ex["kl_completion_ids"]} for ex in examples
+        ])  # fmt: skip
         batch["label"] = torch.tensor([bool(ex["label"]) for ex in examples])
         return batch
 

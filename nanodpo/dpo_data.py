@@ -45,7 +45,11 @@ Unpaired rows (KTO, `--loss_type kto`; TRL's KTOTrainer format), loaded by `load
 
 With `--unpair_preference_data`, preference rows are read instead, each giving a desirable row (its chosen) and an
 undesirable one (its rejected), in the order of TRL's `unpair_preference_dataset` (per block of 1000 pairs: the
-chosen rows, then the rejected rows). Tokenization is the same as for pairs (steps 3-7, the completion split per row).
+chosen rows, then the rejected rows). Tokenization is the same as for pairs (steps 3-7, the completion split per row),
+KTOTrainer's; each row then gets its mismatched completion for KTO's reference point (`add_kl_completions`).
+
+simpo, cpo and orpo pairs are tokenized as TRL's CPOTrainer and ORPOTrainer do instead (`build_cpo_examples`: BOS
+and EOS added as ids, the completion cut to fit --max_length; the table above that function says where they differ).
 
 Roles allowed in messages: system, developer, user, assistant, tool. Anything else (a typo like "assitant", or a
 model-specific role) is refused up front rather than rendered wrongly or failing mid-run inside a chat template.
@@ -66,16 +70,17 @@ ALLOWED_ROLES = ("system", "developer", "user", "assistant", "tool")
 # Loading: rows -> validated, tokenized examples.
 
 
-def load_preference_data(cfg, tokenizer, split: str = "train") -> list[dict] | None:
+def load_preference_data(cfg, tokenizer, split: str = "train", build=None) -> list[dict] | None:
     """Tokenized preference examples for `split` "train" or "eval"; None when no evaluation data is configured.
 
-    Which rows: see `nanodpo.data.load_split_rows`.
+    Which rows: see `nanodpo.data.load_split_rows`. `build`: `build_examples` (DPOTrainer's tokenization, the
+    default) or `build_cpo_examples` (CPOTrainer's and ORPOTrainer's: simpo, cpo, orpo), chosen at setup.
     Each example: {"prompt_ids", "chosen_ids", "rejected_ids": list[int], "origin": "file, row N"}.
     """
     rows = load_split_rows(cfg, split)
     if rows is None:
         return None
-    examples, stats = build_examples(
+    examples, stats = (build or build_examples)(
         rows,
         tokenizer,
         max_length=cfg.max_length,
@@ -325,6 +330,131 @@ def apply_template(row: Row, tokenizer, messages: list[dict], **kwargs) -> list[
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# simpo, cpo, orpo: CPOTrainer's and ORPOTrainer's tokenization (trl/experimental/cpo/cpo_trainer.py and
+# trl/experimental/orpo/orpo_trainer.py: `maybe_apply_chat_template` mapped over the data, then `tokenize_row` with
+# `build_tokenized_answer`; the two trainers share this code). Where it differs from DPOTrainer's (above):
+#
+#   DPOTrainer, KTOTrainer                              CPOTrainer, ORPOTrainer
+#   tokenizer(text): a BOS token only where the         tokenizer(text, add_special_tokens=False); then bos_token_id
+#     tokenizer adds one                                  is prepended whenever the tokenizer has one, unless first
+#   the eos token appended as text to string            eos_token_id appended as an id to every completion (a
+#     completions, unless they end with it                rendered conversation too), unless already its last token
+#   conversations tokenized by the chat template        rendered to text first; a prompt ending with an assistant
+#     (the prompt with the generation prompt)             message is continued (continue_final_message)
+#   the completion starts where the prompt's ids and    it starts after the prompt's ids, or one token earlier when
+#     the whole sequence's first differ, one prompt       the prompt's last token merged; chosen and rejected each
+#     for both                                            keep their own prompt (they may differ in that token)
+#   sequences cut to --max_length by the collator       the completion cut to --max_length minus its prompt's length
+
+
+def build_cpo_examples(
+    rows: list[Row],
+    tokenizer,
+    max_length: int | None = None,
+    truncation_mode: str = "keep_start",
+    max_prompt_length: int | None = None,
+) -> tuple[list[dict], Stats]:
+    """`build_examples` with CPOTrainer's tokenization. A row whose prompt alone reaches --max_length is dropped
+    (TRL keeps it with no completion token left, where simpo's and orpo's average log-prob is 0/0). The prompt is
+    never cut: TRL's CPO and ORPO trainers have no --truncation_mode keep_end and no --max_prompt_length."""
+    if not rows:
+        raise UserError("the preference dataset has no rows")
+    if truncation_mode != "keep_start" or max_prompt_length is not None:
+        raise UserError("--truncation_mode keep_end and --max_prompt_length do not apply to simpo, cpo and orpo: "
+                        "as TRL's CPOTrainer and ORPOTrainer, they keep the prompt whole and cut the completion")
+    stats = Stats(read=len(rows), max_length=max_length)
+    prepared = [prepare_row(row) for row in rows]  # validation of the whole dataset first
+    examples = []
+    for row, (prompt, chosen, rejected, extracted) in zip(rows, prepared):
+        stats.extracted += extracted
+        if isinstance(chosen, list):
+            prompt, chosen, rejected = render_pair(row, tokenizer, prompt, chosen, rejected)
+        example = cpo_tokenize_pair(row, tokenizer, prompt, chosen, rejected, max_length)
+        longest_prompt = max(example["prompt_ids"], example.get("rejected_prompt_ids", []), key=len)
+        if stats.fit_prompt(row, longest_prompt, "keep_start", None) is not None:
+            examples.append({**example, "origin": row.where()})
+    stats.check_some_kept()
+    return examples, stats
+
+
+def render_pair(row: Row, tokenizer, prompt: list, chosen: list, rejected: list) -> tuple[str, str, str]:
+    """TRL's `apply_chat_template` on a conversational pair: (prompt, chosen, rejected) as text. The prompt is
+    rendered with the generation prompt (or, ending with an assistant message, continued), then cut to what it
+    shares with the rendered prompt+chosen and prompt+rejected; each completion is the rest of its rendering.
+    nanodpo passes the row's `tools` to the template, as DPOTrainer and KTOTrainer do (CPOTrainer and ORPOTrainer
+    render without them)."""
+    kwargs = chat_template_kwargs(row)
+    last_role = prompt[-1]["role"] if prompt else None
+    if last_role in ("user", "tool"):
+        generation = {"add_generation_prompt": True}
+    elif last_role == "assistant":
+        generation = {"continue_final_message": True}
+    else:
+        raise UserError(
+            f"{row.where('prompt')}: the prompt ends with {'no message' if last_role is None else repr(last_role)}; "
+            "for simpo, cpo and orpo it must end with a user, tool or assistant message (TRL's rule)"
+        )
+    prompt_text = render_template(row, tokenizer, prompt, **generation, **kwargs)
+    texts = [render_template(row, tokenizer, prompt + answer, **kwargs) for answer in (chosen, rejected)]
+    for text in texts:  # e.g. a template that inserts a token only after the generation prompt
+        prompt_text = prompt_text[: common_prefix_length(prompt_text, text)]
+    return prompt_text, texts[0][len(prompt_text) :], texts[1][len(prompt_text) :]
+
+
+def render_template(row: Row, tokenizer, messages: list[dict], **kwargs) -> str:
+    """The chat template's text for `messages`, a template failure as a UserError naming the row."""
+    import jinja2
+
+    def render(messages, tools):
+        return tokenizer.apply_chat_template(messages, tokenize=False, **{**kwargs, "tools": tools})
+
+    try:
+        text = render(messages, kwargs.get("tools"))
+        check_tools_rendered(render, messages, kwargs.get("tools"), row.where())
+    except (jinja2.TemplateError, TypeError, ValueError) as err:  # e.g. role order; nothing to continue
+        raise UserError(f"{row.where('chosen')}: the chat template failed on this row's messages ({err})") from None
+    return text
+
+
+def cpo_tokenize_pair(row: Row, tokenizer, prompt: str, chosen: str, rejected: str, max_length: int | None) -> dict:
+    """TRL's `tokenize_row` of CPOTrainer/ORPOTrainer on text: {"prompt_ids", "chosen_ids", "rejected_ids"}, plus
+    "rejected_prompt_ids" when a merge at the boundary ends rejected's prompt differently from chosen's (TRL allows
+    one token of difference; more is an error there and here)."""
+    sides = [cpo_split_answer(row, tokenizer, prompt, answer) for answer in (chosen, rejected)]
+    (chosen_prompt, _), (rejected_prompt, _) = sides
+    differing = sum(a != b for a, b in zip(chosen_prompt, rejected_prompt))
+    if differing > 1 or abs(len(chosen_prompt) - len(rejected_prompt)) > 1:
+        raise UserError(f"{row.where('prompt')}: tokenized with chosen and with rejected, the prompt differs in more "
+                        "than its last token (CPOTrainer and ORPOTrainer refuse it too)")  # fmt: skip
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    example = {}
+    for name, (prompt_ids, answer_ids) in zip(("chosen", "rejected"), sides):
+        if bos is not None and prompt_ids[:1] != [bos]:
+            prompt_ids = [bos] + prompt_ids
+        if eos is not None and answer_ids[-1:] != [eos]:
+            answer_ids = answer_ids + [eos]
+        if max_length is not None:
+            answer_ids = answer_ids[: max(0, max_length - len(prompt_ids))]
+        example[f"{name}_ids"], example[f"{name}_prompt_ids"] = answer_ids, prompt_ids
+    example["prompt_ids"] = example.pop("chosen_prompt_ids")
+    if example["rejected_prompt_ids"] == example["prompt_ids"]:
+        del example["rejected_prompt_ids"]
+    return example
+
+
+def cpo_split_answer(row: Row, tokenizer, prompt: str, answer: str) -> tuple[list[int], list[int]]:
+    """TRL's `build_tokenized_answer`: prompt+answer tokenized as one string (no special tokens), split after the
+    prompt's own ids — or one token earlier when the prompt's last token merged with the answer's first."""
+    full_ids = tokenizer(prompt + answer, add_special_tokens=False)["input_ids"]
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    if len(full_ids) < len(prompt_ids):
+        raise UserError(f"{row.where('prompt')}: the prompt alone has more tokens than the prompt with its answer "
+                        "(CPOTrainer and ORPOTrainer refuse it too)")  # fmt: skip
+    start = len(prompt_ids) - (full_ids[: len(prompt_ids)] != prompt_ids)
+    return full_ids[:start], full_ids[start:]
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Unpaired rows (KTO).
 
 UNPAIR_BLOCK = 1000  # the rows `datasets.map(batched=True)` hands TRL's `_unpair_row` at a time (its default)
@@ -333,8 +463,10 @@ UNPAIR_BLOCK = 1000  # the rows `datasets.map(batched=True)` hands TRL's `_unpai
 def load_unpaired_data(cfg, tokenizer, split: str = "train") -> list[dict] | None:
     """Tokenized unpaired examples for `split` "train" or "eval" (None when no evaluation data is configured).
 
-    Each example: {"prompt_ids", "completion_ids": list[int], "label": bool, "origin": "file, row N"}. Every row is
-    validated before any is tokenized; with `--unpair_preference_data` the rows are pairs (see the module docstring).
+    Each example: {"prompt_ids", "completion_ids", "kl_completion_ids": list[int], "label": bool, "origin": "file,
+    row N"}. Every row is validated before any is tokenized; with `--unpair_preference_data` the rows are pairs (see
+    the module docstring). The mismatched completions (`add_kl_completions`) are formed in blocks of
+    --per_device_train_batch_size rows, for the eval rows too, as KTOTrainer forms them.
     """
     rows = load_split_rows(cfg, split)
     if rows is None:
@@ -352,14 +484,7 @@ def load_unpaired_data(cfg, tokenizer, split: str = "train") -> list[dict] | Non
         truncation_mode=getattr(cfg, "truncation_mode", "keep_start"),
         max_prompt_length=getattr(cfg, "max_prompt_length", None),
     )
-    batch_size = cfg.per_device_train_batch_size if split == "train" else cfg.per_device_eval_batch_size
-    if len(examples) % batch_size == 1:
-        flag = "--max_samples" if split == "train" else "--max_eval_samples"
-        raise UserError(
-            f"{len(examples)} {split} rows in batches of {batch_size} leave a last batch of 1 row, too few to estimate "
-            f"kto's KL reference point (from the other rows of its batch); use {flag} {len(examples) - 1} or another "
-            "batch size"
-        )
+    add_kl_completions(examples, cfg.per_device_train_batch_size)
     desirable = sum(ex["label"] for ex in examples)
     print(
         f"unpaired data ({split}): {stats.summary()}; {desirable} desirable, {len(examples) - desirable} undesirable"
@@ -440,3 +565,15 @@ def build_unpaired_examples(
         )
     stats.check_some_kept()
     return examples, stats
+
+
+def add_kl_completions(examples: list[dict], block_size: int) -> None:
+    """Give each row its mismatched completion `kl_completion_ids`, as KTOTrainer's `add_kl_completion_ids` (mapped
+    over the kept rows in blocks of `block_size` = per_device_train_batch_size): within each block of consecutive
+    rows, row i takes row i-1's completion and the block's first row its last row's (a block of one row takes its
+    own). KTO's reference point z_ref is estimated on these pairs (x_i, y_{i-1}), so they are fixed once, before any
+    shuffling: a row keeps its pair whatever the data order, the batch it lands in and the number of processes."""
+    for start in range(0, len(examples), block_size):
+        block = examples[start : start + block_size]
+        for i, example in enumerate(block):
+            example["kl_completion_ids"] = block[i - 1]["completion_ids"]

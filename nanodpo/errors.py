@@ -5,6 +5,7 @@ Code that validates user input raises `UserError("data.jsonl, row 12, field 'cho
 nanodpo (or the environment) and keeps its full traceback.
 """
 
+import importlib.util
 import os
 import sys
 from collections.abc import Callable
@@ -31,3 +32,16 @@ def say_once(message: str) -> None:
         _said_once.add(message)
         if os.environ.get("RANK", "0") == "0":
             print(f"[nanodpo] {message}")
+
+
+def require_extra(module: str, extra: str, needed_by: str) -> None:
+    """Refuse, naming the install command, what needs an optional package (pyproject.toml's extras) that is missing."""
+    if importlib.util.find_spec(module) is None:
+        raise missing_extra(module, extra, needed_by)
+
+
+def missing_extra(module: str, extra: str, needed_by: str) -> UserError:
+    return UserError(
+        f'{needed_by} needs the {module} package, which is not installed: pip install -e ".[{extra}]" in the '
+        f"nanodpo clone (or pip install {module})"
+    )

@@ -19,12 +19,45 @@ import torch
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, GgufConfig
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, GgufConfig, Qwen2Config
 from transformers.integrations import is_deepspeed_zero3_enabled
 
-from nanodpo.demo import TOKENIZER_DIR, tiny_model_config
-from nanodpo.errors import UserError, say_once
+from nanodpo.errors import UserError, require_extra, say_once
 from nanodpo.sft_data import resolve_chat_template
+
+# ----------------------------------------------------------------------------------------------------------------
+# The preset `nanodpo-tiny`: the offline demo's model (nanodpo/demo/), with the tokenizer nanodpo ships.
+
+TOKENIZER_DIR = Path(__file__).resolve().parent / "assets" / "tokenizer"
+
+# Special token ids of the shipped tokenizer (make_tokenizer.SPECIAL_TOKENS, in this order).
+PAD_TOKEN_ID = 0  # <|endoftext|>
+IM_START_TOKEN_ID = 1  # <|im_start|>
+EOS_TOKEN_ID = 2  # <|im_end|>
+
+# A Qwen2 small enough to train on a CPU in minutes: with the demo tokenizer's ~1,200 tokens, ~3.5M parameters (0.3M
+# of them the embedding, tied to the output layer); about 1k tokens/s of training per CPU core at sequence length 256.
+# head_dim = 256 / 4 = 64; 2 key/value heads (grouped-query attention, as in Qwen2).
+TINY_MODEL_PRESET = dict(
+    hidden_size=256,
+    intermediate_size=768,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    tie_word_embeddings=True,
+    rms_norm_eps=1e-6,
+    rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+    pad_token_id=PAD_TOKEN_ID,
+    eos_token_id=EOS_TOKEN_ID,
+    bos_token_id=None,
+)
+
+
+def tiny_model_config(vocab_size: int, **overrides):
+    """A `transformers.Qwen2Config` of TINY_MODEL_PRESET with this vocabulary (and any field overridden)."""
+    return Qwen2Config(**{**TINY_MODEL_PRESET, "vocab_size": vocab_size, **overrides})
+
 
 # Architectures nanodpo ships (no weights: pretrain them with train_pt.py --from_scratch), with their tokenizer.
 PRESETS = {"nanodpo-tiny": (tiny_model_config, TOKENIZER_DIR)}
@@ -57,9 +90,17 @@ def check_model_options(cfg) -> None:
         )
     if cfg.load_in_4bit and not cfg.use_lora:
         raise UserError("--load_in_4bit trains a LoRA adapter on frozen 4-bit weights: add --use_lora")
+    if cfg.load_in_4bit:
+        require_extra("bitsandbytes", "qlora", "--load_in_4bit")
     check_precision_options(cfg, os.environ)
     if cfg.attn_implementation == "flash_attention_2" and not torch.cuda.is_available():
         raise UserError("--attn_implementation flash_attention_2 needs a CUDA GPU; use sdpa")
+    if cfg.attn_implementation == "flash_attention_2" and cfg.dtype == "float32" and not (cfg.bf16 or cfg.fp16):
+        # (transformers would fail only at the first forward: "FlashAttention only supports fp16 and bf16")
+        raise UserError(
+            "--attn_implementation flash_attention_2 has no float32 kernel, and --dtype float32 without mixed "
+            "precision runs attention in float32: add --bf16 (float32 weights, bfloat16 compute; --fp16 on a T4/V100)"
+        )
     check_sharding_options(cfg, os.environ)
 
 
@@ -227,6 +268,16 @@ def load_tokenizer(cfg):
             raise UserError(f"the tokenizer of '{name}' has neither a pad token nor an EOS token")
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+def set_eos_token_id(model: nn.Module, token_id: int) -> None:
+    """Make `token_id` the model's EOS: config.json's, and the first of generation_config's (the others stay: any of
+    them stops generation). What TRL's SFTTrainer does with its eos_token."""
+    model = model.get_base_model() if is_peft_model(model) else model
+    model.config.get_text_config().eos_token_id = token_id
+    ids = model.generation_config.eos_token_id
+    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+    model.generation_config.eos_token_id = [token_id, *[i for i in ids if i != token_id]]
 
 
 def load_model_config(cfg, vocab_size: int):

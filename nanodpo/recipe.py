@@ -5,7 +5,7 @@ or path it runs.
 
     choice                 the demo's (readable) path                     the alternatives
     ---------------------  ---------------------------------------------  ---------------------------------------------
-    data                   preference pairs (dpo_data.py)                 kto: unpaired rows; --online: prompts
+    data                   pairs as DPOTrainer tokenizes (dpo_data.py)    simpo/cpo/orpo: as CPOTrainer; kto: rows
     --batch_layout         padded: dpo.concatenated_inputs                padding_free | prefix_shared: fast/dpo_packing
     --logps                readable: logps.token_logps                    chunked: fast/chunked_head.chunked_token_logps
     reference              a frozen copy, or the LoRA adapter off:        --precompute_ref_logps: read from the batch;
@@ -20,7 +20,7 @@ from functools import partial
 
 from nanodpo.dpo import concatenated_forward, concatenated_inputs, dpo_batch_loss, sequence_logps
 from nanodpo.dpo_batch import PreferenceCollator, UnpairedCollator, with_chosen_prompt_scored
-from nanodpo.dpo_data import load_preference_data, load_unpaired_data
+from nanodpo.dpo_data import build_cpo_examples, load_preference_data, load_unpaired_data
 from nanodpo.errors import say_once
 from nanodpo.fast.dpo_packing import make_token_budget_loader, packed_collator, packed_inputs, resolve_layout
 from nanodpo.losses.family import reference_free_loss
@@ -32,7 +32,7 @@ from nanodpo.losses.kto import (
     kto_row_stats,
     kto_stats_metrics,
 )
-from nanodpo.losses.metrics import dpo_metrics, dpo_pair_stats, pair_stats_metrics
+from nanodpo.losses.metrics import dpo_metrics, dpo_pair_stats, named_completion_logits, pair_stats_metrics
 from nanodpo.losses.modifiers import completion_logps
 from nanodpo.losses.options import REFERENCE_FREE_LOSS_TYPES, family_loss_type, needs_reference
 from nanodpo.losses.pair import summed_ipo_loss, weighted_pair_loss
@@ -54,15 +54,20 @@ class PreferenceData:
 
 
 def choose_data(cfg, pad_token_id: int) -> PreferenceData:
-    """Pairs (or kto's unpaired rows), collated padded or packed (`--batch_layout`); --online: prompts."""
-    if cfg.online:  # the step samples the pairs and collates them with `pair_collator` (nanodpo/online.py)
+    """Pairs (or kto's unpaired rows), tokenized as the loss's TRL trainer does, collated padded or packed
+    (`--batch_layout`); --online: prompts, which the step turns into pairs (nanodpo/online.py)."""
+    if cfg.online:  # the step samples and judges the pairs, then collates them with `pair_collator`
         return PreferenceData(load_prompts, PromptCollator(pad_token_id), "prompts", count_tokens, make_prompt_loader)
     collator = pair_collator(cfg, pad_token_id)
     # --max_tokens_per_batch: micro-batches filled to a token budget rather than a pair count
     train_loader = make_token_budget_loader if cfg.max_tokens_per_batch else make_train_loader
-    if family_loss_type(cfg) == "kto":
+    loss_type = family_loss_type(cfg)
+    if loss_type == "kto":
         return PreferenceData(load_unpaired_data, UnpairedCollator(collator), "rows", count_row_tokens, train_loader)
-    return PreferenceData(load_preference_data, collator, "pairs", count_tokens, train_loader)
+    load = load_preference_data
+    if loss_type in REFERENCE_FREE_LOSS_TYPES:  # TRL's CPOTrainer and ORPOTrainer tokenize their own way
+        load = partial(load_preference_data, build=build_cpo_examples)
+    return PreferenceData(load, collator, "pairs", count_tokens, train_loader)
 
 
 def pair_collator(cfg, pad_token_id: int):
@@ -106,7 +111,7 @@ def choose_step(cfg, ref_model, accelerator, tokenizer=None) -> DPOStep:
     if loss_type == "orpo":  # ORPO's NLL term scores the chosen prompt tokens too (TRL's ORPOTrainer does)
         model_inputs = partial(scoring_chosen_prompt, model_inputs=model_inputs)
     token_logps = choose_token_logps(cfg)
-    say_once(describe_path(cfg, layout))
+    say_once(describe_layout(layout))
 
     sum_logps = sequence_logps if cfg.ld_alpha is None else partial(completion_logps, ld_alpha=cfg.ld_alpha)
     unwrap_model = accelerator.unwrap_model if accelerator is not None else unwrap
@@ -126,6 +131,9 @@ def choose_step(cfg, ref_model, accelerator, tokenizer=None) -> DPOStep:
     if loss_type == "kto":
         forward, metrics, combine = kto_forward, kto_metrics, combine_kto_metrics
         eval_stats, eval_metrics = kto_row_stats, kto_stats_metrics
+    if loss_type in REFERENCE_FREE_LOSS_TYPES:  # TRL's CPO/ORPO trainers mean another thing by `logits/*`
+        metrics = partial(named_completion_logits, metrics=metrics)
+        eval_metrics = partial(named_completion_logits, metrics=eval_metrics)
     policy_logps = partial(token_logps, with_sum_sq=cfg.use_weighting)
     loss = choose_loss(cfg, accelerator)
     forward = partial(forward, model_inputs=model_inputs, token_logps=policy_logps, reference=reference, loss=loss)
@@ -162,13 +170,10 @@ def is_plain_dpo(cfg) -> bool:
     )  # fmt: skip
 
 
-def describe_path(cfg, layout: str) -> str:
-    if cfg.logps == "readable" and layout == "padded":
-        return "readable path: padded [chosen; rejected] rows, log_softmax + gather (the fast path: --logps chunked)"
-    return (
-        f"fast path: --logps {cfg.logps}, --batch_layout {layout} (the readable path: --logps readable "
-        "--batch_layout padded; the same numbers)"
-    )
+def describe_layout(layout: str) -> str:
+    if layout == "padded":
+        return "batch layout: padded [chosen; rejected] rows, the readable path (--batch_layout prefix_shared: fast)"
+    return f"batch layout: {layout} rows, the fast path (--batch_layout padded: the readable path, the same numbers)"
 
 
 def scoring_chosen_prompt(model, batch: dict, *, model_inputs):

@@ -60,10 +60,12 @@ def no_reference(policy, batch: dict, inputs: ModelInputs) -> tuple[None, None]:
 
 
 def data_fingerprint(examples: list[dict]) -> str:
+    """Every token id list of every example (pairs: prompt, chosen, rejected; kto rows: prompt, completion and the
+    mismatched completion)."""
     h = hashlib.sha256()
     for ex in examples:
-        for key in ("prompt_ids", "chosen_ids", "rejected_ids"):
-            h.update(json.dumps(ex[key]).encode())
+        for key in sorted(key for key in ex if key.endswith("_ids")):
+            h.update(key.encode() + json.dumps(ex[key]).encode())
         h.update(b"|")
     return h.hexdigest()
 
@@ -105,7 +107,8 @@ def cache_dir() -> Path:
 def precompute_reference_logps(
     examples: list[dict], name: str, *, policy, ref_model, cfg, accelerator, collator, model_inputs, score
 ) -> tuple[list[dict], str]:
-    """Attach `ref_chosen_logps`/`ref_rejected_logps` to every example, from the disk cache or one no_grad pass.
+    """Attach `ref_chosen_logps`/`ref_rejected_logps` to every example, from the disk cache or one no_grad pass: the
+    reference log-probs of the two halves of its [chosen; rejected] batch (kto: the row's and its mismatched row's).
 
     The pass reads `examples` in order, in batches of --precompute_ref_batch_size (default: the eval batch size)
     spread over the processes, and gathers the results from all of them. `collator`, `model_inputs` and `score`
@@ -137,7 +140,7 @@ def precompute_reference_logps(
             save_file(tensors, tmp)
             os.replace(tmp, path)  # atomic: a rerun never sees a half-written cache
         accelerator.wait_for_everyone()
-        accelerator.print(f"[{name}] reference log-probs computed for {len(examples)} pairs, cached at {path}")
+        accelerator.print(f"[{name}] reference log-probs computed for {len(examples)} examples, cached at {path}")
     assert tensors["ref_chosen_logps"].numel() == len(examples), "reference cache does not match the data"
     with_ref = [
         {**ex, "ref_chosen_logps": float(c), "ref_rejected_logps": float(r)}

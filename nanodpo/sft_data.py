@@ -49,8 +49,15 @@ markers). It needs a template that renders a conversation's beginning the same w
 (`through` must be a prefix of the full render); templates that rewrite earlier turns (e.g. ones that drop past
 reasoning) are refused with a clear error.
 
-Chat templates: the tokenizer's own, or `--chat_template chatml` (built-in ChatML, for base models whose tokenizer
-has `<|im_start|>`/`<|im_end|>` but no template, like Qwen base models), or a path to a Jinja file.
+Chat templates: the tokenizer's own, or `--chat_template chatml` (built-in plain ChatML, for tokenizers that have
+`<|im_start|>`/`<|im_end|>` but no template, or whose own adds more, as Qwen2.5's default system prompt), or a path to
+a Jinja file.
+
+End of turn and EOS: a base model's tokenizer often ends turns with one token and sequences with another (Qwen2.5
+base: ChatML's `<|im_end|>`, EOS `<|endoftext|>`). A model trained on conversations learns to close its turn with the
+template's token, so `use_end_of_turn_as_eos` saves that token as the EOS (tokenizer and generation_config), or
+generation would run on to the token limit. `--eos_token` chooses the EOS explicitly instead (TRL's `eos_token`: it
+is also the EOS appended to text rows and string completions).
 
 max_length (`prepare_sft_documents`): a longer example is truncated keeping its start (TRL's default
 `truncation_mode="keep_start"`); if no trained token is left it is dropped (as TRL does). Both are counted in
@@ -67,7 +74,7 @@ from jinja2.exceptions import TemplateError
 
 from nanodpo.data import load_split_rows
 from nanodpo.dpo_batch import common_prefix_length
-from nanodpo.errors import UserError
+from nanodpo.errors import UserError, say_once
 from nanodpo.llamafactory import (
     DatasetInfo,
     check_tools_rendered,
@@ -198,6 +205,53 @@ def resolve_chat_template(tokenizer, chat_template: str | None) -> str | None:
     if not path.is_file():
         raise UserError(f"--chat_template {chat_template}: not 'chatml' and no such file")
     return path.read_text(encoding="utf-8")
+
+
+def set_eos_token(tokenizer, token: str, flag: str = "--eos_token") -> None:
+    """Make `token` the tokenizer's EOS (it must be one token of its vocabulary)."""
+    if token not in tokenizer.get_vocab():
+        raise UserError(f"{flag} {token!r}: not a token of this tokenizer (name one token, e.g. <|im_end|>)")
+    tokenizer.eos_token = token
+
+
+def end_of_turn_token(tokenizer) -> str | None:
+    """The token the tokenizer's chat template closes an assistant turn with (ChatML `<|im_end|>`, Llama 3
+    `<|eot_id|>`): what follows the content of a rendered assistant turn, if that is one token. None otherwise, or
+    without a template."""
+    if not tokenizer.chat_template:
+        return None
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    render = _renderer(tokenizer, None, "the chat template", None)
+    try:
+        [(start, end)] = assistant_char_spans(messages, render, "the chat template")
+    except (UserError, ValueError):  # a template that cannot render this exchange has no end-of-turn token to find
+        return None
+    turn = render(messages, False)[start:end]
+    tail = turn[turn.rfind("Hello") + len("Hello") :].strip()
+    return tail if tail in tokenizer.get_vocab() else None
+
+
+def use_end_of_turn_as_eos(tokenizer, documents: list[Document]) -> bool:
+    """After training on `documents`: if they teach the model to emit the chat template's end-of-turn token and it
+    is not the EOS, make it the EOS (saved with the tokenizer; see the module docstring) and say so. True if changed."""
+    token = end_of_turn_token(tokenizer)
+    if token is None or token == tokenizer.eos_token:
+        return False
+    token_id = tokenizer.convert_tokens_to_ids(token)
+    if not any(_trains(doc, token_id) for doc in documents):
+        return False
+    say_once(
+        f"the chat template ends a turn with {token}, the tokenizer's EOS is {tokenizer.eos_token}: the model is "
+        f"saved with EOS {token} (tokenizer and generation_config), so generation stops at the end of its turn "
+        "(--eos_token chooses another)"
+    )
+    tokenizer.eos_token = token
+    return True
+
+
+def _trains(doc: Document, token_id: int) -> bool:
+    """Whether the loss of `doc` covers the token `token_id` somewhere."""
+    return token_id in doc.input_ids and any(m for t, m in zip(doc.input_ids, doc.loss_mask) if t == token_id)
 
 
 def _renderer(tokenizer, chat_template: str | None, where: str, tools: list | None) -> Callable[[list, bool], str]:

@@ -8,14 +8,13 @@ metrics.jsonl holds one JSON object per line: training records `{"step", "epoch"
 (`{"step", "epoch", "eval_loss", "eval_rewards/accuracies", ...}`) — the names TRL/HF Trainer log.
 """
 
-import importlib.util
 import inspect
 import json
 import math
 import os
 from pathlib import Path
 
-from nanodpo.errors import UserError
+from nanodpo.errors import UserError, missing_extra, require_extra
 
 
 class MetricMeans:
@@ -55,11 +54,19 @@ def train_record(means: MetricMeans, state, **values) -> dict[str, float]:
 
 
 def flops_per_token(model, seq_len: int) -> float:
-    """Training FLOPs per token: 6·N (forward + backward of every weight, LM head included) + 12·L·d·T (attention
-    scores and values), the PaLM appendix estimate. MFU = flops_per_token · tokens/s / the hardware's peak."""
+    """Training FLOPs per token, the PaLM appendix estimate with frozen weights told apart: a weight matrix of N
+    parameters costs 2·N in forward, 2·N in backward for the gradient of its input and, if it is trained, 2·N for
+    its own gradient — 6·N trained, 4·N frozen (LoRA's base weights) — and attention's scores and values 12·L·d·T
+    (forward + backward, T = seq_len). The input embeddings are a lookup, not a matmul: not counted (a tied LM head
+    is, as the head). N is each parameter's full size, also under ZeRO-3 (`numel`). MFU = this · tokens/s / peak."""
+    from nanodpo.model import numel  # (imported here: this module is read by tools that need no torch)
+
+    embeddings = model.get_input_embeddings().weight
+    head = model.get_output_embeddings()
+    counted = [p for p in model.parameters() if p is not embeddings or (head is not None and head.weight is p)]
+    weights = sum((6 if p.requires_grad else 4) * numel(p) for p in counted)
     config = model.config
-    params = sum(p.numel() for p in model.parameters())
-    return 6 * params + 12 * config.num_hidden_layers * config.hidden_size * seq_len
+    return weights + 12 * config.num_hidden_layers * config.hidden_size * seq_len
 
 
 class Tracker:
@@ -155,14 +162,14 @@ def check_trackers(cfg, env) -> None:
     """Refuse, before anything heavy runs, a --report_to tracker that would fail only at its first use — after the
     data is tokenized, the model loaded and the reference log-probs computed: wandb or tensorboard not installed,
     or wandb without a login (`wandb login` or WANDB_API_KEY) unless it logs offline or is disabled (WANDB_MODE)."""
-    if "tensorboard" in cfg.report_to and importlib.util.find_spec("tensorboard") is None:
-        raise UserError("--report_to tensorboard needs the tensorboard package: pip install tensorboard")
+    if "tensorboard" in cfg.report_to:  # optional packages (pyproject.toml's extras of the same names)
+        require_extra("tensorboard", "tensorboard", "--report_to tensorboard")
     if "wandb" not in cfg.report_to:
         return
     try:
         import wandb
     except ImportError:
-        raise UserError("--report_to wandb needs the wandb package: pip install wandb") from None
+        raise missing_extra("wandb", "wandb", "--report_to wandb") from None
     if env.get("WANDB_MODE", "").lower() in ("offline", "dryrun", "disabled"):
         return
     if not wandb_logged_in(wandb):

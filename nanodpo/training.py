@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from nanodpo import logps
 from nanodpo.data import EpochSampler, to_device
-from nanodpo.errors import UserError
+from nanodpo.errors import UserError, say_once
 from nanodpo.fast.chunked_head import chunked_token_logps
 from nanodpo.logps import ModelInputs
 from nanodpo.model import decay_parameter_groups, is_main_process
@@ -30,8 +30,12 @@ from nanodpo.tracking import check_trackers
 
 def choose_token_logps(cfg):
     """--logps: the readable path (nanodpo/logps.py), or chapter two's chunked head (nanodpo/fast/chunked_head.py);
-    the same TokenStats either way."""
-    return chunked_token_logps if cfg.logps == "chunked" else logps.token_logps
+    the same TokenStats either way. Says which, once."""
+    if cfg.logps == "chunked":
+        say_once("log-probs: chunked LM head, the fast path (--logps readable: log_softmax + gather; the same numbers)")
+        return chunked_token_logps
+    say_once("log-probs: log_softmax + gather, the readable path (--logps chunked: the fast path, the same numbers)")
+    return logps.token_logps
 
 
 def make_accelerator(cfg) -> Accelerator:
@@ -153,18 +157,19 @@ def count_training_steps(cfg, micro_batches_per_epoch: int) -> tuple[int, int]:
     return max(1, math.ceil(cfg.num_train_epochs * steps_per_epoch)), steps_per_epoch
 
 
-def make_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
+def make_optimizer(model: torch.nn.Module, cfg, device: torch.device) -> torch.optim.Optimizer:
+    """The optimizer, built before `accelerator.prepare` moves the model to `device`, where its parameters will be."""
     groups = decay_parameter_groups(model, cfg.weight_decay)
     if cfg.optim == "sgd":
         return torch.optim.SGD(groups, lr=cfg.learning_rate)
-    # The fused AdamW kernel is one launch for all parameters instead of several per tensor (CUDA only).
-    fused = torch.cuda.is_available() and all(p.is_cuda for g in groups for p in g["params"])
+    # On CUDA, the fused AdamW kernel: one launch for all parameters instead of several per tensor (TRL's default too).
+    # It checks its parameters' device at the first step, after the move.
     return torch.optim.AdamW(
         groups,
         lr=cfg.learning_rate,
         betas=(cfg.adam_beta1, cfg.adam_beta2),
         eps=cfg.adam_epsilon,
-        fused=fused or None,
+        fused=True if torch.device(device).type == "cuda" else None,
     )
 
 

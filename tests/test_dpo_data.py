@@ -1,5 +1,6 @@
 """nanodpo/dpo_data.py against TRL 1.16: the same token ids (`DPOTrainer.train_dataset`) and the same batches
-(`DataCollatorForPreference`) for every row format, with and without max_length truncation; plus the nanodpo
+(`DataCollatorForPreference`) for every row format and every test tokenizer (BOS added or not, merges across the
+boundary), with and without max_length truncation; plus the nanodpo
 extension --max_prompt_length, and one clear UserError (file, row, field) for each kind of bad row."""
 
 import tempfile
@@ -95,7 +96,10 @@ IDS = ("prompt_ids", "chosen_ids", "rejected_ids")
 _trl_cache: dict = {}
 
 
-def trl_prepare(rows: list[dict], max_length, truncation_mode, key=None):
+TOKENIZERS = {kind: tiny.make_tokenizer(kind=kind) for kind in tiny.TOKENIZERS}  # BOS added or not, merges
+
+
+def trl_prepare(rows: list[dict], max_length, truncation_mode, key=None, tokenizer=TOK):
     """TRL's examples (prompt/chosen/rejected ids after its filter) and its collator, from a real DPOTrainer."""
     if key is not None and key in _trl_cache:
         return _trl_cache[key]
@@ -109,11 +113,11 @@ def trl_prepare(rows: list[dict], max_length, truncation_mode, key=None):
             truncation_mode=truncation_mode,
         )
         trainer = DPOTrainer(
-            model=tiny.make_model(TOK),
-            ref_model=tiny.make_model(TOK),  # (with none, TRL reloads the policy from its hub path, which we have not)
+            model=tiny.make_model(tokenizer),
+            ref_model=tiny.make_model(tokenizer),  # (with none, TRL reloads the policy from its hub path: none here)
             args=args,
             train_dataset=datasets.Dataset.from_list(rows),
-            processing_class=TOK,
+            processing_class=tokenizer,
         )
     result = ([{k: ex[k] for k in IDS} for ex in trainer.train_dataset], trainer.data_collator)
     if key is not None:
@@ -123,14 +127,18 @@ def trl_prepare(rows: list[dict], max_length, truncation_mode, key=None):
 
 @pytest.fixture(scope="module")
 def trl_examples():
-    """One DPOTrainer per (format, max_length, truncation_mode), shared by the tests of this module."""
-    return lambda name, max_length, mode: trl_prepare(ROWS[name], max_length, mode, key=(name, max_length, mode))
+    """One DPOTrainer per (format, max_length, truncation_mode, tokenizer), shared by the tests of this module."""
+
+    def prepare(name, max_length, mode, kind="plain"):
+        return trl_prepare(ROWS[name], max_length, mode, (name, max_length, mode, kind), TOKENIZERS[kind])
+
+    return prepare
 
 
-def nanodpo_prepare(tmp_path, rows, **cfg_kwargs):
+def nanodpo_prepare(tmp_path, rows, tokenizer=TOK, **cfg_kwargs):
     path = tiny.write_jsonl(tmp_path / "data.jsonl", rows)
     cfg = DPOConfig(dataset=[str(path)], **cfg_kwargs)
-    examples = load_preference_data(cfg, TOK)
+    examples = load_preference_data(cfg, tokenizer)
     return examples
 
 
@@ -142,12 +150,15 @@ def ids_only(examples):
 # Token ids and batches equal TRL's
 
 
+@pytest.mark.parametrize("kind", tiny.TOKENIZERS)
 @pytest.mark.parametrize("max_length,mode", TRUNCATIONS)
 @pytest.mark.parametrize("name", FORMATS)
-def test_token_ids_match_trl(tmp_path, capsys, trl_examples, name, max_length, mode):
-    theirs, _ = trl_examples(name, max_length, mode)
-    ours = nanodpo_prepare(tmp_path, ROWS[name], max_length=max_length, truncation_mode=mode)
+def test_token_ids_match_trl(tmp_path, capsys, trl_examples, name, max_length, mode, kind):
+    theirs, _ = trl_examples(name, max_length, mode, kind)
+    ours = nanodpo_prepare(tmp_path, ROWS[name], TOKENIZERS[kind], max_length=max_length, truncation_mode=mode)
     assert ids_only(ours) == theirs
+    if kind == "bos" and "conversational" not in name:  # the tokenizer's BOS (conversations: the template's)
+        assert all(ex["prompt_ids"][0] == TOKENIZERS[kind].bos_token_id for ex in ours)
     dropped = len(ROWS[name]) - len(theirs)
     assert (dropped > 0) == (max_length is not None and mode == "keep_start")  # the long-prompt rows
     summary = capsys.readouterr().out
@@ -155,12 +166,13 @@ def test_token_ids_match_trl(tmp_path, capsys, trl_examples, name, max_length, m
     assert f"{len(theirs)} kept" in summary
 
 
+@pytest.mark.parametrize("kind", tiny.TOKENIZERS)
 @pytest.mark.parametrize("max_length,mode", TRUNCATIONS)
 @pytest.mark.parametrize("name", FORMATS)
-def test_collator_matches_trl(trl_examples, name, max_length, mode):
-    examples, trl_collator = trl_examples(name, max_length, mode)
+def test_collator_matches_trl(trl_examples, name, max_length, mode, kind):
+    examples, trl_collator = trl_examples(name, max_length, mode, kind)
     assert (trl_collator.max_length, trl_collator.truncation_mode) == (max_length, mode)
-    ours = PreferenceCollator(TOK.pad_token_id, max_length=max_length, truncation_mode=mode)
+    ours = PreferenceCollator(TOKENIZERS[kind].pad_token_id, max_length=max_length, truncation_mode=mode)
     for pad_to in (None, 8):
         trl_collator.pad_to_multiple_of = ours.pad_to_multiple_of = pad_to
         for start in range(0, len(examples), 4):

@@ -7,7 +7,8 @@ micro-batches, in the same steps, as batch b × accumulation 2a on 1 process wit
     later 1e-3).
   * kto: z_ref is averaged over the processes' micro-batches (TRL gathers it), so 2 processes are NOT 1 process with
     twice the accumulation; they are compared with TRL's KTOTrainer on the same 2 processes instead (step 1 within
-    1e-5, later 1e-3), its metrics reduced over the rows of both processes.
+    1e-5, later 1e-3), its metrics reduced over the rows of both processes; and with --precompute_ref_logps (the
+    reference scored before training, over both processes) they equal the run without it (1e-5).
 """
 
 import json
@@ -80,6 +81,7 @@ def test_reference_free_losses_and_kto_on_two_processes(tmp_path):
         *[("nanodpo", to_argv(common(tmp_path, tmp_path / f"{name}_two", **run_options)), "")
           for name, run_options in pair_runs.items()],  # fmt: skip
         ("nanodpo", to_argv(common(tmp_path, tmp_path / "kto_two", **kto)), ""),
+        ("nanodpo", to_argv(common(tmp_path, tmp_path / "kto_two_pre", precompute_ref_logps="true", **kto)), ""),
         ("trl_kto", [json.dumps(trl_kto)], str(tmp_path / "trl_kto")),
     ]
     (tmp_path / "plan.json").write_text(json.dumps(plan))
@@ -89,7 +91,7 @@ def test_reference_free_losses_and_kto_on_two_processes(tmp_path):
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
         "--main_process_port", str(free_port()), str(tmp_path / "driver.py"), str(tmp_path / "plan.json"),
     ]  # fmt: skip
-    output = run(cmd, base_env(ACCELERATE_USE_CPU="1"))
+    output = run(cmd, base_env(ACCELERATE_USE_CPU="1", NANODPO_CACHE=str(tmp_path / "cache")))
     assert output.count("accumulation x 2 processes)") == len(plan)
     for name, run_options in pair_runs.items():
         assert f"loss type {name} is reference-free: no reference model is loaded" in output
@@ -114,3 +116,8 @@ def test_reference_free_losses_and_kto_on_two_processes(tmp_path):
             worst = max(worst, rel)
             assert rel <= (1e-5 if i == 0 else 1e-3), f"kto step {i + 1} {key}: {a[key]} vs TRL {b[key]}"
     print(f"kto on 2 processes: max relative difference to TRL on 2 processes {worst:.1e}")
+
+    # --precompute_ref_logps: the reference log-probs of the rows and of their mismatched rows, scored once over both
+    # processes' shards and gathered, give the run that scores them on the fly.
+    precomputed = [r for r in read_metrics(tmp_path / "kto_two_pre" / "metrics.jsonl") if "loss" in r]
+    assert_same_curve(precomputed, ours, rtol=1e-5, label="kto precomputed on 2 processes")

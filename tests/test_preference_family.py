@@ -19,7 +19,7 @@ import train_dpo
 from nanodpo.config import DPOConfig, parse_config
 from nanodpo.data import Row
 from nanodpo.dpo_batch import PreferenceCollator
-from nanodpo.dpo_data import build_examples, load_preference_data
+from nanodpo.dpo_data import build_cpo_examples, load_preference_data
 from nanodpo.errors import UserError
 from nanodpo.fast.dpo_packing import PackedPreferenceCollator
 from nanodpo.logps import TokenStats
@@ -135,15 +135,110 @@ def test_simpo_by_hand():
         ({"loss_type": "sigmoid", "simpo_gamma": 1.0}, "--simpo_gamma applies to the family losses"),
         ({"loss_type": "orpo", "label_smoothing": 0.1}, "--label_smoothing applies to simpo and cpo only"),
         ({"loss_type": "cpo", "desirable_weight": 2.0}, "--desirable_weight applies to kto only"),
-        ({"loss_type": "kto", "per_device_train_batch_size": 1}, "at least 2 rows"),
-        ({"loss_type": "kto", "per_device_eval_batch_size": 1}, "--per_device_eval_batch_size 1 is too small"),
-        ({"loss_type": "kto", "precompute_ref_logps": "true"}, "micro-batch's mismatched rows"),
+        ({"loss_type": "kto", "per_device_train_batch_size": 1}, "1 is too small for kto"),
+        ({"loss_type": "orpo", "truncation_mode": "keep_end"}, "--truncation_mode keep_end does not apply"),
+        ({"loss_type": "cpo", "max_prompt_length": 8}, "--max_prompt_length does not apply to --loss_type cpo"),
         ({"loss_type": "kto", "max_tokens_per_batch": 100}, "--max_tokens_per_batch is not supported with kto"),
     ],
 )
 def test_refused_family_options(overrides, message):
     with pytest.raises(UserError, match=message):
         check_dpo_options(config(**overrides))
+
+
+@pytest.mark.parametrize("overrides", [
+    {"loss_type": "kto", "precompute_ref_logps": "true"},  # its mismatched pairs are fixed when the data is read
+    {"loss_type": "kto", "per_device_eval_batch_size": 1},  # (they come from blocks of the train batch size)
+    {"loss_type": "kto", "truncation_mode": "keep_end", "max_prompt_length": 8},  # DPOTrainer's tokenization
+])  # fmt: skip
+def test_accepted_family_options(overrides):
+    check_dpo_options(config(**overrides))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Token ids equal CPOTrainer's and ORPOTrainer's, on every test tokenizer
+
+
+def msg(role, content):
+    return {"role": role, "content": content}
+
+
+LONG = "The reference model stays frozen while the policy learns to prefer the chosen completion. "
+MAX_LENGTH = 40
+# Each format with the cases where the trainers tokenize differently: a BPE merge across the boundary (with the
+# `merge` tokenizer: in every row; one where only chosen merges, so the two prompts differ), the eos token already
+# there, no prompt, an answer cut to fit MAX_LENGTH, a prompt alone over it (dropped), a prompt ending with an
+# assistant message (continued).
+EDGE_ROWS = {
+    "explicit": [
+        {"prompt": "Human: What is the capital of Fr", "chosen": "ance? Paris.", "rejected": "ance? Whatever."},
+        {"prompt": "What is 2 + 2?", "chosen": " 4", "rejected": "\n5, whatever"},
+        {"prompt": "", "chosen": "No prompt at all.", "rejected": "Nothing<|im_end|>"},
+        {"prompt": "Hi", "chosen": " " + LONG * 3, "rejected": " No."},
+        *tiny.preference_rows(4, "explicit"),
+        {"prompt": LONG * 3, "chosen": " Yes.", "rejected": " No."},
+    ],
+    "conversational": [
+        {"prompt": [msg("user", "Hi"), msg("assistant", "Hello, how")], "chosen": [msg("assistant", " can I help?")],
+         "rejected": [msg("assistant", " what?")]},
+        *tiny.preference_rows(7, "conversational"),  # (the multi-turn ones are over MAX_LENGTH: dropped)
+        {"prompt": [msg("user", "Hi")], "chosen": [msg("assistant", LONG * 2)], "rejected": [msg("assistant", "No.")]},
+    ],
+    "implicit": [*tiny.preference_rows(6, "implicit"), {"chosen": "Same answer.", "rejected": "Same answer."}],
+}  # fmt: skip
+
+
+def trl_family_trainer(trainer: str, rows: list[dict], tokenizer, out: Path, **options):
+    """TRL's CPOTrainer or ORPOTrainer on `rows` (a fresh tiny model), CPU, fp32, sequential order."""
+    from datasets import Dataset
+
+    module = __import__(f"trl.experimental.{trainer}", fromlist=["x"])
+    name = trainer.upper()
+    options = {"max_length": MAX_LENGTH, "per_device_train_batch_size": 4, "train_sampling_strategy": "sequential",
+               **options}  # fmt: skip
+    args = getattr(module, f"{name}Config")(output_dir=str(out), report_to="none", bf16=False, use_cpu=True,
+                                            remove_unused_columns=False, **options)  # fmt: skip
+    return getattr(module, f"{name}Trainer")(
+        model=tiny.make_model(tokenizer), args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer
+    )
+
+
+def row_index(example: dict) -> int:
+    return int(example["origin"].rsplit("row ", 1)[1]) - 1
+
+
+@pytest.mark.parametrize("kind", list(EDGE_ROWS))
+@pytest.mark.parametrize("tokenizer_kind", tiny.TOKENIZERS)
+def test_token_ids_match_cpo_and_orpo_trainers(tmp_path, tokenizer_kind, kind):
+    tokenizer = tiny.make_tokenizer(kind=tokenizer_kind)
+    rows = EDGE_ROWS[kind]
+    ours, stats = build_cpo_examples([Row(r, "mem", i + 1) for i, r in enumerate(rows)], tokenizer, MAX_LENGTH)
+    batch = PreferenceCollator(tokenizer.pad_token_id, MAX_LENGTH)(ours)
+    for trainer in ("cpo", "orpo"):
+        theirs = trl_family_trainer(trainer, rows, tokenizer, tmp_path / trainer).train_dataset
+        for i, ex in enumerate(ours):  # every kept row, as TRL's labels: -100 on its own prompt
+            expected = theirs[row_index(ex)]
+            for side in ("chosen", "rejected"):
+                prompt = ex.get(f"{side}_prompt_ids", ex["prompt_ids"])
+                assert prompt + ex[f"{side}_ids"] == expected[f"{side}_input_ids"], (trainer, ex["origin"], side)
+                assert [-100] * len(prompt) + ex[f"{side}_ids"] == expected[f"{side}_labels"], (ex["origin"], side)
+            # and so the collated batch: sequence i (chosen) and B + i (rejected)
+            for row, side in ((i, "chosen"), (len(ours) + i, "rejected")):
+                ids = expected[f"{side}_input_ids"]
+                assert batch["input_ids"][row, : len(ids)].tolist() == ids
+                mask = batch["completion_mask"][row].tolist()
+                assert [t if m else -100 for t, m in zip(ids, mask)] == expected[f"{side}_labels"]
+        # TRL keeps a prompt that alone reaches MAX_LENGTH (with no completion token); nanodpo drops it
+        dropped = set(range(len(rows))) - set(map(row_index, ours))
+        assert all(len(theirs[i]["chosen_labels"]) >= MAX_LENGTH for i in dropped)
+    assert stats.dropped >= 1 if kind != "implicit" else stats.dropped == 0
+    # The cases are really exercised.
+    if tokenizer_kind in ("bos", "bos_off"):
+        assert all(ex["prompt_ids"][0] == tokenizer.bos_token_id for ex in ours)
+    if kind != "implicit":
+        assert any(len(ex["prompt_ids"]) + len(ex["chosen_ids"]) == MAX_LENGTH for ex in ours)  # an answer was cut
+    if tokenizer_kind == "merge" and kind == "explicit":
+        assert any("rejected_prompt_ids" in ex for ex in ours)  # only chosen's prompt merged with its answer
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -192,9 +287,11 @@ def dpo_step(policy, reference, batch, cfg):
 
 @pytest.mark.parametrize("loss_type", FAMILY)
 def test_layouts_equal_padded_batch(loss_type):
-    tokenizer = tiny.make_tokenizer()
-    rows = tiny.preference_rows(6, "conversational")
-    examples, _ = build_examples([Row(r, "mem", i + 1) for i, r in enumerate(rows)], tokenizer, max_length=48)
+    """On CPOTrainer's token ids, with the `merge` tokenizer: one pair's chosen and rejected prompts differ."""
+    tokenizer = tiny.make_tokenizer(kind="merge")
+    rows = EDGE_ROWS["explicit"][:6]
+    examples, _ = build_cpo_examples([Row(r, "mem", i + 1) for i, r in enumerate(rows)], tokenizer, max_length=48)
+    assert any("rejected_prompt_ids" in ex for ex in examples)
     policy = tiny.make_model(tokenizer, seed=1)
     cfg = config(loss_type=loss_type, max_length=48, **OPTIONS[loss_type])
     padded = PreferenceCollator(tokenizer.pad_token_id, 48)(examples)
@@ -212,25 +309,76 @@ def test_layouts_equal_padded_batch(loss_type):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# End to end against the TRL trainers
+# The first step against the TRL trainers, on every test tokenizer
+
+
+def trl_options(loss_type: str) -> dict:
+    """OPTIONS in TRL's names (CPOTrainer's loss_type; orpo: ORPOTrainer, whose beta is λ)."""
+    if loss_type == "orpo":
+        return dict(OPTIONS["orpo"])
+    return {**OPTIONS[loss_type], "loss_type": "simpo" if loss_type == "simpo" else "sigmoid"}
+
+
+def trl_trainer_name(loss_type: str) -> str:
+    return "orpo" if loss_type == "orpo" else "cpo"
+
+
+@pytest.mark.parametrize("tokenizer_kind", tiny.TOKENIZERS)
+@pytest.mark.parametrize("loss_type", FAMILY)
+def test_first_step_matches_trl(tmp_path, loss_type, tokenizer_kind):
+    """One forward/backward from the same weights on the first 4 pairs of EDGE_ROWS (a merge at the boundary, two
+    prompts that differ with `merge`, the eos token already there, no prompt, an answer cut to fit): the loss and
+    every value TRL logs within 1e-6, every parameter's gradient within 1e-5."""
+    tokenizer = tiny.make_tokenizer(kind=tokenizer_kind)
+    rows = EDGE_ROWS["explicit"][:4]
+    trainer = trl_family_trainer(trl_trainer_name(loss_type), rows, tokenizer, tmp_path, **trl_options(loss_type))
+    trainer.model.train()
+    trl_loss = trainer.compute_loss(trainer.model, next(iter(trainer.get_train_dataloader())))
+    trl_loss.backward()
+    trl_metrics = {name: values[-1] for name, values in trainer._stored_metrics["train"].items()}
+
+    cfg = config(loss_type=loss_type, max_length=MAX_LENGTH, **OPTIONS[loss_type])
+    examples, _ = build_cpo_examples([Row(r, "mem", i + 1) for i, r in enumerate(rows)], tokenizer, MAX_LENGTH)
+    policy = tiny.make_model(tokenizer)  # TRL's model: the same seed, the same weights
+    batch = PreferenceCollator(tokenizer.pad_token_id, MAX_LENGTH)(examples)
+    out, _, metrics = tiny.dpo_forward(policy, None, batch, cfg)
+    out.loss.backward()
+    assert out.loss.item() == pytest.approx(trl_loss.item(), rel=1e-6)
+    for name in COMPARED[loss_type][1:]:
+        assert tiny.relative_difference(metrics, trl_metrics, name) <= 1e-6, (name, metrics[name], trl_metrics[name])
+    for name, param in policy.named_parameters():
+        torch.testing.assert_close(param.grad, trainer.model.get_parameter(name).grad, rtol=1e-5, atol=1e-7, msg=name)
+    # TRL's `logits/*` is another quantity (every position, padding included); nanodpo names its own differently.
+    assert "logits/chosen" not in metrics and "completion_logits/chosen" in metrics
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# End to end against the TRL trainers: 10 steps, shuffled, accumulation 2
 
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
+    """Train and eval data, and one tiny model directory per test tokenizer (made when first asked for)."""
     root = tmp_path_factory.mktemp("family_e2e")
-    tiny.make_model_dir(root / "model", seed=0)
     tiny.write_jsonl(root / "train.jsonl", tiny.preference_rows(16, "explicit"))
     tiny.write_jsonl(root / "eval.jsonl", tiny.preference_rows(22, "explicit")[16:])  # 6 held-out pairs, one batch
     return root
 
 
-def nanodpo_args(workdir: Path, out: Path, **overrides) -> list[str]:
+def model_dir(workdir: Path, tokenizer_kind: str) -> Path:
+    path = workdir / f"model_{tokenizer_kind}"
+    if not path.exists():
+        tiny.make_model_dir(path, seed=0, tokenizer=tokenizer_kind)
+    return path
+
+
+def nanodpo_args(workdir: Path, out: Path, tokenizer_kind: str = "plain", **overrides) -> list[str]:
     options = {
-        "model": str(workdir / "model"), "dataset": str(workdir / "train.jsonl"), "output_dir": str(out),
-        "per_device_train_batch_size": 4, "gradient_accumulation_steps": 2, "max_steps": STEPS,
-        "learning_rate": 1e-3, "lr_scheduler_type": "constant", "logging_steps": 1,
-        "train_sampling_strategy": "sequential", "max_length": 64, "seed": 0, "report_to": "jsonl",
-        "disable_tqdm": True,
+        "model": str(model_dir(workdir, tokenizer_kind)), "dataset": str(workdir / "train.jsonl"),
+        "output_dir": str(out), "per_device_train_batch_size": 4, "gradient_accumulation_steps": 2,
+        "max_steps": STEPS, "learning_rate": 1e-3, "lr_scheduler_type": "constant", "logging_steps": 1,
+        "train_sampling_strategy": "random", "max_length": 64, "seed": 0, "report_to": "jsonl", "disable_tqdm": True,
+        "eval_dataset": str(workdir / "eval.jsonl"), "per_device_eval_batch_size": 8,
     }  # fmt: skip
     options.update(overrides)
     argv = []
@@ -239,69 +387,84 @@ def nanodpo_args(workdir: Path, out: Path, **overrides) -> list[str]:
     return argv
 
 
-def run_nanodpo(workdir: Path, out: Path, **overrides) -> list[dict]:
-    train_dpo.main(nanodpo_args(workdir, out, **overrides))
-    return [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
-
-
-def trl_trainer(workdir: Path, out: Path, loss_type: str, accumulation: int, max_steps: int = STEPS, **options):
+def trl_trainer(workdir: Path, out: Path, loss_type: str, tokenizer_kind: str = "plain", model=None, **options):
+    """The TRL trainer of `loss_type` with nanodpo_args' settings (`model`: a policy built by nanodpo, e.g. LoRA)."""
     from datasets import load_dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(workdir / "model")
-    model = AutoModelForCausalLM.from_pretrained(workdir / "model", dtype=torch.float32)
+    path = model_dir(workdir, tokenizer_kind)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if model is None:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     dataset = load_dataset("json", data_files=str(workdir / "train.jsonl"), split="train")
     eval_dataset = load_dataset("json", data_files=str(workdir / "eval.jsonl"), split="train")
-    options.update(eval_strategy="steps", eval_steps=max_steps, per_device_eval_batch_size=8)
-    common = dict(
-        output_dir=str(out), per_device_train_batch_size=4, gradient_accumulation_steps=accumulation,
-        max_steps=max_steps, learning_rate=1e-3, lr_scheduler_type="constant", logging_steps=1,
-        train_sampling_strategy="sequential", max_length=64, seed=0, report_to="none", bf16=False,
-        use_cpu=True, save_strategy="no", disable_tqdm=True, remove_unused_columns=False,
-    )  # fmt: skip
-    if loss_type == "orpo":
-        from trl.experimental.orpo import ORPOConfig, ORPOTrainer
-
-        args = ORPOConfig(**common, **options)
-        return ORPOTrainer(
-            model=model, args=args, train_dataset=dataset, eval_dataset=eval_dataset, processing_class=tokenizer
-        )
-    from trl.experimental.cpo import CPOConfig, CPOTrainer
-
-    trl_loss_type = "simpo" if loss_type == "simpo" else "sigmoid"
-    args = CPOConfig(**common, loss_type=trl_loss_type, **options)
-    return CPOTrainer(
+    options = {
+        "per_device_train_batch_size": 4, "gradient_accumulation_steps": 2, "max_steps": STEPS,
+        "learning_rate": 1e-3, "lr_scheduler_type": "constant", "logging_steps": 1,
+        "train_sampling_strategy": "random", "max_length": 64, "seed": 0, "eval_strategy": "steps",
+        "eval_steps": STEPS, "per_device_eval_batch_size": 8, **trl_options(loss_type), **options,
+    }  # fmt: skip
+    module = __import__(f"trl.experimental.{trl_trainer_name(loss_type)}", fromlist=["x"])
+    name = trl_trainer_name(loss_type).upper()
+    args = getattr(module, f"{name}Config")(output_dir=str(out), report_to="none", bf16=False, use_cpu=True,
+                                            save_strategy="no", disable_tqdm=True, remove_unused_columns=False,
+                                            **options)  # fmt: skip
+    return getattr(module, f"{name}Trainer")(
         model=model, args=args, train_dataset=dataset, eval_dataset=eval_dataset, processing_class=tokenizer
     )
 
 
-@pytest.mark.slow
-@pytest.mark.usefixtures("fresh_accelerate_state")
-@pytest.mark.parametrize("accumulation", [1, 2])
-@pytest.mark.parametrize("loss_type", FAMILY)
-def test_curve_matches_trl(workdir, tmp_path, loss_type, accumulation):
-    options = OPTIONS[loss_type]
-    out = tmp_path / "nano"
-    train_dpo.main(
-        nanodpo_args(
-            workdir, out, loss_type=loss_type, gradient_accumulation_steps=accumulation,
-            eval_dataset=workdir / "eval.jsonl", per_device_eval_batch_size=8, **options,
-        )
-    )  # fmt: skip
-    records = read_metrics(out / "metrics.jsonl")
+def compare_with_trl(records: list[dict], trainer, loss_type: str) -> dict:
+    """train_dpo.py's metrics.jsonl records against the TRL trainer's log history: every step within 1e-6 (step
+    1) and 1e-4 (steps 2-10), the evaluation after step 10 within 1e-4. Returns the largest relative differences."""
     ours = [r for r in records if "loss" in r]
-    trainer = trl_trainer(workdir, tmp_path / "trl", loss_type, accumulation, **options)
-    trainer.train()
     theirs = [r for r in trainer.state.log_history if "loss" in r]
-    worst = tiny.assert_curves_close(ours, theirs, COMPARED[loss_type], STEPS, rtol=1e-3)
-    # The evaluation after step 10 (one batch of 6 pairs), under TRL's eval_ names.
+    worst = tiny.assert_curves_close(ours, theirs, COMPARED[loss_type], STEPS, rtol=1e-4, first_step_rtol=1e-6)
     our_eval = next(r for r in records if "eval_loss" in r)
     their_eval = next(r for r in trainer.state.log_history if "eval_loss" in r)
     for key in COMPARED[loss_type]:
-        name = f"eval_{key}"
-        scale = max(abs(their_eval[name]), 1e-2, *(abs(their_eval[f"eval_rewards/{s}"]) for s in ("chosen", "rejected")
-                                                 if key == "rewards/margins"))  # fmt: skip
-        worst["eval"] = max(worst.get("eval", 0.0), abs(our_eval[name] - their_eval[name]) / scale)
-        assert our_eval[name] == pytest.approx(their_eval[name], rel=1e-3, abs=1e-5 * scale), name
-    print(f"{loss_type} accumulation {accumulation}: max relative difference to TRL", worst)
+        gap = tiny.relative_difference(our_eval, their_eval, key, prefix="eval_")
+        worst["eval"] = max(worst.get("eval", 0.0), gap)
+        assert gap <= 1e-4, (f"eval_{key}", our_eval[f"eval_{key}"], their_eval[f"eval_{key}"])
     assert ours[-1]["loss"] < ours[0]["loss"]  # it trained
+    return worst
+
+
+# Every loss on the plain tokenizer and on one other, so that each tokenizer has a 10-step curve (the first step of
+# every pairing: test_first_step_matches_trl).
+CURVES = [("simpo", "plain"), ("simpo", "merge"), ("cpo", "plain"), ("cpo", "bos"), ("orpo", "plain"),
+          ("orpo", "bos_off")]  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("fresh_accelerate_state")
+@pytest.mark.parametrize("loss_type, tokenizer_kind", CURVES)
+def test_curve_matches_trl(workdir, tmp_path, loss_type, tokenizer_kind):
+    out = tmp_path / "nano"
+    train_dpo.main(nanodpo_args(workdir, out, tokenizer_kind, loss_type=loss_type, **OPTIONS[loss_type]))
+    trainer = trl_trainer(workdir, tmp_path / "trl", loss_type, tokenizer_kind)
+    trainer.train()
+    worst = compare_with_trl(read_metrics(out / "metrics.jsonl"), trainer, loss_type)
+    print(f"{loss_type} on the {tokenizer_kind} tokenizer: max relative difference to TRL", worst)
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("fresh_accelerate_state")
+@pytest.mark.parametrize("loss_type", FAMILY)
+def test_lora_curve_matches_trl(workdir, tmp_path, loss_type):
+    """With a LoRA adapter (peft): the same starting adapter (the policy built as train_dpo.py builds it, handed to
+    TRL), 10 steps within the same tolerances."""
+    from nanodpo.model import load_policy
+    from nanodpo.training import seed_everything
+
+    lora = {"use_lora": "true", "lora_r": 8, "lora_alpha": 16, "learning_rate": 1e-2}
+    out = tmp_path / "nano"
+    train_dpo.main(nanodpo_args(workdir, out, loss_type=loss_type, **lora, **OPTIONS[loss_type]))
+    cfg = parse_config(DPOConfig, nanodpo_args(workdir, tmp_path / "unused", loss_type=loss_type, **lora,
+                                               **OPTIONS[loss_type]))  # fmt: skip
+    seed_everything(cfg.seed)
+    trainer = trl_trainer(workdir, tmp_path / "trl", loss_type, model=load_policy(cfg), learning_rate=1e-2)
+    trainer.train()
+    worst = compare_with_trl(read_metrics(out / "metrics.jsonl"), trainer, loss_type)
+    print(f"{loss_type} with LoRA: max relative difference to TRL", worst)
+    assert (out / "adapter_config.json").exists()

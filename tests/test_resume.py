@@ -17,7 +17,7 @@ import torch
 
 from nanodpo.config import DPOConfig, parse_config
 from nanodpo.errors import UserError
-from nanodpo.scale.checkpoint import _check_compatible, checkpoints_in
+from nanodpo.scale.checkpoint import _check_compatible, checkpoint_problem, checkpoints_in, write_failure
 from nanodpo.tracking import read_metrics
 from nanodpo.training import RunState
 from tests import tiny
@@ -182,22 +182,98 @@ def in_process(kind: str, data: Path, out: Path, *extra: str):
     return module.main([*argv, *extra])
 
 
-def test_full_disk_at_save_time_is_a_clear_error(data, tmp_path, monkeypatch):
-    import nanodpo.scale.checkpoint as ckpt
+# What a full disk looks like from each library that writes a checkpoint (seen on a real full filesystem).
+TORCH_FULL = RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 86528 vs 86416")
+TOKENIZERS_FULL = Exception("No space left on device (os error 28)")
+SAFETENSORS_FULL = Exception('Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space '
+                             'left on device" })')  # fmt: skip
 
-    original = torch.save
 
-    def full_disk(obj, path, *args, **kwargs):
-        if ".tmp-checkpoint-4" in str(path):
-            raise OSError(28, "No space left on device")
-        return original(obj, path, *args, **kwargs)
+def tokenizer_class(data: Path) -> type:
+    from transformers import AutoTokenizer
 
-    monkeypatch.setattr(ckpt.torch, "save", full_disk)
+    return type(AutoTokenizer.from_pretrained(data / "model"))
+
+
+@pytest.mark.parametrize("writer, error, into", [
+    ("torch.save", OSError(28, "No space left on device"), ".tmp-checkpoint-4"),
+    ("torch.save", TORCH_FULL, ".tmp-checkpoint-4"),
+    ("tokenizer", TOKENIZERS_FULL, ".tmp-checkpoint-4"),
+    ("model", SAFETENSORS_FULL, ".tmp-out-final"),  # the final model's save
+])  # fmt: skip
+def test_full_disk_at_save_time_is_a_clear_error(writer, error, into, data, tmp_path, monkeypatch):
+    """Whatever the library raises on a full disk becomes the one clear message; nothing half-written is left."""
+    import shutil as shutil_module
+
+    from transformers import PreTrainedModel
+
+    owner, name = {"torch.save": (torch, "save"), "tokenizer": (tokenizer_class(data), "save_pretrained"),
+                   "model": (PreTrainedModel, "save_pretrained")}[writer]  # fmt: skip
+    original = getattr(owner, name)
+
+    def full_disk(*args, **kwargs):
+        if any(into in str(a) for a in [*args, *kwargs.values()]):
+            raise error
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, full_disk)
+    if error is TORCH_FULL:  # the disk really is full: torch's own words do not say so, the free space does
+        real_usage = shutil_module.disk_usage
+        monkeypatch.setattr(shutil_module, "disk_usage", lambda p: real_usage(p)._replace(free=0))
+    out = tmp_path / "out"
     with pytest.raises(UserError) as err:
-        in_process("sft", data, tmp_path / "out")
-    assert "No space left on device" in str(err.value) and "checkpoint-4" in str(err.value)
-    assert [p.name for p in checkpoints_in(tmp_path / "out")] == ["checkpoint-2"]
-    assert not list((tmp_path / "out").glob(".tmp-*"))
+        in_process("sft", data, out)
+    final = into.endswith("final")
+    assert f"cannot write {out if final else out / 'checkpoint-4'}: No space left on device — nothing was replaced" \
+        in str(err.value)  # fmt: skip
+    expected = ["checkpoint-2", "checkpoint-4", "checkpoint-6"] if final else ["checkpoint-2"]
+    assert [p.name for p in checkpoints_in(out)] == expected
+    assert not list(out.glob(".tmp-*")) and not list(tmp_path.glob(".tmp-*"))
+    assert all(checkpoint_problem(p) is None for p in checkpoints_in(out))  # the earlier ones are intact
+
+
+@pytest.mark.parametrize("error, reason", [
+    (OSError(28, "No space left on device"), "No space left on device"),
+    (PermissionError(13, "Permission denied"), "Permission denied"),
+    (TOKENIZERS_FULL, "No space left on device"),
+    (SAFETENSORS_FULL, "No space left on device"),
+    (TORCH_FULL, "the write failed ([enforce fail at inline_container.cc:664] . unexpected pos 86528 vs 86416)"),
+    (RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed"), "the write failed"),
+    (ValueError("a bug in nanodpo"), None),  # not a failure to write: keeps its traceback
+])  # fmt: skip
+def test_write_failures_are_recognised_whatever_raised_them(error, reason, tmp_path):
+    try:  # an error raised while handling an OSError carries it in its chain
+        raise error
+    except Exception as err:
+        found = write_failure(err, tmp_path)
+    assert found == reason or (reason is not None and found.startswith(reason))
+    chained = RuntimeError("saving failed")
+    chained.__cause__ = OSError(28, "No space left on device")
+    assert write_failure(chained, tmp_path) == "No space left on device"
+
+
+def test_damaged_checkpoints_are_skipped_or_refused(data, tmp_path, capsys):
+    """A truncated model.safetensors (or any damaged file): `latest` resumes from the newest intact checkpoint, and
+    finishes exactly like the uninterrupted run; the damaged one named explicitly is refused, naming the file."""
+    out = tmp_path / "out"
+    in_process("sft", data, out)
+    expected = comparable(out)
+    weights = out / "checkpoint-6" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # cut short, as by a full disk outside nanodpo's own save
+    capsys.readouterr()
+    in_process("sft", data, out, "--resume_from_checkpoint", "latest")
+    printed = capsys.readouterr().out
+    assert f"skipping the damaged {out / 'checkpoint-6'} (model.safetensors is damaged" in printed
+    assert f"resumed from {out / 'checkpoint-4'} at step 4" in printed
+    assert comparable(out) == expected
+    assert checkpoint_problem(out / "checkpoint-6") is None  # written again by the resumed run
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(UserError, match=r"checkpoint-6: damaged checkpoint: model.safetensors is damaged \(.*header"):
+        in_process("sft", data, out, "--resume_from_checkpoint", str(out / "checkpoint-6"))
+    for checkpoint in checkpoints_in(out)[:-1]:
+        (checkpoint / "optimizer.pt").write_bytes(b"")
+    with pytest.raises(UserError, match="every checkpoint in .* is damaged .*optimizer.pt is damaged"):
+        in_process("sft", data, out, "--resume_from_checkpoint", "latest")
 
 
 @pytest.mark.parametrize("kind", ["dpo", "dpo_online"])
@@ -291,3 +367,24 @@ def test_checkpoints_load_nothing_pickled(data, tmp_path):
     ckpt = checkpoints_in(out)[-1]
     for name in ["optimizer.pt", "scheduler.pt", "rng_state_0.pth"]:
         torch.load(ckpt / name, weights_only=True)
+
+
+DAMAGE = [("model.safetensors", "cut"), ("optimizer.pt", "cut"), ("scheduler.pt", "cut"), ("rng_state_0.pth", "cut"),
+          ("trainer_state.json", "cut"), ("config.yaml", b"model: [unclosed"), ("optimizer.pt", "missing")]
+
+
+def test_each_damaged_file_is_named(data, tmp_path):
+    import shutil
+
+    out = tmp_path / "out"
+    in_process("sft", data, out, "--max_steps", "3")
+    assert checkpoint_problem(out / "checkpoint-2") is None
+    for i, (name, damage) in enumerate(DAMAGE):
+        checkpoint = shutil.copytree(out / "checkpoint-2", tmp_path / f"copy-{i}")
+        file = checkpoint / name
+        if damage == "missing":
+            file.unlink()
+        else:
+            file.write_bytes(file.read_bytes()[: file.stat().st_size // 2] if damage == "cut" else damage)
+        problem = checkpoint_problem(checkpoint)
+        assert problem is not None and problem.startswith(name), (name, damage, problem)

@@ -1,9 +1,10 @@
 """SFT data: formats normalise, bad rows are UserErrors naming row and field, and the token ids and loss masks equal
-TRL 1.16's (`assistant_only_loss` with `{% generation %}` markers, while nanodpo renders the plain template)."""
+TRL 1.16's (`assistant_only_loss` with `{% generation %}` markers, while nanodpo renders the plain template), on every
+test tokenizer (tests/tiny.py: without a BOS token, with one added or not, merging across boundaries)."""
 
 import pytest
 from datasets import Dataset
-from tiny import CHATML_GENERATION_TEMPLATE, CHATML_TEMPLATE, make_model, make_tokenizer
+from tiny import CHATML_GENERATION_TEMPLATE, CHATML_TEMPLATE, TOKENIZERS, make_model, make_tokenizer
 from trl import SFTConfig, SFTTrainer
 
 from nanodpo.errors import UserError
@@ -75,9 +76,20 @@ def tokenizer():
     return make_tokenizer()
 
 
-def trl_examples(rows, chat_template, tmp_path, **config):
+@pytest.fixture(params=TOKENIZERS)
+def kind(request):
+    """Each test tokenizer (tests/tiny.py): without a BOS token, with one added or not, merging across boundaries."""
+    return request.param
+
+
+def with_bos(kind: str, template: str) -> str:
+    """The template, rendering the BOS token first for the tokenizer that adds one (as Llama's templates do)."""
+    return ("{{ bos_token }}" if kind == "bos" else "") + template
+
+
+def trl_examples(rows, chat_template, tmp_path, kind="plain", **config):
     """(input_ids, labels) of TRL 1.16's prepared train_dataset (its mask columns are consumed into `labels`)."""
-    tokenizer = make_tokenizer()
+    tokenizer = make_tokenizer(kind=kind)
     tokenizer.chat_template = chat_template
     args = SFTConfig(output_dir=str(tmp_path / "trl"), report_to="none", use_cpu=True, **config)
     trainer = SFTTrainer(
@@ -102,10 +114,12 @@ def ours(rows, tokenizer, **kwargs):
     [(CHATML_TEMPLATE, CHATML_GENERATION_TEMPLATE), (LLAMA3_TEMPLATE, LLAMA3_GENERATION_TEMPLATE)],
     ids=["chatml", "llama3"],
 )
-def test_assistant_masks_equal_trl(tokenizer, tmp_path, plain, with_markers):
+def test_assistant_masks_equal_trl(kind, tmp_path, plain, with_markers):
     rows = [{"messages": c} for c in CONVERSATIONS]
-    expected = trl_examples(rows, with_markers, tmp_path, assistant_only_loss=True, max_length=None)
-    tokenizer.chat_template = plain  # no {% generation %} markers: nanodpo finds the turns by rendering prefixes
+    expected = trl_examples(rows, with_bos(kind, with_markers), tmp_path, kind, assistant_only_loss=True,
+                            max_length=None)  # fmt: skip
+    tokenizer = make_tokenizer(kind=kind)
+    tokenizer.chat_template = with_bos(kind, plain)  # no {% generation %} markers: nanodpo renders prefixes
     got, stats = ours(rows, tokenizer)
     assert got == expected
     assert stats.truncated == 0 and stats.dropped == 0 and stats.documents == len(rows)
@@ -143,30 +157,35 @@ def test_sharegpt_equals_trl_messages(tokenizer, tmp_path):
     assert got == expected and stats.formats == {"sharegpt": len(rows)}
 
 
-def test_prompt_completion_strings_equal_trl(tokenizer, tmp_path):
+def test_prompt_completion_strings_equal_trl(kind, tmp_path):
     rows = [  # " Paris" etc. can merge across the boundary: TRL's common-prefix rule decides
         {"prompt": "Human: What is the capital of France? Assistant:", "completion": " The capital is Paris."},
         {"prompt": "Human: How do I bake bread? Assistant: Mix", "completion": " flour, water, salt and yeast."},
         {"prompt": "1 2 3 4", "completion": " 5 6 7 8 9 10<|im_end|>"},  # EOS already there: not doubled
         {"prompt": "很好，", "completion": "很暴躁。"},
     ]
-    expected = trl_examples(rows, CHATML_TEMPLATE, tmp_path, max_length=None)
+    expected = trl_examples(rows, CHATML_TEMPLATE, tmp_path, kind, max_length=None)
+    tokenizer = make_tokenizer(kind=kind)
     got, _ = ours(rows, tokenizer)
     assert got == expected
     assert all(labels[-1] == tokenizer.eos_token_id for _, labels in got)
+    if kind == "bos":
+        assert all(ids[0] == tokenizer.bos_token_id for ids, _ in got)
 
 
-def test_prompt_completion_conversational_equal_trl(tokenizer, tmp_path):
+def test_prompt_completion_conversational_equal_trl(kind, tmp_path):
     rows = [{"prompt": c[:-1], "completion": c[-1:]} for c in CONVERSATIONS if c[-1]["role"] == "assistant"]
-    expected = trl_examples(rows, CHATML_TEMPLATE, tmp_path, max_length=None)
-    tokenizer.chat_template = CHATML_TEMPLATE
+    expected = trl_examples(rows, with_bos(kind, CHATML_TEMPLATE), tmp_path, kind, max_length=None)
+    tokenizer = make_tokenizer(kind=kind)
+    tokenizer.chat_template = with_bos(kind, CHATML_TEMPLATE)
     got, _ = ours(rows, tokenizer)
     assert got == expected  # completion_only_loss: the completion, its <|im_end|> and TRL's trailing newline
 
 
-def test_text_equals_trl(tokenizer, tmp_path):
+def test_text_equals_trl(kind, tmp_path):
     rows = [{"text": "The quick brown fox jumps over the lazy dog."}, {"text": "你好<|im_end|>"}]
-    expected = trl_examples(rows, CHATML_TEMPLATE, tmp_path, max_length=None)
+    expected = trl_examples(rows, CHATML_TEMPLATE, tmp_path, kind, max_length=None)
+    tokenizer = make_tokenizer(kind=kind)
     got, _ = ours(rows, tokenizer)
     assert got == expected
     assert all(ids == labels and ids[-1] == tokenizer.eos_token_id for ids, labels in got)

@@ -1,7 +1,8 @@
 """End to end: train_dpo.py against TRL 1.16's DPOTrainer on the same tiny model, data, seed and hyperparameters.
 
 Both run fp32, gradient accumulation 2, constant LR, no dropout, sequential data order (each optimizer step covers
-the same 8 pairs in both), and log every step. Tolerances (see the foundation issue):
+the same 8 pairs in both), and log every step; the AdamW curve also with a tokenizer that adds a BOS token.
+Tolerances (see the foundation issue):
   * step 1 (same weights, one forward/backward): loss, metrics and grad norm within 1e-5 relative;
   * AdamW curves within 3e-3 relative over 10 steps (Adam's first updates amplify fp32 rounding);
   * SGD curves within 1e-4.
@@ -66,14 +67,16 @@ def run_nanodpo(workdir: Path, out: Path, **overrides) -> list[dict]:
     return [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
 
 
-def run_trl(workdir: Path, out: Path, model=None, optim="adamw_torch", loss_type="sigmoid", learning_rate=1e-3):
+def run_trl(workdir: Path, out: Path, model=None, optim="adamw_torch", loss_type="sigmoid", learning_rate=1e-3,
+            model_dir: Path | None = None):  # fmt: skip
     from datasets import load_dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import DPOConfig, DPOTrainer
 
-    tokenizer = AutoTokenizer.from_pretrained(workdir / "model")
+    model_dir = model_dir or workdir / "model"
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
     if model is None:
-        model = AutoModelForCausalLM.from_pretrained(workdir / "model", dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     dataset = load_dataset("json", data_files=str(workdir / "train.jsonl"), split="train")
     args = DPOConfig(
         output_dir=str(out),
@@ -116,9 +119,14 @@ def assert_curves_close(ours: list[dict], theirs: list[dict], rtol: float, first
     print("max relative difference to TRL per metric:", {k: f"{v:.1e}" for k, v in worst.items()})
 
 
-def test_adamw_curve_matches_trl(workdir, tmp_path):
-    ours = run_nanodpo(workdir, tmp_path / "nano")
-    theirs = run_trl(workdir, tmp_path / "trl")
+@pytest.mark.parametrize("tokenizer_kind", ["plain", "bos"])
+def test_adamw_curve_matches_trl(workdir, tmp_path, tokenizer_kind):
+    """On the test tokenizer without a BOS token, and on one that adds it (as Llama's)."""
+    model_dir = workdir / "model"
+    if tokenizer_kind != "plain":
+        model_dir = tiny.make_model_dir(tmp_path / "model", seed=0, tokenizer=tokenizer_kind)
+    ours = run_nanodpo(workdir, tmp_path / "nano", model=str(model_dir))
+    theirs = run_trl(workdir, tmp_path / "trl", model_dir=model_dir)
     assert_curves_close(ours, theirs, rtol=3e-3)
     # Training actually moved: the loss left ln 2 and the margin grew.
     assert ours[-1]["loss"] < math.log(2) - 0.05

@@ -139,7 +139,8 @@ def make_trl_trainer(
 
     reset_accelerate()
     tokenizer = AutoTokenizer.from_pretrained(workdir / "model")
-    tokenizer.chat_template = tiny.CHATML_GENERATION_TEMPLATE
+    # nanodpo's template with TRL's {% generation %} markers (and, for the `bos` tokenizer, its BOS first)
+    tokenizer.chat_template = tokenizer.chat_template.replace(tiny.CHATML_TEMPLATE, tiny.CHATML_GENERATION_TEMPLATE)
     model = AutoModelForCausalLM.from_pretrained(workdir / "model", dtype=torch.float32)
     dataset = load_dataset("json", data_files=str(workdir / "train.jsonl"), split="train")
     args = SFTConfig(
@@ -202,8 +203,17 @@ OPTIMIZERS = [  # (optim, learning rate, tolerance from step 2 on)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("optim, lr, rtol", OPTIMIZERS)
-def test_unpacked_curve_matches_trl(workdir, tmp_path, optim, lr, rtol):
+@pytest.mark.parametrize(
+    "optim, lr, rtol, tokenizer_kind",
+    [*(pytest.param(*p.values, "plain", id=p.id) for p in OPTIMIZERS),
+     pytest.param("adamw_torch", 1e-3, 3e-3, "bos", id="adamw-bos")],
+)  # fmt: skip
+def test_unpacked_curve_matches_trl(workdir, tmp_path, optim, lr, rtol, tokenizer_kind):
+    """Also with a tokenizer that has a BOS token, rendered by both chat templates (as Llama's)."""
+    if tokenizer_kind != "plain":
+        workdir = tmp_path / "workdir"
+        tiny.make_model_dir(workdir / "model", seed=0, tokenizer=tokenizer_kind)
+        tiny.write_jsonl(workdir / "train.jsonl", conversations(24))
     ours = run_nanodpo(workdir, tmp_path / "nano", optim=optim, learning_rate=lr)
     theirs = run_trl(make_trl_trainer(workdir, tmp_path / "trl", optim=optim, learning_rate=lr))
     compare(ours, theirs, rtol)

@@ -1,8 +1,8 @@
 """Tiny, offline stand-ins for the real models and tokenizers used in tests.
 
-Nothing is downloaded: the tokenizer is a byte-level BPE trained here on a small bilingual corpus (so merges across a
-prompt/completion boundary really happen), with a ChatML chat template like Qwen2.5's; models are random-init
-Qwen2/Llama configs with a few layers.
+Nothing is downloaded: the tokenizers are byte-level BPEs trained here on a small bilingual corpus, with a ChatML chat
+template like Qwen2.5's, in four kinds (`TOKENIZERS`: without a BOS token, with one added or not, and one whose merges
+cross the prompt/completion boundary); models are random-init Qwen2/Llama configs with a few layers.
 """
 
 import copy
@@ -52,24 +52,39 @@ _CORPUS = [
 ]
 
 
-def make_tokenizer(save_dir: str | Path | None = None, vocab_size: int = 512) -> PreTrainedTokenizerFast:
+# The test tokenizers, one per way TRL's trainers can tokenize differently (nanodpo/dpo_data.py):
+#   plain     no BOS token (the one most tests use)
+#   bos       a BOS token the tokenizer adds (`add_bos_token`), and a chat template that renders it too, as Llama's
+#   bos_off   a BOS token it does not add (`add_bos_token=False`): only CPOTrainer/ORPOTrainer prepend it
+#   merge     no whitespace pre-split, so BPE merges across the prompt/completion boundary ("?" + " Sure" -> "? ")
+TOKENIZERS = ("plain", "bos", "bos_off", "merge")
+_BOS = "<s>"
+
+
+def make_tokenizer(save_dir: str | Path | None = None, vocab_size: int = 512, kind: str = "plain"):
+    """A byte-level BPE trained on the tiny corpus, ChatML template; `kind` is one of TOKENIZERS."""
+    if kind not in TOKENIZERS:
+        raise ValueError(kind)
+    has_bos = kind in ("bos", "bos_off")
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=kind != "merge")
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=SPECIAL_TOKENS + ([_BOS] if has_bos else []),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(_CORPUS * 20, trainer=trainer)
+    bos = {"bos_token": _BOS, "add_bos_token": kind == "bos"} if has_bos else {}
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
         additional_special_tokens=["<|im_start|>"],
+        **bos,
     )
-    tokenizer.chat_template = CHATML_TEMPLATE
+    tokenizer.chat_template = ("{{ bos_token }}" if kind == "bos" else "") + CHATML_TEMPLATE
     if save_dir is not None:
         tokenizer.save_pretrained(save_dir)
     return tokenizer
@@ -100,10 +115,10 @@ def make_model(tokenizer, arch: str = "qwen2", seed: int = 0, tie_word_embedding
     return model.float()
 
 
-def make_model_dir(path: str | Path, arch: str = "qwen2", seed: int = 0, **kwargs) -> Path:
-    """Save a tiny model + tokenizer to `path` (what `--model path` loads in end-to-end tests)."""
+def make_model_dir(path: str | Path, arch: str = "qwen2", seed: int = 0, tokenizer: str = "plain", **kwargs) -> Path:
+    """Save a tiny model + tokenizer (one of TOKENIZERS) to `path` (what `--model path` loads in end-to-end tests)."""
     path = Path(path)
-    tokenizer = make_tokenizer()
+    tokenizer = make_tokenizer(kind=tokenizer)
     model = make_model(tokenizer, arch=arch, seed=seed, **kwargs)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
@@ -192,17 +207,23 @@ def assert_curves_close(ours: list[dict], theirs: list[dict], keys, steps: int, 
     for i, (a, b) in enumerate(zip(ours, theirs)):
         assert a["step"] == b["step"] == i + 1
         for key in [k for k in keys if k in b or not present_only] + (["grad_norm"] if i == 0 else []):
-            scale = max(abs(b[key]), 1e-2)
-            if key == "rewards/margins":
-                scale = max(scale, abs(b["rewards/chosen"]) + abs(b["rewards/rejected"]))
-            if key == "log_odds_chosen":
-                scale = max(scale, abs(b["logps/chosen"]) + abs(b["logps/rejected"]))
-            rel = abs(a[key] - b[key]) / scale
+            rel = relative_difference(a, b, key)
             where = "step 1" if i == 0 else "curve"
             worst[where] = max(worst[where], rel)
             tol = first_step_rtol if i == 0 else rtol
             assert rel <= tol, f"step {i + 1} {key}: nanodpo {a[key]} vs TRL {b[key]} (relative {rel:.1e})"
     return worst
+
+
+def relative_difference(ours: dict, theirs: dict, key: str, prefix: str = "") -> float:
+    """|ours - theirs| of metric `key`, relative to what it is the difference of (see `assert_curves_close`)."""
+    a, b = ours[prefix + key], theirs[prefix + key]
+    scale = max(abs(b), 1e-2)
+    if key == "rewards/margins":
+        scale = max(scale, abs(theirs[prefix + "rewards/chosen"]) + abs(theirs[prefix + "rewards/rejected"]))
+    if key == "log_odds_chosen":
+        scale = max(scale, abs(theirs[prefix + "logps/chosen"]) + abs(theirs[prefix + "logps/rejected"]))
+    return abs(a - b) / scale
 
 
 def assert_same_step(policy, loss, metrics: dict, ref_loss, ref_metrics: dict, ref_grads: dict, label: str,

@@ -26,7 +26,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from nanodpo.demo.stages import DEMO_DIR, ROOT
+from nanodpo.demo.stages import DEMO_DIR
+from nanodpo.errors import exit_on_user_error
+from nanodpo.repo import repo_path
 
 STAGES = (
     ("pt", ["train_pt.py"]),
@@ -70,6 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=None, help="folder to run in (default: a temporary one, deleted after)")
     parser.add_argument("--accelerate", action="store_true", help="DPO stage via `accelerate launch` (as the README)")
     args = parser.parse_args(argv)
+    scripts = {name: repo_path(script[0]) for name, script in STAGES}
 
     workdir = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="nanodpo-demo-"))
     if (workdir / DEMO_DIR).exists():
@@ -82,10 +85,10 @@ def main(argv: list[str] | None = None) -> None:
 
     times = {}
     try:
-        for name, script in STAGES:
-            command = [sys.executable, str(ROOT / script[0])]
+        for name, script in scripts.items():
+            command = [sys.executable, str(script)]
             if name == "dpo" and args.accelerate:
-                command = [sys.executable, "-m", "accelerate.commands.launch", str(ROOT / script[0])]
+                command = [sys.executable, "-m", "accelerate.commands.launch", str(script)]
             wall, cpu = run_stage(name, command, workdir, workdir / f"{name}.log", env)
             times[name] = (wall, cpu)
             print(f"  {name:4s} {wall:7.1f} s wall  {cpu:7.1f} s CPU", flush=True)
@@ -127,4 +130,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_user_error(main)

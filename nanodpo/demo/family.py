@@ -13,10 +13,14 @@ preference stage. KTO reads the pairs as unpaired rows (`--unpair_preference_dat
 
 import argparse
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 from nanodpo.demo.evaluate import style_rate
 from nanodpo.demo.stages import DATA_DIR, DEMO_DIR, config_path
+from nanodpo.errors import exit_on_user_error
+from nanodpo.repo import repo_path
 
 OUT_DIR = DEMO_DIR / "family"
 
@@ -40,17 +44,13 @@ def train(loss: str) -> Path:
 
 
 def train_dpo_run(name: str, out: Path, options: dict) -> Path:
-    """train_dpo.py with these options into `out` (replacing what is there), in this process."""
-    from accelerate.state import AcceleratorState
-
-    import train_dpo
-
+    """train_dpo.py with these options into `out` (replacing what is there), run as a user runs it (the package
+    imports no script)."""
     argv = ["--output_dir", str(out), "--overwrite_output_dir", "true"]
     for key, value in options.items():
         argv += [f"--{key}", str(value)]
     print(f"{name}: train_dpo.py {' '.join(argv)}")
-    AcceleratorState._reset_state(reset_partial_state=True)
-    train_dpo.main(argv)
+    subprocess.run([sys.executable, str(repo_path("train_dpo.py")), *argv], check=True)
     return out
 
 
@@ -72,6 +72,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("losses", nargs="*", default=list(FAMILY), help=f"which of {', '.join(FAMILY)} (default: all)")
     p.add_argument("--skip_training", action="store_true", help="only evaluate out/demo/family/<loss>")
     args = p.parse_args(argv)
+    repo_path("train_dpo.py")  # (a clear error without the clone, before anything runs)
     for stage in ("pt", "sft"):
         if not (DEMO_DIR / stage / "config.json").is_file():
             raise SystemExit(f"error: {DEMO_DIR / stage} is missing: run python train_pt.py && python train_sft.py")
@@ -88,4 +89,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_user_error(main)

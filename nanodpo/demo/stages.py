@@ -18,8 +18,8 @@ from nanodpo.demo.evaluate import style_report
 from nanodpo.demo.world import SYSTEM_PROMPT, write_demo_data
 from nanodpo.errors import UserError
 from nanodpo.model import is_main_process
+from nanodpo.repo import ROOT, repo_path
 
-ROOT = Path(__file__).resolve().parents[2]  # the repository: configs/ and the train_*.py scripts
 DEMO_DIR = Path("out/demo")
 DATA_DIR = DEMO_DIR / "data"
 CONFIGS = {"pt": PTConfig, "sft": SFTConfig, "dpo": DPOConfig}
@@ -27,14 +27,13 @@ PREVIOUS = {"pt": None, "sft": ("pt", "python train_pt.py"), "dpo": ("sft", "pyt
 
 
 def config_path(stage: str) -> Path:
-    return ROOT / "configs" / f"demo_{stage}.yaml"
+    """configs/demo_<stage>.yaml in the clone (a UserError saying so without one)."""
+    return repo_path(f"configs/demo_{stage}.yaml")
 
 
 def demo_argv(stage: str) -> list[str]:
     """The command line a script runs with when given none: its demo config, after checking what it needs."""
     path = config_path(stage)
-    if not path.is_file():
-        raise UserError(f"no arguments given and no demo config at {path}: pass --config or --model/--dataset")
     if not (DATA_DIR / "dpo.jsonl").is_file():
         write_demo_data(DATA_DIR)
         print(f"demo: wrote the Little World datasets to {DATA_DIR}/")

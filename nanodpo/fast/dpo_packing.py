@@ -156,7 +156,8 @@ class PackedPreferenceCollator:
         position_ids = torch.zeros((len(rows), length), dtype=torch.long)
         t_max = batch["input_ids"].shape[1]
         hidden_index = torch.zeros((len(sequences), t_max - 1), dtype=torch.long)
-        mask = torch.zeros(len(rows), 1, length, length, dtype=torch.bool)
+        masked = self.attn_implementation in MASKED_ATTENTION  # (flash-attention reads cu_seq_lens, never a mask)
+        mask = torch.zeros(len(rows), 1, length, length, dtype=torch.bool) if masked else None
         doc_lens = []
         for r, row in enumerate(rows):
             offset = 0
@@ -165,15 +166,17 @@ class PackedPreferenceCollator:
                 n = len(unit)
                 input_ids[r, offset : offset + n] = torch.tensor(unit.input_ids)
                 position_ids[r, offset : offset + n] = torch.tensor(unit.position_ids)
-                mask[r, 0, offset : offset + n, offset : offset + n] = unit.mask()
+                if masked:
+                    mask[r, 0, offset : offset + n, offset : offset + n] = unit.mask()
                 for s, branch in unit.members:
                     where = [unit.position_of(branch, t) for t in range(len(sequences[s]) - 1)]
                     hidden_index[s, : len(where)] = r * length + offset + torch.tensor(where, dtype=torch.long)
                 doc_lens.append(n)
                 offset += n
             tail = length - offset  # padding: one dummy causal document (no softmax row is empty)
-            mask[r, 0, offset:, offset:] = torch.ones(tail, tail, dtype=torch.bool).tril()
             position_ids[r, offset:] = torch.arange(tail)
+            if masked:
+                mask[r, 0, offset:, offset:] = torch.ones(tail, tail, dtype=torch.bool).tril()
 
         real = sum(doc_lens)
         batch.update(
@@ -254,7 +257,7 @@ def packed_collator(cfg, pad_token_id: int, layout: str) -> PackedPreferenceColl
 def pair_tokens(example: dict, max_length: int | None, truncation_mode: str, prefix_sharing: bool) -> int:
     """Tokens a pair occupies in the packed layout (both truncated sequences, the shared prefix once)."""
     chosen = example["prompt_ids"] + example["chosen_ids"]
-    rejected = example["prompt_ids"] + example["rejected_ids"]
+    rejected = example.get("rejected_prompt_ids", example["prompt_ids"]) + example["rejected_ids"]
     if max_length is not None:
         cut = slice(None, max_length) if truncation_mode == "keep_start" else slice(-max_length, None)
         chosen, rejected = chosen[cut], rejected[cut]

@@ -67,9 +67,18 @@ orpo          NLL(y_w) - λ·mean[log σ(log odds(y_w) - log odds(y_l))],      O
               odds(y) = e^ℓ(y) / (1 - e^ℓ(y)); no π_ref; λ = --beta         ORPOTrainer
 kto           mean over rows of  λ_D·(1 - σ(β·(ρ(y) - z_ref)))  (y desirable) KTO, Ethayarajh et al. 2024, Eq. 7;
                             or   λ_U·(1 - σ(β·(z_ref - ρ(y))))  (undesirable) KTOTrainer(loss_type="kto")
-              z_ref = max(0, mean over the micro-batch (and processes) of ρ(y'_i|x_i)), y'_i = y_{i-1}: the KL
-              reference point, estimated on mismatched pairs, without gradient; λ_D, λ_U = --desirable_weight,
-              --undesirable_weight
+              z_ref = max(0, mean over the micro-batch (and processes) of ρ(y'_i|x_i)): the KL reference point,
+              estimated on mismatched pairs without gradient; y'_i = the completion of the row before x_i in its
+              block of --per_device_train_batch_size rows of the data as read (KTOTrainer's); λ_D, λ_U =
+              --desirable_weight, --undesirable_weight
+
+Each loss sees the token ids its TRL trainer makes (nanodpo/dpo_data.py): DPOTrainer's and KTOTrainer's for the
+DPO losses and kto, CPOTrainer's and ORPOTrainer's for simpo, cpo and orpo. The trainers disagree: CPOTrainer and
+ORPOTrainer (trl/experimental/{cpo,orpo}/*_trainer.py, `tokenize_row` and `build_tokenized_answer`) tokenize
+without special tokens, prepend the BOS id whenever the tokenizer has a BOS token, append the EOS id, split a token
+merged across the prompt/completion boundary per completion, and cut the completion to fit --max_length;
+DPOTrainer and KTOTrainer (`_prepare_dataset`) let the tokenizer add its own special tokens, append the EOS token
+as text, and let the collator cut the sequence (the table above `build_cpo_examples` lists every rule).
 
 Modifiers (losses with π_ref only)
 ==================================
@@ -95,10 +104,19 @@ Differences from TRL 1.16 (everything else is tested equal to `DPOTrainer._compu
   * `ipo` / `sigmoid_norm` divide by the number of scored completion tokens (the shifted mask, as simpo and orpo
     do in TRL too). TRL's DPOTrainer counts the unshifted completion mask; the two agree unless a completion starts
     at position 0 (empty prompt), where that first token has no prediction and so no log-prob.
-  * cpo / simpo log `nll_loss` even with --cpo_alpha 0 (TRL logs 0 there), and every family loss logs `logits/*`
-    as DPO does, the mean over completion tokens (TRL's CPO/ORPO trainers average the logits over every position,
-    prompt and padding included).
-  * kto: the mismatched completions are formed inside each micro-batch when it is collated, so any data order works
-    (TRL forms them once in dataset order and so requires sequential sampling; with it the two agree). For
-    evaluation they are formed inside each eval batch (TRL: chunks of the TRAIN batch size).
+  * cpo / simpo log `nll_loss` even with --cpo_alpha 0 (TRL logs 0 there).
+  * simpo, cpo and orpo log the mean logit over the completion tokens (DPOTrainer's and KTOTrainer's `logits/*`)
+    as `completion_logits/chosen|rejected`, not as `logits/*`: under that name CPOTrainer logs the mean over every
+    position of the padded [chosen; rejected] batch, prompt and padding included (cpo_trainer.py
+    `get_batch_loss_metrics`, on all of `concatenated_forward`'s logits), ORPOTrainer the same without the last
+    position (orpo_trainer.py `concatenated_forward`: `all_logits[:, :-1]`) — a value that depends on the padding,
+    which the packed layouts do not have.
+  * simpo, cpo and orpo drop a pair whose prompt alone reaches --max_length (as nanodpo's DPO does); CPOTrainer and
+    ORPOTrainer keep it with no completion token, where simpo's and orpo's average log-prob is 0/0. They render a
+    row's `tools` column into the chat template, as DPOTrainer and KTOTrainer do (CPOTrainer and ORPOTrainer map
+    `maybe_apply_chat_template` without it), and --max_length none cuts nothing (those two then use 512).
+  * kto: TRL's KTOTrainer refuses any data order but `train_sampling_strategy="sequential"`, because its mismatched
+    completions are fixed per block of rows when the data is prepared. nanodpo fixes them the same way (blocks of
+    --per_device_train_batch_size, eval rows too) and also shuffles: each row keeps its pair, so a shuffled run is
+    what KTOTrainer's pairs give under a shuffled sampler (tests/test_kto.py runs KTOTrainer so).
 """

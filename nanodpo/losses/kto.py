@@ -1,6 +1,6 @@
 """KTO (Ethayarajh et al. 2024): unpaired rows, each desirable or not, against a KL reference point (the last row
 of nanodpo/losses/__init__.py's second table); equal to TRL 1.16's KTOTrainer. Its micro-batch is laid out
-[rows; mismatched rows] (nanodpo/dpo_data.py `UnpairedCollator`), so every layout and log-prob path serves it."""
+[rows; mismatched rows] (nanodpo/dpo_batch.py `UnpairedCollator`), so every layout and log-prob path serves it."""
 
 from dataclasses import dataclass
 
@@ -35,7 +35,7 @@ def kto_loss(
 
 @torch.no_grad()
 def kto_reference_point(mismatched_logps: torch.Tensor, ref_mismatched_logps: torch.Tensor, mean_over_processes=None):
-    """z_ref of row `kto`: the mean log-ratio of the micro-batch's mismatched rows (x_i, y_{i-1}) — an estimate of
+    """z_ref of row `kto`: the mean log-ratio of the micro-batch's mismatched rows (x_i, y'_i) — an estimate of
     KL(π_θ || π_ref) that the loss does not differentiate — averaged over all processes, then floored at 0 (a KL
     divergence is never negative; a noisy estimate can be). `mean_over_processes`: a callable on a 0-d tensor."""
     kl = (mismatched_logps - ref_mismatched_logps).mean()
@@ -64,7 +64,7 @@ def kto_micro_batch_loss(
     cfg,
     mean_over_processes=None,
 ) -> KTOOutput:
-    """kto on one micro-batch laid out [rows; mismatched rows] (nanodpo/dpo_data.py `UnpairedCollator`).
+    """kto on one micro-batch laid out [rows; mismatched rows] (nanodpo/dpo_batch.py `UnpairedCollator`).
 
     policy: TokenStats over the 2B rows; completion_mask_shifted: [2B, T-1]; ref_logps, ref_mismatched_logps: [B]
     summed reference log-probs of the two halves; labels: [B] bool; cfg: beta, desirable_weight, undesirable_weight.

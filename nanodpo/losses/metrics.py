@@ -112,3 +112,11 @@ def pair_stats_metrics(stats: dict[str, torch.Tensor], prefix: str = "") -> dict
             count = sum(float(stats[c].sum()) for c in count_names)
             metrics[name] = float(stats[name].sum()) / count if count > 0 else 0.0
     return {prefix + name: value for name, value in metrics.items()}
+
+
+def named_completion_logits(*args, metrics, **kwargs) -> dict[str, float]:
+    """`metrics(*args, **kwargs)` with `logits/chosen|rejected` renamed `completion_logits/chosen|rejected`: for simpo,
+    cpo and orpo, whose TRL trainers log under `logits/*` another quantity, the logits' mean over every position of
+    the padded batch, prompt and padding included (CPOTrainer's `concatenated_forward` over all positions,
+    ORPOTrainer's without the last one). nanodpo's value is DPOTrainer's: the mean over the completion tokens."""
+    return {name.replace("logits/", "completion_logits/"): value for name, value in metrics(*args, **kwargs).items()}

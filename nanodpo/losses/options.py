@@ -175,14 +175,14 @@ def check_family_options(cfg) -> None:
         if is_set:
             hint = hints.get(flag, "")
             raise UserError(f"--{flag} applies to the DPO loss types, not to --loss_type {loss_type}{hint}")
-    if cfg.precompute_ref_logps:
-        why = (
-            "uses no reference model, so there is nothing to precompute"
-            if loss_type in REFERENCE_FREE_LOSS_TYPES
-            else "compares each row with its micro-batch's mismatched rows, which change with the batch; the "
-            "reference log-probs are computed on the fly (a LoRA adapter disabled, or a frozen copy)"
-        )
-        raise UserError(f"--precompute_ref_logps: loss type {loss_type} {why}")
+    if cfg.precompute_ref_logps and loss_type in REFERENCE_FREE_LOSS_TYPES:
+        raise UserError(f"--precompute_ref_logps: loss type {loss_type} uses no reference model, so there is nothing "
+                        "to precompute")  # fmt: skip
+    cuts_prompt = cfg.truncation_mode != "keep_start" or cfg.max_prompt_length is not None
+    if loss_type in REFERENCE_FREE_LOSS_TYPES and cuts_prompt:
+        flag = "--max_prompt_length" if cfg.max_prompt_length is not None else "--truncation_mode keep_end"
+        raise UserError(f"{flag} does not apply to --loss_type {loss_type}: as TRL's CPOTrainer and ORPOTrainer, it "
+                        "keeps the prompt whole and cuts the completion to --max_length")  # fmt: skip
     if not 0.0 <= cfg.label_smoothing < 0.5:
         raise UserError(f"--label_smoothing must lie in [0, 0.5) (got {cfg.label_smoothing}).")
     if cfg.label_smoothing > 0 and loss_type not in ("simpo", "cpo"):
@@ -194,13 +194,12 @@ def check_family_options(cfg) -> None:
     if loss_type == "cpo" and cfg.simpo_gamma != option_default(cfg, "simpo_gamma"):
         raise UserError("--simpo_gamma applies to simpo only, not to --loss_type cpo")
     if loss_type == "kto":  # (the ranges of --simpo_gamma, --cpo_alpha and the kto weights: nanodpo/config.py)
-        for flag in ("per_device_train_batch_size", "per_device_eval_batch_size"):
-            if getattr(cfg, flag) < 2:
-                raise UserError(
-                    f"--{flag} {getattr(cfg, flag)} is too small for kto: its KL reference point is estimated from "
-                    "the other rows of each micro-batch (row i's prompt with row i-1's completion), so a micro-batch "
-                    "needs at least 2 rows"
-                )
+        if cfg.per_device_train_batch_size < 2:
+            raise UserError(
+                f"--per_device_train_batch_size {cfg.per_device_train_batch_size} is too small for kto: its KL "
+                "reference point is estimated on mismatched rows, row i's prompt with row i-1's completion in each "
+                "block of that many rows (as TRL's KTOTrainer forms them), so with 1 every row would be its own"
+            )
         if cfg.max_tokens_per_batch is not None:
             raise UserError(
                 "--max_tokens_per_batch is not supported with kto: a micro-batch filled to a token budget may hold "

@@ -182,7 +182,7 @@ def weighted_pair_loss(
     loss = 0.0
     pair_losses = torch.zeros_like(chosen_logps)
     nll_loss = None
-    # The rewards β·ρ are the same for every pair loss; with `sft` alone, there is none to return them.
+    # The rewards β·ρ, the same for every pair loss (and logged with `sft` alone too): computed once, here.
     chosen_rewards = cfg.beta * (chosen_logps - ref_chosen_logps).detach()
     rejected_rewards = cfg.beta * (rejected_logps - ref_rejected_logps).detach()
     for loss_type, weight in resolved_losses(cfg):
@@ -190,7 +190,7 @@ def weighted_pair_loss(
             nll_loss = chosen_nll(policy.logps, mask)
             per_pair = nll_loss.expand(chosen_logps.shape[0])  # the same value for every pair
         else:
-            per_pair, chosen_rewards, rejected_rewards = preference_loss(
+            per_pair, _, _ = preference_loss(
                 chosen_logps,
                 rejected_logps,
                 ref_chosen_logps,

@@ -1,9 +1,10 @@
 """Checkpoints: saving models in HF format, and saving/restoring everything a run needs to continue exactly.
 
 Layout of a run:
-    OUTPUT_DIR/checkpoint-<step>/   every --save_steps: model (or LoRA adapter), tokenizer, config.yaml, plus
+    OUTPUT_DIR/checkpoint-<step>/   every --save_steps: model (or LoRA adapter), tokenizer, config.yaml, README.md
+                                    (the model card: scale/model_card.py), plus
                                     optimizer.pt, scheduler.pt, rng_state_<rank>.pth, trainer_state.json
-    OUTPUT_DIR/                     the final model, metrics.jsonl, config.yaml
+    OUTPUT_DIR/                     the final model, metrics.jsonl, config.yaml, README.md
 
 A LoRA run saves a peft adapter (`adapter_config.json`, `adapter_model.safetensors`) that
 `PeftModel.from_pretrained(base, DIR)` loads; a full run saves a model `AutoModelForCausalLM` loads.
@@ -24,7 +25,13 @@ under DeepSpeed, whose engine files (DIR/deepspeed/: the ZeRO partitions of weig
 one per process) DeepSpeed itself loads with pickle.
 
 Writes are atomic: everything goes to `OUTPUT_DIR/.tmp-checkpoint-<step>` first, is fsynced, and only then renamed;
-a kill or a full disk during a save leaves the previous checkpoints untouched and loadable.
+a kill or a full disk during a save leaves the previous checkpoints untouched and loadable. A failed write (a full
+disk, whatever library was writing) is one clear error, and the half-written folder is removed.
+
+Reads are checked first (`checkpoint_problem`): a checkpoint with a missing or damaged file (a truncated
+safetensors or optimizer file, an unreadable trainer_state.json) is never loaded. `--resume_from_checkpoint latest`
+takes the newest intact one and says which it skipped; a damaged checkpoint named explicitly is refused, naming the
+file.
 """
 
 import dataclasses
@@ -33,17 +40,20 @@ import os
 import random
 import re
 import shutil
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 import yaml
 from accelerate.utils import DistributedType
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from nanodpo.config import config_to_dict, save_config
 from nanodpo.errors import UserError
-from nanodpo.model import is_dtensor, is_main_process
+from nanodpo.model import is_dtensor, is_main_process, is_peft_model
+from nanodpo.scale.model_card import write_model_card
 from nanodpo.training import RunState
 
 TRAINER_STATE = "trainer_state.json"
@@ -52,8 +62,8 @@ MUST_MATCH = (
     "model", "use_lora", "lora_r", "lora_alpha", "lora_target_modules", "load_in_4bit", "from_scratch",
     "hidden_size", "num_hidden_layers", "dataset", "dataset_split", "max_samples", "max_length", "seed",
     "train_sampling_strategy", "packing", "packing_strategy", "loss_type", "beta", "simpo_gamma", "cpo_alpha",
-    "desirable_weight", "undesirable_weight", "unpair_preference_data", "online", "reward_model", "judge",
-    "reward_weights", "max_new_tokens", "temperature", "top_p", "missing_eos_penalty",
+    "desirable_weight", "undesirable_weight", "unpair_preference_data", "eos_token", "online", "reward_model",
+    "judge", "reward_weights", "max_new_tokens", "temperature", "top_p", "missing_eos_penalty",
 )  # fmt: skip
 
 
@@ -73,7 +83,8 @@ def _fsync_tree(directory: Path) -> None:
         os.close(fd)
 
 
-def _write_model_files(accelerator, model, tokenizer, cfg, directory: Path) -> None:
+def _write_model_files(accelerator, model, tokenizer, cfg, directory: Path, final: Path) -> None:
+    """The model (or adapter), tokenizer, config.yaml and model card, into `directory`, for the folder `final`."""
     unwrapped = accelerator.unwrap_model(model)
     # Under FSDP/ZeRO-3 each process holds a shard; get_state_dict gathers the full weights (on the main process).
     state_dict = accelerator.get_state_dict(model)
@@ -83,15 +94,52 @@ def _write_model_files(accelerator, model, tokenizer, cfg, directory: Path) -> N
         if tied in state_dict and source in state_dict:
             del state_dict[tied]
     unwrapped.save_pretrained(directory, state_dict=state_dict, safe_serialization=True)
+    if is_peft_model(unwrapped):  # an adapter folder: keep the base's generation_config (its EOS) next to it
+        unwrapped.get_base_model().generation_config.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     save_config(cfg, directory / "config.yaml")
+    write_model_card(cfg, directory, final, is_peft_model(unwrapped), accelerator.num_processes)
 
 
-def _save_failed(directory: Path, err: OSError) -> UserError:
+def _save_failed(directory: Path, reason: str) -> UserError:
     return UserError(
-        f"cannot write {directory}: {err.strerror or err} — nothing was replaced; earlier checkpoints in "
+        f"cannot write {directory}: {reason} — nothing was replaced; earlier checkpoints in "
         f"{directory.parent} are intact (free some space or fix permissions, then --resume_from_checkpoint latest)"
     )
+
+
+# How libraries word a failed write: torch.save's zip writer ("[enforce fail at inline_container.cc:...] unexpected
+# pos 86528 vs 86416", "PytorchStreamWriter failed writing file data/0: file write failed"), and the Rust io errors of
+# the tokenizers and safetensors libraries ("No space left on device (os error 28)", "IoError(Os { code: 28, ...").
+_WRITE_FAILED = re.compile(r"unexpected pos|file write failed|no space left|disk quota|read-only file system|"
+                           r"os error \d+|ioerror", re.IGNORECASE)  # fmt: skip
+_LOW_SPACE = 16 * 2**20  # bytes: below this, a failed write is taken for a full disk
+
+
+def write_failure(err: BaseException, directory: Path) -> str | None:
+    """Why writing into `directory` failed, in words, when `err` is a failure to write files — whatever library
+    raised it: an OSError anywhere in the exception's chain, or the wording of another library's error (above), or a
+    disk with next to no free space left. None for anything else (a bug, which keeps its traceback)."""
+    chain, cause = [], err
+    while cause is not None and cause not in chain:
+        chain.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    for cause in chain:
+        if isinstance(cause, OSError):
+            return cause.strerror or str(cause)
+    text = " ".join(str(cause) for cause in chain)
+    code = re.search(r"os error (\d+)|Os \{ code: (\d+)", text)
+    if code:
+        return os.strerror(int(code.group(1) or code.group(2)))
+    try:
+        disk_full = shutil.disk_usage(directory if directory.exists() else directory.parent).free < _LOW_SPACE
+    except OSError:
+        disk_full = False
+    if disk_full or "no space left" in text.lower():
+        return os.strerror(28)  # ENOSPC: "No space left on device"
+    if _WRITE_FAILED.search(text):
+        return f"the write failed ({text.strip().splitlines()[-1]})"
+    return None
 
 
 def sharding(accelerator) -> str | None:
@@ -131,7 +179,7 @@ def save_model(accelerator, model, tokenizer, cfg, directory: str | Path) -> Pat
         try:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-            _write_model_files(accelerator, model, tokenizer, cfg, tmp)
+            _write_model_files(accelerator, model, tokenizer, cfg, tmp, directory)
             _fsync_tree(tmp)
             directory.mkdir(parents=True, exist_ok=True)
             # The final model goes into OUTPUT_DIR itself, next to metrics.jsonl and the checkpoints: move the files
@@ -139,9 +187,12 @@ def save_model(accelerator, model, tokenizer, cfg, directory: str | Path) -> Pat
             for item in tmp.iterdir():
                 os.replace(item, directory / item.name)
             tmp.rmdir()
-        except OSError as err:
+        except Exception as err:
             shutil.rmtree(tmp, ignore_errors=True)
-            raise _save_failed(directory, err) from None
+            reason = write_failure(err, directory)
+            if reason is None:
+                raise
+            raise _save_failed(directory, reason) from None
     else:
         accelerator.get_state_dict(model)  # non-main processes still take part in gathering sharded weights
     accelerator.wait_for_everyone()
@@ -187,7 +238,7 @@ def save_checkpoint(accelerator, model, optimizer, scheduler, tokenizer, cfg, st
         if accelerator.is_main_process:
             if error is not None:
                 raise error
-            _write_model_files(accelerator, model, tokenizer, cfg, tmp)
+            _write_model_files(accelerator, model, tokenizer, cfg, tmp, final)
         else:
             accelerator.get_state_dict(model)  # non-main processes still take part in gathering sharded weights
         optimizer_state = _optimizer_state(accelerator, model, optimizer, tmp)  # every process: collective if sharded
@@ -207,10 +258,13 @@ def save_checkpoint(accelerator, model, optimizer, scheduler, tokenizer, cfg, st
                 shutil.rmtree(final)
             os.replace(tmp, final)  # the checkpoint appears whole, or not at all
             _rotate_checkpoints(cfg, state, just_written=final)
-    except OSError as err:
+    except Exception as err:
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
-        raise _save_failed(final, err) from None
+        reason = write_failure(err, output_dir)
+        if reason is None:
+            raise
+        raise _save_failed(final, reason) from None
     accelerator.wait_for_everyone()
     return final
 
@@ -273,17 +327,92 @@ def check_output_dir(cfg) -> None:
 
 
 def resolve_resume(cfg) -> Path | None:
+    """The checkpoint --resume_from_checkpoint names, checked whole (`checkpoint_problem`): 'latest' is the newest
+    intact checkpoint (each damaged one skipped is named); a damaged checkpoint named explicitly is refused."""
     if not cfg.resume_from_checkpoint:
         return None
     if cfg.resume_from_checkpoint == "latest":
         found = checkpoints_in(cfg.output_dir)
         if not found:
             raise UserError(f"--resume_from_checkpoint latest: no checkpoint-<step> folder in {cfg.output_dir}")
-        return found[-1]
+        damaged = []
+        for path in reversed(found):
+            problem = checkpoint_problem(path)
+            if problem is None:
+                return path
+            damaged.append(f"{path.name}: {problem}")
+            if is_main_process():
+                print(f"--resume_from_checkpoint latest: skipping the damaged {path} ({problem})")
+        raise UserError(
+            f"--resume_from_checkpoint latest: every checkpoint in {cfg.output_dir} is damaged "
+            f"({'; '.join(damaged)}); start again with --overwrite_output_dir"
+        )
     path = Path(cfg.resume_from_checkpoint).expanduser()
     if not (path / TRAINER_STATE).is_file():
         raise UserError(f"--resume_from_checkpoint {path}: not a nanodpo checkpoint (no {TRAINER_STATE})")
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        others = [p.name for p in checkpoints_in(path.parent) if p != path]
+        hint = f" (other checkpoints there: {', '.join(others)}; 'latest' takes the newest intact one)"
+        raise UserError(f"--resume_from_checkpoint {path}: damaged checkpoint: {problem}{hint if others else ''}")
     return path
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """What is wrong with the checkpoint folder `path` (naming the file), or None if every file a resume reads is
+    there and sound: trainer_state.json and config.yaml parse, every safetensors header parses and covers its file,
+    and every torch.save file (optimizer, scheduler, random states; DeepSpeed's) is a whole zip archive. Cheap: no
+    tensor is read."""
+    try:
+        saved = RunState(**json.loads((path / TRAINER_STATE).read_text(encoding="utf-8")))
+    except (OSError, ValueError, TypeError) as err:
+        return f"{TRAINER_STATE} cannot be read ({err})"
+    try:
+        if not isinstance(yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8")), dict):
+            return "config.yaml holds no options"
+    except (OSError, ValueError, yaml.YAMLError) as err:
+        return f"config.yaml cannot be read ({type(err).__name__}: {str(err).splitlines()[0]})"
+    weights = sorted(path.glob("*.safetensors"))
+    if not weights:
+        return "no model weights (model*.safetensors or adapter_model.safetensors)"
+    required = ["scheduler.pt", "rng_state_0.pth"]
+    if saved.sharding == "deepspeed":
+        engine_files = sorted((path / "deepspeed").rglob("*.pt"))
+        if not engine_files:
+            return "deepspeed/ holds no engine files"
+    else:
+        required.append("optimizer.pt")
+        engine_files = []
+    missing = [name for name in required if not (path / name).is_file()]
+    if missing:
+        return f"{missing[0]} is missing"
+    for file in weights:
+        try:
+            with safe_open(file, framework="pt"):
+                pass
+        except Exception as err:  # safetensors raises its own SafetensorError (and OSError for an unreadable file)
+            return f"{file.name} is damaged ({err})"
+    torch_files = [path / name for name in required if name.endswith((".pt", ".pth"))]
+    torch_files += sorted(path.glob("rng_state_*.pth")) + sorted(path.glob("scaler.pt")) + engine_files
+    for file in dict.fromkeys(torch_files):
+        problem = _zip_problem(file)
+        if problem is not None:
+            return f"{file.relative_to(path)} is damaged ({problem})"
+    return None
+
+
+def _zip_problem(file: Path) -> str | None:
+    """torch.save writes a zip archive whose index is at the end: a cut file has none, and every entry must lie
+    within the file."""
+    try:
+        size = file.stat().st_size
+        with zipfile.ZipFile(file) as archive:
+            for entry in archive.infolist():
+                if entry.header_offset + entry.compress_size > size:
+                    return f"entry {entry.filename} runs past the end of the file"
+    except (OSError, zipfile.BadZipFile) as err:
+        return str(err)
+    return None
 
 
 def _check_compatible(cfg, path: Path, saved: RunState, global_batch: int, world_size: int, kind: str | None) -> None:

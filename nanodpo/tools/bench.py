@@ -8,25 +8,29 @@
     python -m nanodpo.tools.bench dpo --model PATH [--use_lora]   # a real model: a local folder or a .gguf file
 
 Same model for both: by default Qwen2 architecture with Qwen2.5's real vocabulary size (151,936 — the LM head is
-where most of the time and memory of a small model go), a small hidden size and a few layers, random init, fp32 (bf16
-on GPU). `--model PATH` runs a real pretrained model instead (a GGUF file is dequantized once, by nanodpo's own
-loading, into an fp32 safetensors folder in the work directory that every run then reads); `--use_lora` trains a
-LoRA adapter (r 16, alpha 32, all linear layers) in every implementation, the plain step included.
+where most of the time and memory of a small model go), random init, fp32 weights (with bf16 autocast on GPU): on a
+CPU a small hidden size and a few layers; on a CUDA GPU Qwen2.5-0.5B's shape (hidden 896, 24 layers, 14 heads, 2
+key/value heads, MLP 4,864, tied embeddings), 8 pairs a step, about 2 minutes in all on an H200. `--model PATH` runs
+a real pretrained model instead (a GGUF file is dequantized once, by nanodpo's own loading, into an fp32 safetensors
+folder in the work directory that every run then reads); `--use_lora` trains a LoRA adapter (r 16, alpha 32, all
+linear layers) in every implementation, the plain step included.
 
 Same data: synthetic multi-turn conversations with a realistic length mix (prompts of 50-600 tokens over 1-3 rounds,
 completions of 20-400; tokenizer: the demo's byte-level BPE); same batch, steps, optimizer (AdamW) and schedule;
 sequential data order, so both train on the same pairs in the same order.
 
-Every run is its own process (`python -m nanodpo.tools.bench --worker ...`): peak memory is that process's own peak RSS
-(CUDA: peak allocated), and no run inherits another's allocator state. Runs alternate (nanodpo, TRL, TRL, nanodpo,
-...) over several repetitions; medians are reported. The first optimizer step of every run is warm-up and is not
-timed. Printed per implementation: real (non-padding) tokens/s — the tokens of the sequences as TRL counts them,
-prompt included once per sequence —, optimizer steps/s, peak memory, the ratios nanodpo/TRL, and the final logged
-metrics of both (they must agree: the same training, only faster). Peak memory is also given above its floor: what
-the training state must hold whatever the implementation — weights, gradients and AdamW's two moments of the trained
-parameters, the frozen reference copy where there is one — plus, on CPU, the RSS of a process that has only imported
-the libraries the implementations use between them (torch, transformers, peft, trl, nanodpo; measured, the same for
-all): what is left is activations, logits, temporaries and whatever an implementation imports beyond the others.
+Every run is its own process (`python -m nanodpo.tools.bench --worker ...`): peak memory is that process's own peak
+RSS (CUDA: peak allocated), and no run inherits another's allocator state. Runs alternate (nanodpo, TRL, TRL,
+nanodpo, ...) over several repetitions; medians are reported. The first optimizer step of every run is warm-up and is
+not timed; on a GPU every timestamp is taken after `torch.cuda.synchronize()`. Printed per implementation: real
+(non-padding) tokens/s — the tokens of the sequences as TRL counts them, prompt included once per sequence —,
+optimizer steps/s, peak memory, MFU (on a known GPU, or with --peak_tflops; `model_flops`), the ratios nanodpo/TRL,
+and the final logged metrics of both (they must agree: the same training, only faster). Peak memory is also given
+above its floor: what the training state must hold whatever the implementation — weights, gradients and AdamW's two
+moments of the trained parameters, the frozen reference copy where there is one — plus, on CPU, the RSS of a process
+that has only imported the libraries the implementations use between them (torch, transformers, peft, trl, nanodpo;
+measured, the same for all): what is left is activations, logits, temporaries and whatever an implementation imports
+beyond the others.
 
 For DPO it also prints the cost of one DPO step relative to a plain training step over the same real tokens
 ("plain": one HF forward+backward with labels=input_ids over the 2B sequences, padding-free, plus the AdamW update).
@@ -65,19 +69,23 @@ from nanodpo.demo import TOKENIZER_DIR
 from nanodpo.demo.bench import main as demo_main
 from nanodpo.dpo_batch import PreferenceCollator
 from nanodpo.dpo_data import load_preference_data
+from nanodpo.errors import exit_on_user_error
 from nanodpo.fast.dpo_packing import sequences_of, shared_unit
 from nanodpo.model import check_model_source, load_pretrained, load_tokenizer
 from nanodpo.packing import Document, PackedRow, _make_row, collate_packed, pack_documents
 from nanodpo.pt_data import load_documents
+from nanodpo.repo import ROOT, repo_path
 from nanodpo.sft_data import load_sft_data
 
-ROOT = Path(__file__).resolve().parents[2]
 VOCAB_SIZE = 151_936  # Qwen2.5
 
 SIZES = {
     # hidden, layers, heads, kv heads, MLP width; pairs (or rows) per micro-batch; steps; repetitions; length scale
     "default": dict(hidden=64, layers=4, heads=4, kv_heads=2, intermediate=256, batch=2, steps=3, reps=3, scale=1.0),
     "quick": dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=256, batch=2, steps=3, reps=1, scale=0.25),
+    # a CUDA GPU: Qwen2.5-0.5B's shape (its config, random weights)
+    "gpu": dict(hidden=896, layers=24, heads=14, kv_heads=2, intermediate=4864, batch=8, steps=6, reps=1, scale=1.0,
+                tied=True),  # fmt: skip
 }
 IMPLEMENTATIONS = {"dpo": ["nanodpo", "trl"], "sft": ["nanodpo", "trl"], "pt": ["nanodpo", "hf"]}
 COMPARED = {
@@ -102,12 +110,15 @@ def make_model_dir(path: Path, size: dict) -> None:
         num_attention_heads=size["heads"],
         num_key_value_heads=size["kv_heads"],
         max_position_embeddings=4096,
-        tie_word_embeddings=False,
+        tie_word_embeddings=size.get("tied", False),
+        rms_norm_eps=1e-6,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=None,
     )
-    Qwen2ForCausalLM(config).float().save_pretrained(path)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # (0.5B random weights: seconds on a GPU)
+        model = Qwen2ForCausalLM(config).float()
+    model.save_pretrained(path)
     tokenizer.save_pretrained(path)
 
 
@@ -168,6 +179,13 @@ def write_data(workdir: Path, task: str, rows: list[dict]) -> Path:
 # Workers: one training run each, in its own process; prints one JSON line.
 
 
+def timestamp() -> tuple[float, float]:
+    """(wall, process CPU) seconds, once the GPU has finished the work queued so far."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter(), time.process_time()
+
+
 def peak_memory_mb() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
@@ -207,7 +225,7 @@ def run_nanodpo(task: str, spec: dict, precompute: bool = False) -> tuple[list[f
 
     def timed_log(self, metrics, step):
         if "loss" in metrics:
-            times.append((time.perf_counter(), time.process_time()))
+            times.append(timestamp())
             records.append({"step": step, **metrics})
         return original(self, metrics, step)
 
@@ -227,7 +245,7 @@ def run_nanodpo(task: str, spec: dict, precompute: bool = False) -> tuple[list[f
     if task == "pt":
         options["packing_strategy"] = "bfd"
     argv = [item for key, value in options.items() for item in (f"--{key}", str(value))]
-    script = runpy.run_path(str(ROOT / f"train_{task}.py"))  # the script's definitions (its __main__ block stays off)
+    script = runpy.run_path(str(repo_path(f"train_{task}.py")))  # the script's definitions (not its __main__ block)
     script["main"](argv)
     return times, records
 
@@ -242,7 +260,7 @@ def run_trl(task: str, spec: dict) -> tuple[list[float], list[dict]]:
 
     class StepTimes(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
-            times.append((time.perf_counter(), time.process_time()))
+            times.append(timestamp())
 
     tokenizer = AutoTokenizer.from_pretrained(spec["model"])
     model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32)
@@ -317,7 +335,8 @@ def run_plain(task: str, spec: dict) -> tuple[list[float], list[dict]]:
         model = get_peft_model(model, lora_config())
     model.train()
     trained = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trained, lr=hyperparameters(task, spec)["learning_rate"])
+    fused = True if torch.cuda.is_available() else None  # as nanodpo and TRL on a GPU
+    optimizer = torch.optim.AdamW(trained, lr=hyperparameters(task, spec)["learning_rate"], fused=fused)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.cuda.is_available())
     if torch.cuda.is_available():
         model.cuda()
@@ -330,7 +349,7 @@ def run_plain(task: str, spec: dict) -> tuple[list[float], list[dict]]:
         grad_norm = torch.nn.utils.clip_grad_norm_(trained, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        times.append((time.perf_counter(), time.process_time()))
+        times.append(timestamp())
         records.append({"step": step, "loss": loss.item(), "grad_norm": float(grad_norm)})
     return times, records
 
@@ -373,29 +392,51 @@ def step_tokens(task: str, spec: dict) -> dict:
 
 
 def model_flops(task: str, spec: dict, steps: list[list]) -> dict[str, list[float]]:
-    """Model FLOPs per step and implementation: 6·N·T for a trained forward+backward, 2·N·T for the reference's
-    forward, where N·T counts the body's parameters over the tokens it runs on (each prompt once) and the LM head's
-    (hidden × vocab) over the tokens it scores (DPO, SFT: completion tokens; PT: all). The same work for nanodpo and
-    TRL (the same training), so their MFU ratio is their speed ratio; recomputation is not counted."""
+    """Model FLOPs per step and implementation: the work of the training itself, the same for nanodpo and TRL (so
+    their MFU ratio is their speed ratio); recomputation and padding are not counted.
+
+    Weights (matmuls): 2·N·T forward, as much again for the inputs' gradients and for the weights' own when they
+    are trained — 6·N·T trained, 4·N·T frozen (LoRA's base) — and 2·N·T for the reference's forward. N·T counts the
+    body's parameters over the tokens it runs on (each DPO prompt once) and the LM head's (hidden × vocab) over the
+    tokens it scores (DPO, SFT: completion tokens; PT: all); the input embeddings are a lookup, not counted.
+    Attention (included): 4·d·L FLOPs per (query, key) pair a causal mask lets through — scores and values, d =
+    heads × head size —, three times that for a trained forward + backward, once for the reference's forward."""
 
     config = AutoConfig.from_pretrained(spec["model"])
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
     head = config.hidden_size * config.vocab_size
     body = sum(p.numel() for name, p in model.named_parameters() if not ("embed_tokens" in name or "lm_head" in name))
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    per_pair = 4 * config.num_attention_heads * head_dim * config.num_hidden_layers
     flops: dict[str, list[float]] = {}
     trained = 4 if spec.get("use_lora") else 6  # frozen weights (LoRA): no weight-gradient matmuls
     for rows in steps:
         scored = sum(sum(1 for label in row.labels if label != -100) for row in rows)
         if task == "dpo":  # body over the unique tokens (prompt once), head over the completion tokens
-            unique = sum(len(row) for row in step_units(spec, rows))
-            factors = {"nanodpo": trained + 2, "trl": trained + 2, "nanodpo-precomputed": trained, "plain": trained}
-            for name, factor in factors.items():
-                flops.setdefault(name, []).append(factor * (body * unique + head * scored))
+            units = step_units(spec, rows)
+            weights = body * sum(len(unit) for unit in units) + head * scored
+            attention = per_pair * sum(attended_pairs(unit.prefix_len, unit.branches) for unit in units)
+            online = {"nanodpo": True, "trl": True, "nanodpo-precomputed": False, "plain": False}
+            for name, reference in online.items():
+                step = trained * weights + 3 * attention + (2 * weights + attention if reference else 0)
+                flops.setdefault(name, []).append(step)
         else:
+            weights = body * sum(len(row) for row in rows) + head * scored
+            attention = per_pair * sum(attended_pairs(n, []) for row in rows for n in row.seq_lens)
             for name in IMPLEMENTATIONS[task]:
-                flops.setdefault(name, []).append(trained * (body * sum(len(row) for row in rows) + head * scored))
+                flops.setdefault(name, []).append(trained * weights + 3 * attention)
     return flops
+
+
+def attended_pairs(prefix: int, branches: list[tuple[int, int]]) -> int:
+    """(query, key) pairs of causal attention over a prefix and branches that each see the prefix and themselves (a
+    prefix-shared DPO unit; a plain sequence is a prefix alone)."""
+    pairs = prefix * (prefix + 1) // 2
+    for start, end in branches:
+        n = end - start
+        pairs += n * prefix + n * (n + 1) // 2
+    return pairs
 
 
 def state_floor_mb(task: str, spec: dict) -> dict[str, float]:
@@ -521,8 +562,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.worker:
         return worker(args)
+    repo_path(f"train_{args.task}.py")  # the script it runs, before any worker starts
 
-    size = dict(SIZES["quick" if args.quick else "default"])
+    size = dict(SIZES["quick" if args.quick else "gpu" if torch.cuda.is_available() else "default"])
     for key in ("reps", "steps", "batch", "hidden", "layers"):
         if getattr(args, key) is not None:
             size[key] = getattr(args, key)
@@ -557,7 +599,9 @@ def main(argv: list[str] | None = None) -> None:
             model_text = (f"{args.model} ({config.model_type}, hidden {config.hidden_size}, "
                           f"{config.num_hidden_layers} layers, vocab {config.vocab_size:,})")  # fmt: skip
         else:
-            model_text = f"Qwen2 vocab {VOCAB_SIZE:,}, hidden {size['hidden']}, {size['layers']} layers, random init"
+            model_text = (f"Qwen2 vocab {VOCAB_SIZE:,}, hidden {size['hidden']}, {size['layers']} layers, "
+                          f"{size['heads']} heads ({size['kv_heads']} key/value), MLP {size['intermediate']}"
+                          f"{', tied embeddings' if size.get('tied') else ''}, random init")  # fmt: skip
         lora_text = f", LoRA r {LORA['lora_r']} all-linear" if args.use_lora else ", full fine-tuning"
         print(
             f"nanodpo bench {task}: {device} | {model_text}{lora_text} | "
@@ -585,10 +629,10 @@ def main(argv: list[str] | None = None) -> None:
                     f"({s['above_floor_mb']:6.0f} above the floor of {floors[name]:.0f}){mfu}",
                     flush=True,
                 )
-        report(task, names, runs, last, floors)
+        report(task, names, runs, last, floors, peak_tflops)
 
 
-def report(task: str, names: list[str], runs: dict, last: dict, floors: dict) -> None:
+def report(task: str, names: list[str], runs: dict, last: dict, floors: dict, peak_tflops: float | None) -> None:
     med = {name: {k: statistics.median(r[k] for r in runs[name]) for k in runs[name][0]} for name in names}
     base = IMPLEMENTATIONS[task][1]
     memory = "peak CUDA MB" if _cuda() else "peak RSS MB"
@@ -607,7 +651,8 @@ def report(task: str, names: list[str], runs: dict, last: dict, floors: dict) ->
     print(f"(medians over repetitions; ratios relative to {base}: tokens/s and memory ours/theirs, "
           "CPU time theirs/ours)")
     if "mfu" in med[names[0]]:
-        print("MFU (model FLOPs: 6·N·T trained + 2·N·T reference; LM head over the scored tokens): " + ", ".join(
+        print("MFU (model FLOPs: 6·N·T trained + 2·N·T reference, LM head over the scored tokens, attention "
+              f"included; peak {peak_tflops:.0f} TFLOP/s): " + ", ".join(
             f"{name} {med[name]['mfu']:.1%}" for name in names
         ))
     if task == "dpo":
@@ -631,7 +676,10 @@ def report(task: str, names: list[str], runs: dict, last: dict, floors: dict) ->
             worst = max(worst, gap)
             print(f"  {key:22s} nanodpo {ours[key]: .6g}   {base} {theirs[key]: .6g}   relative gap {gap:.1e}")
     note = "; rewards relative to β·|logps|" if task == "dpo" else ""
-    print(f"  -> {'agree' if worst < 1e-3 else 'DISAGREE'} (largest relative gap {worst:.1e}{note})")
+    # fp32 on a CPU: the same numbers to 1e-3; bf16 autocast on a GPU: to bf16's precision, 2e-2
+    tolerance = 2e-2 if _cuda() else 1e-3
+    print(f"  -> {'agree' if worst < tolerance else 'DISAGREE'} (largest relative gap {worst:.1e}{note}; "
+          f"tolerance {tolerance:.0e})")
 
 
 def _cuda() -> bool:
@@ -639,4 +687,4 @@ def _cuda() -> bool:
 
 
 if __name__ == "__main__":
-    main()
+    exit_on_user_error(main)

@@ -30,7 +30,8 @@ upper bound; packed layouts hold fewer):
                   recomputed in backward.
   logits          readable path: the [T, V] logits in fp32 and their log-softmax, and two more vocab-sized fp32
                   tensors at the peak (the metrics in forward, the gradients in backward): 16·T·V, plus 2·T·V for
-                  the bf16 head output under autocast. Chunked path: two fp32 [256, V] buffers, whatever T is.
+                  the bf16 head output under autocast. Chunked path: two fp32 [1024, V] buffers (the CUDA chunk
+                  size), whatever T is.
 
 Checked against measurements on CPU where the two overlap (tests/test_fastpath_memory.py: the readable path's peak
 above the chunked path's, predicted from `logits_bytes`, against the measured peak RSS of both). Not measured on a
@@ -42,7 +43,7 @@ import argparse
 from dataclasses import dataclass
 
 GiB = 2**30
-CHUNK_SIZE = 256  # nanodpo.fast.chunked_head.DEFAULT_CHUNK_SIZE (not imported: this module needs no torch)
+CHUNK_SIZE = 1024  # nanodpo.fast.chunked_head.CHUNK_SIZE["cuda"] (not imported: this module needs no torch)
 
 
 @dataclass(frozen=True)
@@ -105,12 +106,12 @@ def activations_bytes(arch: Architecture, tokens: int, checkpointing: bool, act_
     return act_bytes * arch.hidden * tokens * arch.layers + per_layer
 
 
-def logits_bytes(vocab: int, tokens: int, path: str, autocast_bf16: bool = True) -> int:
+def logits_bytes(vocab: int, tokens: int, path: str, autocast_bf16: bool = True, chunk_size: int = CHUNK_SIZE) -> int:
     """Peak of the log-prob computation over `tokens` positions: readable (full logits) or chunked."""
     if path == "readable":
         return tokens * vocab * (16 + (2 if autocast_bf16 else 0))
     if path == "chunked":
-        return 2 * min(CHUNK_SIZE, tokens) * vocab * 4
+        return 2 * min(chunk_size, tokens) * vocab * 4
     raise ValueError(path)
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 from peft import PeftModel
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from nanodpo.errors import UserError, exit_on_user_error
 from nanodpo.tools.chat import _quiet, adapter_base
@@ -67,6 +67,9 @@ def merge_adapter(adapter: str | Path, out: str | Path, base: str | None = None,
     # W' = W + (α/r)·B·A in every adapted layer, then the peft wrappers are removed: a plain transformers model.
     merged = model.merge_and_unload()
     merged.to(save_dtype)
+    if (adapter / "generation_config.json").is_file():  # saved with the adapter: the EOS SFT trained (end of turn)
+        merged.generation_config = GenerationConfig.from_pretrained(adapter)
+        merged.config.get_text_config().eos_token_id = merged.generation_config.eos_token_id[0]
     has_tokenizer = any((adapter / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
     tokenizer = AutoTokenizer.from_pretrained(adapter if has_tokenizer else base_name)
 

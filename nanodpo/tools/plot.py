@@ -54,7 +54,7 @@ import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nanodpo.errors import UserError, exit_on_user_error
+from nanodpo.errors import UserError, exit_on_user_error, require_extra
 from nanodpo.tracking import read_metrics
 
 # The panels, in the order wandb's DPO dashboards are usually read. Other numeric metrics follow, sorted by name.
@@ -208,7 +208,8 @@ def _draw_panel(ax, records: list[dict], name: str, is_dpo: bool) -> None:
 
 def plot_metrics(records: list[dict], out_dir: str | Path) -> list[Path]:
     """Write one PNG per panel (`rewards/margins` → rewards_margins.png) and overview.png; returns the paths."""
-    # Imported here: matplotlib is slow to import, and its backend must be chosen before pyplot is.
+    # Imported here: matplotlib is slow to import (and optional), and its backend must be chosen before pyplot is.
+    require_extra("matplotlib", "plot", "python -m nanodpo.tools.plot")
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no window: works on servers without a display
