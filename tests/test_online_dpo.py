@@ -102,6 +102,26 @@ def test_sampling_equals_transformers_generate(workdir, temperature, top_p):
     assert torch.equal(again[:, : ours.shape[1]], ours) and (again[:, ours.shape[1] :] == 0).all()
 
 
+@pytest.mark.parametrize("kind", tiny.TOKENIZERS)
+def test_prompts_are_tokenized_as_trl_on_every_test_tokenizer(tmp_path, kind):
+    """The ids the policy answers are TRL OnlineDPOTrainer's: the chat template with the assistant's turn opened
+    (conversations) or the text as it is (strings), no special tokens added — with or without a BOS token, and when
+    BPE merges across what would be the prompt/answer boundary."""
+    from trl.data_utils import maybe_apply_chat_template
+
+    from nanodpo.config import DPOConfig, parse_config
+
+    rows = [{"prompt": r["prompt"]} for kind_ in ("explicit", "conversational") for r in tiny.preference_rows(6, kind_)]
+    tiny.write_jsonl(tmp_path / "prompts.jsonl", rows)
+    cfg = parse_config(DPOConfig, ["--dataset", str(tmp_path / "prompts.jsonl"), "--online", "--judge",
+                                   "tests.online_judges:char_score", "--max_new_tokens", "8"])  # fmt: skip
+    tokenizer = tiny.make_tokenizer(kind=kind)
+    examples = online.load_prompts(cfg, tokenizer, "train")
+    for row, example in zip(rows, examples):
+        text = maybe_apply_chat_template(row, tokenizer)["prompt"]
+        assert example["prompt_ids"] == tokenizer(text=text, add_special_tokens=False)["input_ids"], row
+
+
 def test_draw_seeds_depend_on_the_draws_only():
     assert online.draw_seed(0, [4, 5]) == online.draw_seed(0, [4, 5]) != online.draw_seed(0, [5, 4])
     assert online.draw_seed(0, [4, 5]) != online.draw_seed(1, [4, 5])
