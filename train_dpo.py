@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
     # ------------------------------------------------------------------------------------------------------------
     # 5. The step, chosen once: batch layout, log-prob path, reference source, loss, metrics (nanodpo/recipe.py).
     #    The loop below never asks which.
-    step = choose_step(cfg, ref_model, accelerator)
+    step = choose_step(cfg, ref_model, accelerator, tokenizer)
 
     # ------------------------------------------------------------------------------------------------------------
     # 6. Precomputed reference log-probs: one no_grad pass before the first update (or the disk cache); training then
@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> None:
     state = start_or_resume(accelerator, policy, optimizer, scheduler, cfg, ref_cache_key)
     steps = training.optimizer_steps(accelerator, train_loader, cfg.gradient_accumulation_steps, state)
     # Nothing is written to output_dir before this point: a refused run leaves no trace.
-    tracker = make_tracker(cfg, accelerator.is_main_process, {**config_to_dict(cfg), "ref_cache_key": ref_cache_key})
+    tracker = make_tracker(cfg, accelerator, config_to_dict(cfg, ref_cache_key=ref_cache_key), step.samples)
 
     # ------------------------------------------------------------------------------------------------------------
     # 8. The loop. One optimizer step = gradient_accumulation_steps micro-batches of pairs on each process.

@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         steps = training.optimizer_steps(accelerator, loader, cfg.gradient_accumulation_steps, state)
     tokens_flops = flops_per_token(accelerator.unwrap_model(model), cfg.max_length)
-    tracker = make_tracker(cfg, accelerator.is_main_process, config_to_dict(cfg))
+    tracker = make_tracker(cfg, accelerator, config_to_dict(cfg))
 
     # ------------------------------------------------------------------------------------------------------------
     # 5. The loop. One optimizer step = gradient_accumulation_steps micro-batches of packed rows on each process.

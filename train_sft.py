@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
     accelerator.print(f"train rows: {len(train_examples)} | {step_text} | optimizer steps: {total_steps}")
     state = start_or_resume(accelerator, model, optimizer, scheduler, cfg)
     steps = training.optimizer_steps(accelerator, train_loader, cfg.gradient_accumulation_steps, state)
-    tracker = make_tracker(cfg, accelerator.is_main_process, config_to_dict(cfg))
+    tracker = make_tracker(cfg, accelerator, config_to_dict(cfg))
 
     # ------------------------------------------------------------------------------------------------------------
     # 5. The loop. One optimizer step = gradient_accumulation_steps micro-batches on each process.

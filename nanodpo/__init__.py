@@ -11,10 +11,11 @@ and, for the other scripts: train_sft.py, train_pt.py, sft_data.py, pt_data.py, 
 
 The layers, bottom to top (no module imports a higher one: tests/test_layers.py):
   data        data.py, llamafactory.py, dpo_data.py, sft_data.py, pt_data.py, packing.py, dpo_batch.py
-  model       model.py (loading, LoRA, the nanodpo-tiny preset)
+  model       model.py (loading, LoRA, the nanodpo-tiny preset), generation.py (sampling with a KV cache)
   log-probs   logps.py, fast/ (chapter two: the chunked LM head, padding-free and prefix-shared rows)
   losses      dpo.py, losses/ (the rest of the family, its options and metrics)
-  loop        recipe.py, reference.py, training.py, tracking.py, scale/ (checkpoints, faults, sharding)
+  loop        recipe.py, reference.py, training.py, tracking.py, scale/ (checkpoints, faults, sharding),
+              online.py (online DPO: pairs sampled by the policy and ranked by judges)
   on top      the scripts, tools/ (plot, chat, merge, bench, memplan), demo/ (the offline demo)
 """
 

@@ -229,6 +229,37 @@ class DPOConfig(TrainConfig):
     truncation_mode: str = opt(
         "keep_start", "How sequences over --max_length are cut (TRL's rule).", ("keep_start", "keep_end")
     )
+    # --- online DPO (nanodpo/online.py); checked in losses/options.py `check_online_options` ---
+    online: bool = opt(
+        False,
+        "Online DPO (TRL's OnlineDPOTrainer): the data is prompts only; every micro-batch the policy samples two "
+        "answers per prompt, the judges score them, and the DPO step trains on the pair, the higher score chosen.",
+    )
+    reward_model: list[str] = opt(
+        [],
+        "--online judge: a Hugging Face sequence-classification model (folder or hub id) scoring prompt + answer, "
+        "read with its own tokenizer and chat template. Several are summed (--reward_weights).",
+    )
+    judge: list[str] = opt(
+        [],
+        "--online judge: a Python function as module:function (or path/file.py:function) called as "
+        "function(prompts=..., completions=..., completion_ids=..., <other columns>=...) -> one number per answer, "
+        "like TRL's reward functions; the demo's: nanodpo.demo.judge:politeness. Several are summed.",
+    )
+    reward_weights: list[float] | None = opt(
+        None, "--online: the weight of each judge in the summed score, --reward_model ones first (default 1.0 each)."
+    )
+    max_new_tokens: int = opt(64, "--online: the most tokens sampled per answer (TRL's default).")
+    temperature: float = opt(0.9, "--online: sampling temperature (TRL's default).")
+    top_p: float = opt(1.0, "--online: nucleus sampling: draw from the most likely tokens whose probability reaches p.")
+    missing_eos_penalty: float | None = opt(
+        None, "--online: subtracted from the score of an answer that did not end (no EOS in --max_new_tokens)."
+    )
+    log_samples: int = opt(
+        2,
+        "--online: this many sampled pairs (prompt, chosen, rejected, scores) written every --logging_steps to "
+        "OUTPUT_DIR/samples.jsonl and the trackers (0: none).",
+    )
 
 
 @dataclass
@@ -281,7 +312,7 @@ class PTConfig(TrainConfig):
 # The range of every numeric option, checked right after parsing, before anything is loaded; a float option must also
 # be finite (no nan / inf). "[a, b)" includes a and excludes b. DPO's loss options (beta, label_smoothing, ld_alpha,
 # discopop_tau) depend on the loss type and are checked with it, in nanodpo/dpo.py `check_dpo_options`;
-# f_alpha_divergence_coef and loss_weights take any finite number.
+# f_alpha_divergence_coef, loss_weights and reward_weights take any finite number.
 
 RANGES = {
     "seed": "[0, 4294967295]",  # numpy's seed range
@@ -318,6 +349,11 @@ RANGES = {
     "cpo_alpha": ">= 0",
     "desirable_weight": "> 0",
     "undesirable_weight": "> 0",
+    "max_new_tokens": ">= 1",  # online DPO: an answer has at least one token
+    "temperature": "> 0",
+    "top_p": "(0, 1]",
+    "missing_eos_penalty": ">= 0",
+    "log_samples": ">= 0",
     # PT
     "hidden_size": ">= 1",
     "num_hidden_layers": ">= 1",
@@ -556,8 +592,9 @@ def trackers(report_to: list[str]) -> list[str]:
     return ["jsonl", *(name for name in ("wandb", "tensorboard") if name in report_to or "all" in report_to)]
 
 
-def config_to_dict(cfg) -> dict:
-    return dataclasses.asdict(cfg)
+def config_to_dict(cfg, **extra) -> dict:
+    """The options as a plain dict (with `extra` entries, e.g. what a tracker records next to them)."""
+    return {**dataclasses.asdict(cfg), **extra}
 
 
 def save_config(cfg, path: str | Path) -> None:

@@ -327,11 +327,22 @@ def load_pretrained(cfg, device: torch.device | None = None) -> nn.Module:
         model = AutoModelForCausalLM.from_pretrained(location, **kwargs, **gguf)
     except (OSError, ValueError) as err:
         raise UserError(f"cannot load a causal LM from --model '{cfg.model}': {err}") from None
+    if quant is not None:
+        keep_4bit_training_layout(model)
     if getattr(model, "hf_quantizer", None) is not None and gguf:
         # Dense now: an ordinary model, which save_pretrained writes as safetensors (a model still marked as
         # GGUF-quantized refuses to be saved).
         model.hf_quantizer.remove_quantization_config(model)
     return model
+
+
+def keep_4bit_training_layout(model: nn.Module) -> None:
+    """bitsandbytes, on a CPU with AVX512-BF16, repacks a 4-bit weight into an inference-only layout the first time
+    its layer runs in eval mode without grad (an evaluation, online DPO's sampling); every training forward after
+    that fails ("a view of a leaf Variable ... in-place operation"). Keep the layout training uses."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def disable_dropout(model: nn.Module) -> None:

@@ -35,8 +35,9 @@ from nanodpo.losses.kto import (
 from nanodpo.losses.metrics import dpo_metrics, dpo_pair_stats, named_completion_logits, pair_stats_metrics
 from nanodpo.losses.modifiers import completion_logps
 from nanodpo.losses.options import REFERENCE_FREE_LOSS_TYPES, family_loss_type, needs_reference
-from nanodpo.losses.pair import weighted_pair_loss
+from nanodpo.losses.pair import summed_ipo_loss, weighted_pair_loss
 from nanodpo.model import unwrap
+from nanodpo.online import PromptCollator, load_prompts, make_prompt_loader, online_step
 from nanodpo.reference import no_reference, precomputed_reference, reference_from_model
 from nanodpo.training import choose_token_logps, make_train_loader
 
@@ -54,12 +55,10 @@ class PreferenceData:
 
 def choose_data(cfg, pad_token_id: int) -> PreferenceData:
     """Pairs (or kto's unpaired rows), tokenized as the loss's TRL trainer does, collated padded or packed
-    (`--batch_layout`)."""
-    layout = resolve_layout(cfg)
-    if layout == "padded":
-        collator = PreferenceCollator(pad_token_id, max_length=cfg.max_length, truncation_mode=cfg.truncation_mode)
-    else:  # chapter two: padding-free / prefix-shared rows (nanodpo/fast/dpo_packing.py)
-        collator = packed_collator(cfg, pad_token_id, layout)
+    (`--batch_layout`); --online: prompts, which the step turns into pairs (nanodpo/online.py)."""
+    if cfg.online:  # the step samples and judges the pairs, then collates them with `pair_collator`
+        return PreferenceData(load_prompts, PromptCollator(pad_token_id), "prompts", count_tokens, make_prompt_loader)
+    collator = pair_collator(cfg, pad_token_id)
     # --max_tokens_per_batch: micro-batches filled to a token budget rather than a pair count
     train_loader = make_token_budget_loader if cfg.max_tokens_per_batch else make_train_loader
     loss_type = family_loss_type(cfg)
@@ -69,6 +68,14 @@ def choose_data(cfg, pad_token_id: int) -> PreferenceData:
     if loss_type in REFERENCE_FREE_LOSS_TYPES:  # TRL's CPOTrainer and ORPOTrainer tokenize their own way
         load = partial(load_preference_data, build=build_cpo_examples)
     return PreferenceData(load, collator, "pairs", count_tokens, train_loader)
+
+
+def pair_collator(cfg, pad_token_id: int):
+    """Pairs -> the step's [chosen; rejected] batch, in --batch_layout."""
+    layout = resolve_layout(cfg)
+    if layout == "padded":
+        return PreferenceCollator(pad_token_id, max_length=cfg.max_length, truncation_mode=cfg.truncation_mode)
+    return packed_collator(cfg, pad_token_id, layout)  # chapter two: padding-free / prefix-shared rows (fast/)
 
 
 def count_tokens(batch: dict):
@@ -92,11 +99,12 @@ class DPOStep:
     model_inputs: Callable  # (model, batch) -> ModelInputs
     score_reference: Callable  # (policy, batch, inputs) -> the reference's summed log-probs, from a model
     padding_fraction: Callable  # batch -> padding slots / all slots of what the model ran on
+    samples: Callable | None = None  # --online: () -> the sampled pairs to log since the last call (the tracker's)
 
 
-def choose_step(cfg, ref_model, accelerator) -> DPOStep:
+def choose_step(cfg, ref_model, accelerator, tokenizer=None) -> DPOStep:
     """The step's callables for these options. `ref_model`: the frozen copy, or None (LoRA: adapter off; or no
-    reference at all). `accelerator` may be None (one process, in tests)."""
+    reference at all). `accelerator` may be None (one process, in tests). `tokenizer`: --online's answers."""
     loss_type = family_loss_type(cfg)
     layout = resolve_layout(cfg)
     model_inputs = concatenated_inputs if layout == "padded" else packed_inputs
@@ -130,7 +138,10 @@ def choose_step(cfg, ref_model, accelerator) -> DPOStep:
     loss = choose_loss(cfg, accelerator)
     forward = partial(forward, model_inputs=model_inputs, token_logps=policy_logps, reference=reference, loss=loss)
     padding_fraction = padded_padding_fraction if layout == "padded" else packed_padding_fraction
-    return DPOStep(forward, metrics, combine, eval_stats, eval_metrics, model_inputs, score_reference, padding_fraction)
+    step = DPOStep(forward, metrics, combine, eval_stats, eval_metrics, model_inputs, score_reference, padding_fraction)
+    if cfg.online:  # the pairs sampled and judged inside the step, then this same step on them (nanodpo/online.py)
+        step = online_step(step, cfg, tokenizer, accelerator, pair_collator(cfg, tokenizer.pad_token_id))
+    return step
 
 
 def choose_loss(cfg, accelerator=None) -> Callable:
@@ -143,6 +154,8 @@ def choose_loss(cfg, accelerator=None) -> Callable:
         return partial(kto_micro_batch_loss, cfg=cfg, mean_over_processes=mean_over_processes)
     if loss_type in REFERENCE_FREE_LOSS_TYPES:
         return partial(reference_free_loss, cfg=cfg)
+    if cfg.online and cfg.loss_type == ["ipo"]:  # TRL OnlineDPOTrainer's IPO, on summed log-ratios
+        return partial(summed_ipo_loss, beta=cfg.beta)
     if is_plain_dpo(cfg):
         return partial(dpo_batch_loss, beta=cfg.beta)
     return partial(weighted_pair_loss, cfg=cfg)

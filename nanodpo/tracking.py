@@ -70,9 +70,10 @@ def flops_per_token(model, seq_len: int) -> float:
 
 
 class Tracker:
-    def __init__(self, cfg, output_dir: str | Path, config_dict: dict):
+    def __init__(self, cfg, output_dir: str | Path, config_dict: dict, samples=None):
         self.output_dir = Path(output_dir)
         self.report_to = list(cfg.report_to)
+        self.samples = samples  # () -> rows of text to log with the next record (online DPO), or None
         self.jsonl = None
         self.wandb_run = None
         self.tb_writer = None
@@ -104,6 +105,28 @@ class Tracker:
             for name, value in metrics.items():
                 if isinstance(value, (int, float)):
                     self.tb_writer.add_scalar(_wandb_name(name), value, step)
+            self.tb_writer.flush()
+        if self.samples is not None:
+            self.log_samples(self.samples(), step)
+
+    def log_samples(self, rows: list[dict], step: int) -> None:
+        """Rows of text (online DPO: prompt, chosen, rejected, scores) into OUTPUT_DIR/samples.jsonl, a wandb table
+        and tensorboard text, all under `step`."""
+        if not rows:
+            return
+        rows = [{"step": step, **row} for row in rows]
+        with (self.output_dir / "samples.jsonl").open("a", encoding="utf-8") as f:
+            f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+        columns = list(rows[0])
+        if self.wandb_run is not None:
+            import wandb
+
+            table = wandb.Table(columns=columns, data=[[str(row[c]) for c in columns] for row in rows])
+            self.wandb_run.log({"samples": table}, step=step)
+        if self.tb_writer is not None:
+            lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
+            lines += ["| " + " | ".join(str(row[c]).replace("|", "\\|") for c in columns) + " |" for row in rows]
+            self.tb_writer.add_text("samples", "\n".join(lines), step)
             self.tb_writer.flush()
 
     def __enter__(self):
@@ -163,11 +186,13 @@ def wandb_logged_in(wandb) -> bool:
     return bool(wandb.api.api_key)  # wandb before login(prompt=...): its own lookup of the same credentials
 
 
-def make_tracker(cfg, is_main_process: bool, config_dict: dict):
-    if not is_main_process or not cfg.report_to:
+def make_tracker(cfg, accelerator, config_dict: dict, samples=None):
+    """The main process's Tracker (the others': a no-op). `samples`: () -> text rows to log with the next record
+    (online DPO's sampled pairs), or None."""
+    if not accelerator.is_main_process or not cfg.report_to:
         return NullTracker()
     os.makedirs(cfg.output_dir, exist_ok=True)
-    return Tracker(cfg, cfg.output_dir, config_dict)
+    return Tracker(cfg, cfg.output_dir, config_dict, samples)
 
 
 def _wandb_name(name: str) -> str:

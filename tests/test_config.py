@@ -10,7 +10,7 @@ from nanodpo.errors import UserError
 
 CONFIGS = (DPOConfig, SFTConfig, PTConfig)
 CHECKED_WITH_THE_LOSS = {"beta", "label_smoothing", "ld_alpha", "discopop_tau"}  # nanodpo/dpo.py check_dpo_options
-ANY_FINITE = {"f_alpha_divergence_coef", "loss_weights"}
+ANY_FINITE = {"f_alpha_divergence_coef", "loss_weights", "reward_weights"}
 
 
 def numeric_options() -> dict[str, tuple[type, type]]:

@@ -51,6 +51,7 @@ from tests.test_distributed import (
     eval_records,
     launch_env,
     launch_plan,
+    online_options,
     pt_options,
     pt_rows,
     resume_options,
@@ -124,6 +125,9 @@ def deepspeed_runs(workdir: Path) -> dict[str, tuple[str, str, dict]]:
         give DeepSpeed; the training config's is used), 2 steps.
     zero3_sft: train_sft.py, eval every 2 steps on 5 rows.
     zero3_pt: train_pt.py, packed rows of 32 tokens, eval every 2 steps on 5 rows.
+    zero3_online: online DPO, full fine-tuning: the answers sampled by the partitioned policy (every process runs all
+        --max_new_tokens forwards, each gathering the weights: correct, not fast), judged by a reward model — itself
+        an inference engine partitioned like the reference — and a function, weighted.
     zero3_offload_adamw: configs/accelerate/zero3_offload.yaml, optimizer state and parameters offloaded to CPU RAM:
         accelerate hands the step to DeepSpeed's CPU AdamW (a C++ op, compiled on first use), with the parameter
         groups of torch's AdamW (beta2 0.95, decoupled weight decay 0.1 on matrices only); compared with torch's AdamW.
@@ -147,6 +151,9 @@ def deepspeed_runs(workdir: Path) -> dict[str, tuple[str, str, dict]]:
         "zero3_qlora": ("train_dpo", "zero3.yaml", {**dpo, **lora, **qlora}),
         "zero2_full_online": ("train_dpo", "zero2.yaml", dpo),
         "zero3_token_budget": ("train_dpo", "zero3.yaml", {**dpo, "max_tokens_per_batch": 150, "max_steps": 2}),
+        "zero3_online": ("train_dpo", "zero3.yaml", {**dpo, **online_options(workdir), "optim": "sgd",
+                         "learning_rate": 0.5, "reward_model": str(workdir / "reward_model"),
+                         "judge": "tests.online_judges:char_score", "reward_weights": [1.0, 0.5]}),
         "zero3_sft": ("train_sft", "zero3.yaml", sft),
         "zero3_pt": ("train_pt", "zero3.yaml", {**pt_options(workdir), "optim": "sgd", "learning_rate": 0.5,
                                                 "max_steps": 3}),
@@ -177,6 +184,10 @@ def workdir(tmp_path_factory):
     tiny.write_jsonl(root / "sft_eval.jsonl", sft_rows(5))
     tiny.write_jsonl(root / "pt_train.jsonl", pt_rows(48))
     tiny.write_jsonl(root / "pt_eval.jsonl", pt_rows(5))
+    prompts = [{"prompt": row["prompt"]} for row in tiny.preference_rows(24, "conversational")]
+    tiny.write_jsonl(root / "online_train.jsonl", prompts[:16])
+    tiny.write_jsonl(root / "online_eval.jsonl", prompts[16:])
+    tiny.make_reward_model_dir(root / "reward_model")
     return root
 
 
@@ -228,9 +239,11 @@ def test_deepspeed_reference_is_an_inference_engine(deepspeed_launch):
     common_facts = dict(engine="DeepSpeedEngine", params=27, trainable=0, registered=False)
     zero3 = dict(optimizer="DeepSpeedZeRoOffload", zero_stage=3, partitioned=27, local_fraction=0.5)
     zero2 = dict(optimizer="NoneType", zero_stage=0, partitioned=0, local_fraction=1.0)
-    # zero3_full_online, zero3_full_readable, zero3_token_budget, zero3_offload_adamw, zero3_adamw and its resumed
-    # run; zero2_full_online: 2 processes each
-    assert facts["3"] == 12 * [{**common_facts, **zero3}]
+    # zero3_full_online, zero3_full_readable, zero3_token_budget, zero3_offload_adamw, zero3_online, zero3_adamw and
+    # its resumed run; zero2_full_online: 2 processes each. zero3_online's reward model (15 parameters) too.
+    reward_models = [f for f in facts["3"] if f["params"] == 15]
+    assert [f for f in facts["3"] if f["params"] != 15] == 14 * [{**common_facts, **zero3}]
+    assert reward_models == 2 * [{**common_facts, **zero3, "params": 15, "partitioned": 15}]
     assert facts["2"] == 2 * [{**common_facts, **zero2}]
 
 

@@ -75,7 +75,8 @@ def test_write_demo_data_is_byte_identical_for_a_seed(tmp_path):
     a = world.write_demo_data(tmp_path / "a", 0, **sizes)
     b = world.write_demo_data(tmp_path / "b", 0, **sizes)
     c = world.write_demo_data(tmp_path / "c", 1, **sizes)
-    assert sorted(a) == ["dpo", "dpo_eval", "heldout", "pt", "pt_eval", "sft", "sft_eval"]
+    assert sorted(a) == ["dpo", "dpo_eval", "dpo_eval_prompts", "dpo_prompts", "heldout", "pt", "pt_eval", "sft",
+                         "sft_eval"]  # fmt: skip
     for name in a:
         assert a[name].read_bytes() == b[name].read_bytes(), name
         assert a[name].read_bytes() != c[name].read_bytes(), name
@@ -86,6 +87,9 @@ def test_write_demo_data_is_byte_identical_for_a_seed(tmp_path):
     assert set(rows["pt"][0]) == {"text"} and set(rows["sft"][0]) == {"messages"}
     assert set(rows["dpo"][0]) == {"prompt", "chosen", "rejected"}
     assert set(rows["heldout"][0]) == {"prompt", "fact", "lang"}
+    # online DPO's prompts: the DPO set's, without their answers
+    assert rows["dpo_prompts"] == [{"prompt": row["prompt"]} for row in rows["dpo"]]
+    assert rows["dpo_eval_prompts"] == [{"prompt": row["prompt"]} for row in rows["dpo_eval"]]
     # pretraining eval documents are another draw, not a copy of the first training documents
     assert rows["pt_eval"] != rows["pt"][:20]
 

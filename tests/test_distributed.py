@@ -194,6 +194,10 @@ def workdir(tmp_path_factory):
     tiny.write_jsonl(root / "sft_eval.jsonl", sft_rows(5))
     tiny.write_jsonl(root / "pt_train.jsonl", pt_rows(48))
     tiny.write_jsonl(root / "pt_eval.jsonl", pt_rows(5))
+    prompts = [{"prompt": row["prompt"]} for row in tiny.preference_rows(24, "conversational")]
+    tiny.write_jsonl(root / "online_train.jsonl", prompts[:16])
+    tiny.write_jsonl(root / "online_eval.jsonl", prompts[16:])
+    tiny.make_reward_model_dir(root / "reward_model")
     return root
 
 
@@ -340,6 +344,22 @@ def dpo_budget_options(workdir: Path) -> dict:
     )  # fmt: skip
 
 
+def online_options(workdir: Path) -> dict:
+    """Online DPO: each process samples the answers to its own prompts (seeded by their draws, so a micro-batch gets
+    the same answers on either process), judged by a function; eval every 2 steps on 8 prompts; 3 steps. (An eval
+    set of 7 would not do: 2 processes pad the last batch with a copy of the first prompt, and a micro-batch's
+    answers are one random stream, so the last prompt's answers would differ from 1 process's.)"""
+    return dict(
+        dataset=str(workdir / "online_train.jsonl"), eval_dataset=str(workdir / "online_eval.jsonl"), eval_steps=2,
+        online="true", judge="tests.online_judges:char_score", max_new_tokens=8, missing_eos_penalty=0.5,
+        learning_rate=1e-3, max_length=64, beta=0.1, max_steps=3,
+    )  # fmt: skip
+
+
+def without_eval(options: dict) -> dict:
+    return {key: value for key, value in options.items() if not key.startswith("eval_")}
+
+
 def pt_options(workdir: Path) -> dict:
     """Continued pretraining, AdamW, packed rows of 32 tokens (wrapped: at least 4 steps' worth), eval on 5 rows."""
     return dict(
@@ -356,12 +376,12 @@ def runs(workdir, tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     options = {
         "dpo": dpo_options(workdir), "sft": sft_options(workdir), "pt": pt_options(workdir),
-        "dpo_budget": dpo_budget_options(workdir),
+        "dpo_budget": dpo_budget_options(workdir), "dpo_online": online_options(workdir),
     }  # fmt: skip
     envs = {name: {"NANODPO_CACHE": str(root / f"cache_{name}")} for name in ("one", "two")}
 
     # 1 process, in this process: the references (and the SFT checkpoint resumed below on 2 processes).
-    scripts = {"dpo": "dpo", "sft": "sft", "pt": "pt", "dpo_budget": "dpo"}
+    scripts = {"dpo": "dpo", "sft": "sft", "pt": "pt", "dpo_budget": "dpo", "dpo_online": "dpo"}
     for name, script in scripts.items():
         run_one(f"train_{script}.py", common(workdir, root / f"{name}_one", gradient_accumulation_steps=4,
                                              **options[name]), env=envs["one"])  # fmt: skip
@@ -407,6 +427,18 @@ def test_dpo_two_processes_match_one(runs):
     assert len(two) == 4  # only the main process logs: one record per step
     assert_same_curve(two, one, rtol=3e-3, label="dpo train")
     assert two[-1]["loss"] < two[0]["loss"]
+
+
+def test_online_dpo_two_processes_match_one(runs):
+    """Online DPO: the 2 processes sample, judge and train on the answers to their own prompts, and together equal
+    1 process with twice the accumulation — training and the eval on held-out prompts."""
+    root, output = runs
+    assert "global batch: 8 prompts (2 per device x 2 accumulation x 2 processes)" in output
+    two, one = root / "dpo_online_two", root / "dpo_online_one"
+    assert len(train_records(two)) == 3
+    assert_same_curve(train_records(two), train_records(one), rtol=3e-3, label="online dpo train")
+    assert_same_curve(eval_records(two), eval_records(one), rtol=3e-3, label="online dpo eval")
+    assert train_records(two)[-1]["objective/kl"] != 0
 
 
 def test_dpo_eval_counts_every_pair_once(runs):
@@ -554,6 +586,9 @@ def fsdp_dpo_runs(workdir: Path) -> dict[str, tuple[str, dict]]:
     qlora: LoRA on a bitsandbytes 4-bit base whose packed weights are stored as float (FSDP2 shards them).
     lora / lora_readable: a LoRA adapter on the sharded base, the reference the same model with the adapter off;
         lora_readable takes TRL's padded batch and full logits (--logps readable --batch_layout padded).
+    lora_online: online DPO, the answers sampled by the sharded policy (every process runs all --max_new_tokens
+        forwards, each gathering the weights: correct, not fast), judged by a reward model sharded like a reference
+        and a function, weighted.
     """
     dpo = dict(
         dataset=str(workdir / "dpo_train.jsonl"), optim="sgd", learning_rate=0.5, max_length=64, beta=0.1, max_steps=3,
@@ -568,6 +603,9 @@ def fsdp_dpo_runs(workdir: Path) -> dict[str, tuple[str, dict]]:
         "qlora": ("fsdp2_lora.yaml", {**dpo, **lora, "load_in_4bit": "true", "bnb_4bit_quant_storage": "float32",
                                       "dtype": "float32"}),
         "lora_readable": ("fsdp2_lora.yaml", {**dpo, **lora, "logps": "readable", "batch_layout": "padded"}),
+        "lora_online": ("fsdp2_lora.yaml", {**without_eval(online_options(workdir)), **lora, "optim": "sgd",
+                                            "learning_rate": 0.5, "reward_model": str(workdir / "reward_model"),
+                                            "reward_weights": [1.0, 0.5]}),
     }  # fmt: skip
 
 
@@ -635,7 +673,7 @@ def fsdp_runs(workdir, tmp_path_factory):
 
 
 @pytest.mark.parametrize("name", ["full_online", "full_precomputed", "full_precomputed_ram_efficient", "lora",
-                                  "qlora", "lora_readable"])  # fmt: skip
+                                  "qlora", "lora_readable", "lora_online"])  # fmt: skip
 def test_fsdp2_dpo_two_processes_match_one(fsdp_runs, name):
     """DPO under FSDP2 (configs/accelerate/fsdp2_full.yaml, fsdp2_lora.yaml) equals 1 process with the same global
     batch: every logged value of 3 SGD steps within 1e-4 (step 1 within 1e-5), and the saved weights (gathered
@@ -687,4 +725,6 @@ def test_fsdp2_reference_is_sharded_and_frozen(fsdp_runs):
     # Both processes print to one pipe, so their lines may run into each other: find each record by its braces.
     found = [json.loads(text) for text in re.findall(r"reference under fsdp2: (\{[^{}]*\})", output)]
     facts = {"params": 27, "dtensor_params": 27, "trainable": 0, "registered": False, "local_fraction": 0.5}
-    assert found == 6 * [facts]  # full_online, full_adamw and its resumed run, on each process
+    assert [f for f in found if f["params"] != 15] == 6 * [facts]  # full_online, full_adamw and its resumed run
+    # lora_online's reward model (15 parameters), sharded the same way
+    assert [f for f in found if f["params"] == 15] == 2 * [{**facts, "params": 15, "dtensor_params": 15}]

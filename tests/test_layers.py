@@ -12,10 +12,10 @@ PACKAGE = Path(__file__).resolve().parents[1] / "nanodpo"
 LAYERS = [
     ("base", ["errors", "config", "llamafactory", "repo"]),
     ("data", ["data", "packing", "dpo_batch", "dpo_data", "sft_data", "pt_data"]),
-    ("model", ["model"]),
+    ("model", ["model", "generation"]),
     ("log-probs", ["logps", "fast"]),
     ("losses", ["dpo", "losses"]),
-    ("loop", ["reference", "tracking", "training", "scale", "recipe"]),
+    ("loop", ["reference", "tracking", "training", "scale", "online", "recipe"]),
     ("tools and demo", ["tools", "demo"]),
 ]
 LAYER_OF = {name: i for i, (_, names) in enumerate(LAYERS) for name in names}

@@ -142,6 +142,32 @@ def test_chosen_logps_falling_while_margins_grow():
     assert "--beta" in f.remedy and "--rpo_alpha" in f.remedy
 
 
+def online_run(lengths: tuple[float, float], ended: tuple[float, float]) -> list[dict]:
+    """A DPO run with online DPO's metrics: answer lengths and the share of answers that end, ramped from start to
+    end values; the judge's score rising."""
+    records = [r for r in dpo_run() if "loss" in r]
+    for r in records:
+        t = r["step"]
+        r["completions/mean_length"] = _ramp(t, STEPS, *lengths)
+        r["val/contain_eos_token"] = _ramp(t, STEPS, *ended)
+        r["objective/scores"] = _ramp(t, STEPS, 0.1, 0.9)
+        r["objective/kl"] = _ramp(t, STEPS, 0.0, 2.0)
+    return records
+
+
+def test_online_answers_growing_to_the_cap():
+    """A judge rewarding length: answers stop ending and grow; the same with steady lengths is healthy."""
+    assert diagnose(online_run(lengths=(20.0, 21.0), ended=(0.95, 0.9))) == []
+    findings = diagnose(online_run(lengths=(20.0, 64.0), ended=(0.9, 0.05)))
+    assert [f.code for f in findings] == ["length_growth"]
+    f = findings[0]
+    assert "val/contain_eos_token (the share of answers that end) fell from 0.90 to 0.05" in f.message
+    assert "completions/mean_length rose from 20.0 to 64.0 tokens" in f.message and "0.10 → 0.90" in f.message
+    assert "--missing_eos_penalty" in f.remedy and "samples.jsonl" in f.remedy
+    zh = diagnose(online_run(lengths=(20.0, 64.0), ended=(0.9, 0.05)), lang="zh")[0]
+    assert "从 0.90 降到 0.05" in zh.message and "--missing_eos_penalty" in zh.remedy
+
+
 def test_overfitting_stepped_loss_and_early_accuracies():
     # mini_qwen-style: 4 epochs over a small set; the loss is flat within an epoch and drops at each new epoch,
     # accuracies sit at 1.0 from the second epoch on.

@@ -42,6 +42,7 @@ def data(tmp_path_factory):
     tiny.write_jsonl(root / "sft.jsonl", chats)
     documents = [{"text": f"Document {i}: " + "the fox runs. " * (1 + i % 5)} for i in range(40)]
     tiny.write_jsonl(root / "pt.jsonl", documents)
+    tiny.write_jsonl(root / "prompts.jsonl", [{"prompt": row["prompt"]} for row in tiny.preference_rows(12)])
     return root
 
 
@@ -53,6 +54,9 @@ def script_args(kind: str, data: Path, out: Path) -> list[str]:
     ]  # fmt: skip
     if kind == "dpo":
         return ["train_dpo.py", "--dataset", str(data / "dpo.jsonl"), *common]
+    if kind == "dpo_online":  # the answers' random seeds come from the prompts' draws: nothing else to restore
+        return ["train_dpo.py", "--dataset", str(data / "prompts.jsonl"), "--online", "--judge",
+                "tests.online_judges:char_score", "--max_new_tokens", "6", *common]  # fmt: skip
     if kind == "sft":
         return ["train_sft.py", "--dataset", str(data / "sft.jsonl"), "--packing", *common]
     return ["train_pt.py", "--dataset", str(data / "pt.jsonl"), "--streaming", "--stream_buffer_docs", "16", *common]
@@ -102,7 +106,7 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
-@pytest.mark.parametrize("kind", ["dpo", "sft", "pt"])
+@pytest.mark.parametrize("kind", ["dpo", "dpo_online", "sft", "pt"])
 def test_sigkill_and_resume_is_bit_exact(kind, data, tmp_path):
     run_to_end(script_args(kind, data, tmp_path / "straight"))
     expected = comparable(tmp_path / "straight")
@@ -119,6 +123,9 @@ def test_sigkill_and_resume_is_bit_exact(kind, data, tmp_path):
 
     run_to_end([*args, "--resume_from_checkpoint", "latest"])
     assert comparable(out) == expected  # every logged number, bit for bit
+    if kind == "dpo_online":  # and every sampled pair logged, word for word
+        samples = (tmp_path / "straight" / "samples.jsonl").read_text()
+        assert (out / "samples.jsonl").read_text() == samples and samples.count("\n") == 6  # steps 3, 6, 8
 
 
 def test_sigterm_saves_prints_the_resume_command_and_resume_finishes(data, tmp_path):
@@ -269,7 +276,8 @@ def test_damaged_checkpoints_are_skipped_or_refused(data, tmp_path, capsys):
         in_process("sft", data, out, "--resume_from_checkpoint", "latest")
 
 
-def test_nonfinite_steps_are_skipped_then_stop_the_run(data, tmp_path, monkeypatch):
+@pytest.mark.parametrize("kind", ["dpo", "dpo_online"])
+def test_nonfinite_steps_are_skipped_then_stop_the_run(kind, data, tmp_path, monkeypatch):
     from nanodpo import recipe
 
     real_forward = recipe.concatenated_forward
@@ -283,10 +291,10 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(data, tmp_path, monkeypat
             out = dataclasses.replace(out, loss=out.loss * float("nan"))
         return out, policy_stats
 
-    monkeypatch.setattr(recipe, "concatenated_forward", poisoned)  # what choose_step picks for this run
+    monkeypatch.setattr(recipe, "concatenated_forward", poisoned)  # what choose_step picks (online: wraps)
     out = tmp_path / "out"
     with pytest.raises(SystemExit) as exit_info:
-        in_process("dpo", data, out, "--logging_steps", "1", "--max_nonfinite_steps", "3", "--max_steps", "20")
+        in_process(kind, data, out, "--logging_steps", "1", "--max_nonfinite_steps", "3", "--max_steps", "20")
     assert exit_info.value.code == 3
     records = [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
     by_step = {r["step"]: r for r in records}

@@ -125,6 +125,23 @@ def make_model_dir(path: str | Path, arch: str = "qwen2", seed: int = 0, tokeniz
     return path
 
 
+def make_reward_model_dir(path: str | Path, seed: int = 3) -> Path:
+    """A random-init Qwen2 sequence classifier (one output: a reward model) with a tokenizer of its own: another
+    vocabulary and another chat template than make_tokenizer's."""
+    from transformers import Qwen2ForSequenceClassification
+
+    path = Path(path)
+    tokenizer = make_tokenizer(vocab_size=300)
+    tokenizer.chat_template = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+    torch.manual_seed(seed)
+    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, num_labels=1,
+                         pad_token_id=tokenizer.pad_token_id)  # fmt: skip
+    Qwen2ForSequenceClassification(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 def write_jsonl(path: str | Path, rows: list[dict]) -> Path:
     path = Path(path)
     with path.open("w", encoding="utf-8") as f:

@@ -39,23 +39,31 @@ ROWS = (("polite", "polite"), ("blunt", "blunt"), ("on_topic", "on topic"), ("co
 
 
 def train(loss: str) -> Path:
-    """train_dpo.py with the loss's options, run as a user runs it (the package imports no script)."""
     start, options = FAMILY[loss]
-    out = OUT_DIR / loss
-    argv = ["--config", str(config_path("dpo")), "--model", str(DEMO_DIR / start), "--output_dir", str(out),
-            "--overwrite_output_dir", "true"]  # fmt: skip
+    return train_dpo_run(loss, OUT_DIR / loss, {"config": config_path("dpo"), "model": DEMO_DIR / start, **options})
+
+
+def train_dpo_run(name: str, out: Path, options: dict) -> Path:
+    """train_dpo.py with these options into `out` (replacing what is there), run as a user runs it (the package
+    imports no script)."""
+    argv = ["--output_dir", str(out), "--overwrite_output_dir", "true"]
     for key, value in options.items():
         argv += [f"--{key}", str(value)]
-    print(f"family: {loss} from {DEMO_DIR / start}: train_dpo.py {' '.join(argv)}")
+    print(f"{name}: train_dpo.py {' '.join(argv)}")
     subprocess.run([sys.executable, str(repo_path("train_dpo.py")), *argv], check=True)
     return out
 
 
-def format_table(results: dict[str, dict]) -> str:
+def format_table(results: dict[str, dict], by_language: bool = False) -> str:
+    """Rows of rates (polite, blunt, on topic, correct; with `by_language`, polite per language too), a column per
+    model."""
     names = list(results)
     lines = ["greedy answers, held-out".ljust(26) + "".join(f"{name:>8s}" for name in names)]
     for key, label in ROWS:
         lines.append(label.ljust(26) + "".join(f"{results[name][key]:>8.0%}" for name in names))
+        for lang in ("en", "zh") if key == "polite" and by_language else ():
+            rates = [results[name]["by_lang"][lang]["polite"] for name in names]
+            lines.append(f"  {lang} questions".ljust(26) + "".join(f"{rate:>8.0%}" for rate in rates))
     return "\n".join(lines)
 
 

@@ -960,6 +960,7 @@ def write_demo_data(
     pt.jsonl / pt_eval.jsonl        {"text": ...}                       (pretraining)
     sft.jsonl / sft_eval.jsonl      {"messages": [...]}                 (SFT)
     dpo.jsonl / dpo_eval.jsonl      {"prompt", "chosen", "rejected"}    (DPO, TRL conversational format)
+    dpo_prompts.jsonl (+ _eval)     {"prompt"}: the same prompts without their answers (online DPO samples its own)
     heldout.jsonl                   {"prompt": [system, user], "fact": neutral answer, "lang": "en"|"zh"}
     The *_eval files use only held-out questions (pt_eval: other documents of the same kinds).
     """
@@ -979,6 +980,8 @@ def write_demo_data(
         "dpo_eval": preference_pairs(seed, dpo_eval, split="eval"),
         "heldout": held,
     }
+    files["dpo_prompts"] = [{"prompt": row["prompt"]} for row in files["dpo"]]
+    files["dpo_eval_prompts"] = [{"prompt": row["prompt"]} for row in files["dpo_eval"]]
     paths = {}
     for name, rows in files.items():
         paths[name] = out / f"{name}.jsonl"

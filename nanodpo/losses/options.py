@@ -2,6 +2,7 @@
 one sentence naming the flag. And the questions the setup asks of them: which family loss, which terms, whether the
 loss reads a reference at all."""
 
+import dataclasses
 import warnings
 
 from nanodpo.errors import UserError
@@ -75,6 +76,7 @@ def check_dpo_options(cfg) -> None:
     for loss_type in cfg.loss_type:
         if loss_type not in known:
             raise UserError(f"--loss_type {loss_type!r} is not one of: {', '.join(known)}")
+    check_online_options(cfg)
     if set(cfg.loss_type) & set(FAMILY_LOSS_TYPES):
         check_family_options(cfg)
         return
@@ -145,7 +147,8 @@ FAMILY_OPTIONS = ("simpo_gamma", "cpo_alpha", "desirable_weight", "undesirable_w
 
 def option_default(cfg, name: str):
     """The default of option `name` in cfg's dataclass (nanodpo/config.py), read without importing it."""
-    return type(cfg).__dataclass_fields__[name].default
+    option = type(cfg).__dataclass_fields__[name]
+    return option.default_factory() if option.default is dataclasses.MISSING else option.default
 
 
 def check_family_options(cfg) -> None:
@@ -206,3 +209,61 @@ def check_family_options(cfg) -> None:
         for name in ("desirable_weight", "undesirable_weight", "unpair_preference_data"):
             if getattr(cfg, name) != option_default(cfg, name):
                 raise UserError(f"--{name} applies to kto only, not to --loss_type {loss_type}")
+
+
+# Options of online DPO (nanodpo/online.py): any value but their default without --online is refused.
+ONLINE_OPTIONS = ("reward_model", "judge", "reward_weights", "max_new_tokens", "temperature", "top_p",
+                  "missing_eos_penalty", "log_samples")  # fmt: skip
+# What IPO is online: TRL's OnlineDPOTrainer squares the summed log-ratios, (ρ_w − ρ_l − 1/2β)², where its DPOTrainer
+# (and nanodpo's offline ipo) divides each ρ by its token count; so online ipo takes none of the per-pair modifiers.
+ONLINE_IPO_EXCLUDES = ("loss_weights", "rpo_alpha", "ld_alpha", "use_weighting", "f_divergence_type")
+
+
+def check_online_options(cfg) -> None:
+    """--online: a judge, a loss that compares two answers against a reference, room for an answer; and no option of
+    online DPO without --online."""
+    if not getattr(cfg, "online", False):
+        for name in ONLINE_OPTIONS:
+            if getattr(cfg, name) != option_default(cfg, name):
+                raise UserError(f"--{name} applies to online DPO: add --online (prompts only; answers are sampled)")
+        return
+    judges = len(cfg.reward_model) + len(cfg.judge)
+    if judges == 0:
+        raise UserError(
+            "--online needs a judge to rank the sampled answers: --reward_model PATH (a sequence-classification "
+            "model) and/or --judge module:function (e.g. nanodpo.demo.judge:politeness)"
+        )
+    if cfg.reward_weights is not None and len(cfg.reward_weights) != judges:
+        raise UserError(
+            f"--reward_weights has {len(cfg.reward_weights)} value(s) but there are {judges} judge(s) "
+            "(--reward_model ones first, then --judge); give one weight per judge"
+        )
+    for spec in cfg.judge:
+        module, _, function = spec.rpartition(":")
+        if not module or not function.isidentifier():
+            raise UserError(f"--judge {spec!r}: expected module:function (e.g. nanodpo.demo.judge:politeness)")
+    if family_loss_type(cfg) is not None:
+        raise UserError(
+            f"--online trains with the DPO losses on sampled pairs; --loss_type {cfg.loss_type[0]} is not one "
+            "(online DPO: sigmoid, ipo, or another pair loss with a reference)"
+        )
+    refused = {
+        "precompute_ref_logps": "the pairs are new every step, so there is nothing to precompute",
+        "reference_free": "online DPO's loss and its objective/kl need the reference",
+        "max_tokens_per_batch": "the answers' lengths are known only once sampled; use --per_device_train_batch_size",
+    }
+    for name, why in refused.items():
+        if getattr(cfg, name):
+            raise UserError(f"--{name} with --online: {why}")
+    if "ipo" in cfg.loss_type:
+        modifiers = [name for name in ONLINE_IPO_EXCLUDES if getattr(cfg, name) != option_default(cfg, name)]
+        if len(cfg.loss_type) > 1 or modifiers:
+            raise UserError(
+                f"--online --loss_type ipo is TRL OnlineDPOTrainer's IPO (summed log-ratios), alone and plain; drop "
+                f"{', '.join(modifiers) or 'the other loss types'}"
+            )
+    if cfg.max_length is not None and cfg.max_length - cfg.max_new_tokens < 1:
+        raise UserError(
+            f"--max_length {cfg.max_length} leaves no room for a prompt before --max_new_tokens {cfg.max_new_tokens} "
+            "sampled tokens: raise --max_length or lower --max_new_tokens"
+        )

@@ -7,7 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from nanodpo.dpo import DPOOutput
+from nanodpo.dpo import DPOOutput, sequence_logps
 from nanodpo.logps import TokenStats
 from nanodpo.losses.modifiers import completion_logps, f_divergence_score, wpo_weights
 from nanodpo.losses.options import LOSS_TYPES, resolved_losses
@@ -123,6 +123,22 @@ def preference_loss(
     chosen_rewards = beta * chosen_logratios.detach()
     rejected_rewards = beta * rejected_logratios.detach()
     return losses, chosen_rewards, rejected_rewards
+
+
+def summed_ipo_loss(
+    policy: TokenStats, mask: torch.Tensor, ref_chosen_logps: torch.Tensor, ref_rejected_logps: torch.Tensor, beta
+) -> DPOOutput:
+    """IPO as TRL's OnlineDPOTrainer computes it (and the IPO paper writes it): (h − 1/(2β))² on the summed
+    log-ratios, h = ρ_w − ρ_l. (DPOTrainer — and the offline --loss_type ipo — divides each ρ by its token count.)
+    The arguments are `dpo_batch_loss`'s."""
+    chosen_logps, rejected_logps = sequence_logps(policy.logps, mask).chunk(2)
+    chosen_logratios, rejected_logratios = chosen_logps - ref_chosen_logps, rejected_logps - ref_rejected_logps
+    losses = (chosen_logratios - rejected_logratios - 1 / (2 * beta)) ** 2
+    return DPOOutput(
+        loss=losses.mean(), chosen_logps=chosen_logps.detach(), rejected_logps=rejected_logps.detach(),
+        chosen_rewards=beta * chosen_logratios.detach(), rejected_rewards=beta * rejected_logratios.detach(),
+        mask=mask, pair_losses=losses.detach(),
+    )  # fmt: skip
 
 
 def chosen_nll(token_logps: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

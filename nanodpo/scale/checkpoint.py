@@ -62,7 +62,8 @@ MUST_MATCH = (
     "model", "use_lora", "lora_r", "lora_alpha", "lora_target_modules", "load_in_4bit", "from_scratch",
     "hidden_size", "num_hidden_layers", "dataset", "dataset_split", "max_samples", "max_length", "seed",
     "train_sampling_strategy", "packing", "packing_strategy", "loss_type", "beta", "simpo_gamma", "cpo_alpha",
-    "desirable_weight", "undesirable_weight", "unpair_preference_data", "eos_token",
+    "desirable_weight", "undesirable_weight", "unpair_preference_data", "eos_token", "online", "reward_model",
+    "judge", "reward_weights", "max_new_tokens", "temperature", "top_p", "missing_eos_penalty",
 )  # fmt: skip
 
 
@@ -544,10 +545,15 @@ def load_checkpoint(accelerator, model, optimizer, scheduler, cfg, path: Path, g
 
 
 def truncate_metrics(output_dir: str | Path, step: int, is_main_process: bool) -> None:
-    """Drop metrics.jsonl records after `step` (logged by the interrupted run after its last checkpoint)."""
-    path = Path(output_dir) / "metrics.jsonl"
-    if not is_main_process or not path.exists():
-        return
+    """Drop the records of metrics.jsonl and samples.jsonl (online DPO) after `step` (logged by the interrupted run
+    after its last checkpoint)."""
+    for name in ("metrics.jsonl", "samples.jsonl"):
+        path = Path(output_dir) / name
+        if is_main_process and path.exists():
+            _truncate_records(path, step)
+
+
+def _truncate_records(path: Path, step: int) -> None:
     kept = []
     for line in path.read_text(encoding="utf-8").splitlines():
         try:

@@ -33,7 +33,6 @@ From Python (the demo uses these):
 """
 
 import argparse
-import inspect
 import json
 import re
 import sys
@@ -41,10 +40,11 @@ import warnings
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging
 
 from nanodpo.errors import UserError, exit_on_user_error
+from nanodpo.generation import new_kv_cache
 from nanodpo.sft_data import resolve_chat_template
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -166,18 +166,6 @@ def next_token(logits: torch.Tensor, temperature: float, top_p: float, generator
 
 
 @torch.no_grad()
-def new_kv_cache(model) -> dict:
-    """A fresh KV cache, as the keyword argument the model's forward takes it (`**new_kv_cache(model)`).
-
-    The cache is made here, once, and the model fills it in place on every forward, so it is never read back from
-    the output. transformers renamed the argument (and the output field) from `past_key_values` to `cache` in 5.24;
-    the old name still works there but warns on every call, so the name is taken from the forward's signature.
-    """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft wraps the HF model
-    name = "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
-    return {name: DynamicCache(config=model.config)}
-
-
 def generate_tokens(
     model,
     tokenizer,

@@ -14,6 +14,12 @@ panels in a grid — the panels a tutorial reads in wandb:
     loss, grad_norm, learning_rate                              every run
     rewards/chosen|rejected|margins|accuracies                  DPO: the implicit rewards β·log(π/π_ref)
     logps/chosen|rejected, logits/chosen|rejected               DPO: the policy's summed log-probs, mean logits
+    objective/scores, objective/scores_margin                   online DPO: the judges' mean score of the sampled
+                                                                answers, and chosen − rejected
+    objective/kl, objective/rlhf_reward                         online DPO: log π_θ − log π_ref of the sampled
+                                                                answers, and score − β·kl (what RLHF maximises)
+    val/contain_eos_token, completions/mean_length              online DPO: the share of answers that ended, and
+                                                                their length in tokens
     loss_scale, overflow_steps_skipped                          --fp16: the loss scaler's scale (log axis), and
                                                                 the overflowed steps it skipped
     any other number the run logged (nll_loss, entropy, ...)
@@ -27,6 +33,9 @@ Reading the DPO curves (what `--diagnose` checks, see `diagnose`):
 - accuracies at 1.0 early, with a loss that drops in steps at each epoch: the model memorises the pairs.
 - a loss flat at 0.693: nothing is learned (learning rate, beta, masks).
 - grad_norm spikes and NaN: the optimisation is unstable.
+- online DPO: objective/scores should rise while objective/kl grows slowly. Answers that stop ending
+  (val/contain_eos_token falling) while completions/mean_length climbs to --max_new_tokens: the judge rewards
+  length — the policy learns to talk, not to answer.
 - --fp16: a few overflow skips early on are normal (the loss scale starts at 2^16 and halves until the gradients
   fit fp16; their grad_norm is inf), and one now and then when the scaler tries a larger scale. A scale that keeps
   falling, toward 0, is not: fp16 cannot hold the gradients.
@@ -61,6 +70,12 @@ PANELS = [
     "logps/rejected",
     "logits/chosen",
     "logits/rejected",
+    "objective/scores",
+    "objective/scores_margin",
+    "objective/kl",
+    "objective/rlhf_reward",
+    "val/contain_eos_token",
+    "completions/mean_length",
 ]
 # Bookkeeping fields: the x axis or counters, not curves worth a panel.
 NOT_PLOTTED = {"step", "epoch", "elapsed_s", "num_tokens"}
@@ -182,7 +197,7 @@ def _draw_panel(ax, records: list[dict], name: str, is_dpo: bool) -> None:
         ax.axhline(0.0, color="grey", linestyle="--", linewidth=0.8)
     if name == "loss_scale":
         ax.set_yscale("log", base=2)  # the scaler halves and doubles it
-    if name == "rewards/accuracies":
+    if name in ("rewards/accuracies", "val/contain_eos_token"):
         ax.set_ylim(-0.05, 1.05)
         ax.axhline(0.5, color="grey", linestyle="--", linewidth=0.8)
     ax.set_title(name)
@@ -247,11 +262,14 @@ SPIKE_WINDOW = 20
 SPIKE_HISTORY = 5  # need this many earlier values before judging a spike
 COLLAPSED_SCALE = 1.0  # fp16: a loss scale below this no longer protects small gradients (training.MIN_LOSS_SCALE)
 LATE_OVERFLOWS = 0.01  # fp16: overflow skips in the second half of a run above this fraction of its steps (and 3)
+LENGTH_EOS_DROP = 0.25  # online DPO: val/contain_eos_token falling by more than this from start to end ...
+LENGTH_GROWTH = 1.2  # ... while completions/mean_length grows by more than this factor: answers growing to the cap
 
 
 @dataclass
 class Finding:
-    code: str  # nan | loss_stuck_ln2 | chosen_logps_falling | overfitting | grad_norm_spikes | loss_scale_*
+    code: str  # nan | loss_stuck_ln2 | chosen_logps_falling | overfitting | grad_norm_spikes | loss_scale_* |
+    # length_growth
     severity: str  # "error" (the run is broken) or "warning" (worth a look)
     message: str  # what the curves show, naming the values that triggered it
     remedy: str  # what to try
@@ -326,6 +344,16 @@ TEXT = {
             "Lower --learning_rate, keep --max_grad_norm 1.0, and look at the examples of those steps. On an Ampere "
             "or later GPU prefer --bf16, which needs no loss scaling.",
         ),
+        "length_growth": (
+            "the sampled answers are growing until --max_new_tokens cuts them off: val/contain_eos_token (the share "
+            "of answers that end) fell from {e0} to {e1} while completions/mean_length rose from {n0} to {n1} tokens "
+            "(objective/scores {s0} → {s1}). A judge that scores longer answers higher teaches exactly this: the "
+            "policy learns to talk, not to answer.",
+            "Read what the judge preferred (OUTPUT_DIR/samples.jsonl): if the chosen answers are simply the longer "
+            "ones, fix the judge (score per token, or add a judge that penalises rambling, --reward_weights), and "
+            "set --missing_eos_penalty (e.g. 1.0) so that an answer which never ends loses its pair; a larger --beta "
+            "keeps the policy closer to the reference.",
+        ),
         "joiner": "; ",
         "header": "Curve diagnostics: {n} finding(s)",
         "healthy": "Curve diagnostics: nothing unusual in the curves.",
@@ -389,6 +417,14 @@ TEXT = {
             "更新），loss scale 从 {first} 变为 {last}。开始时跳过几步是正常的；scale 一直下降则正在走向崩溃。",
             "降低 --learning_rate，保持 --max_grad_norm 1.0，并检查这些步对应的样本。在 Ampere 及更新的 GPU 上优先用 "
             "--bf16，它不需要 loss scaling。",
+        ),
+        "length_growth": (
+            "采样出的回答越来越长，直到被 --max_new_tokens 截断：val/contain_eos_token（能正常结束的回答所占比例）从 "
+            "{e0} 降到 {e1}，而 completions/mean_length 从 {n0} 增加到 {n1} 个 token（objective/scores {s0} → {s1}）。"
+            "给更长回答打更高分的评判器教出来的正是这个：策略模型学会的是多说，而不是回答问题。",
+            "看看评判器偏好了什么（OUTPUT_DIR/samples.jsonl）：如果被选中的回答只是更长的那个，请修正评判器（按 token "
+            "平均打分，或加一个惩罚啰嗦的评判器，--reward_weights），并设置 --missing_eos_penalty（例如 1.0），"
+            "让永远不结束的回答输掉它所在的样本对；更大的 --beta 能让策略模型更贴近参考模型。",
         ),
         "joiner": "；",
         "header": "曲线诊断：发现 {n} 个问题",
@@ -606,13 +642,29 @@ def _check_loss_scale(records: list[dict], lang: str) -> Finding | None:
     return _finding("loss_scale_falling", "warning", lang, values)
 
 
+def _check_length_growth(records: list[dict], lang: str) -> Finding | None:
+    """Online DPO: answers that stop ending while they grow — what a judge that rewards length teaches."""
+    _, ended = series(records, "val/contain_eos_token")
+    _, lengths = series(records, "completions/mean_length")
+    if len(ended) < MIN_POINTS or len(lengths) < MIN_POINTS:
+        return None
+    e0, e1 = _edges(ended)
+    n0, n1 = _edges(lengths)
+    if not (e1 < e0 - LENGTH_EOS_DROP and n1 > LENGTH_GROWTH * n0):
+        return None
+    _, scores = series(records, "objective/scores")
+    s0, s1 = _edges(scores) if scores else (math.nan, math.nan)
+    values = dict(e0=_fmt(e0), e1=_fmt(e1), n0=_fmt(n0), n1=_fmt(n1), s0=_fmt(s0), s1=_fmt(s1))
+    return _finding("length_growth", "warning", lang, values)
+
+
 def diagnose(records: list[dict], lang: str = "en") -> list[Finding]:
     """What the curves say: a list of findings (empty for a healthy run), each with the values that triggered it
     and a remedy, in English (lang="en") or Chinese (lang="zh"). `records` as read from metrics.jsonl."""
     _texts(lang)
     records = clean_records(records)
     checks = (_check_nan, _check_stuck, _check_chosen_falling, _check_overfitting, _check_grad_spikes,
-              _check_loss_scale)  # fmt: skip
+              _check_loss_scale, _check_length_growth)  # fmt: skip
     return [f for f in (check(records, lang) for check in checks) if f is not None]
 
 
