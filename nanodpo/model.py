@@ -357,14 +357,15 @@ def prepare_for_kbit_training(model: nn.Module, gradient_checkpointing: bool) ->
 
     1. Freeze every base weight: only the LoRA matrices (added next) will train.
     2. Keep the small float parameters (norms, biases, embeddings) in fp32: 4-bit matmuls compute in
-       `bnb_4bit_compute_dtype`, but norm statistics in half precision lose too much.
+       `bnb_4bit_compute_dtype`, but norm statistics in half precision lose too much. The 4-bit weights stay as they
+       are: with `--bnb_4bit_quant_storage bfloat16` their packed bytes are held in a bf16 tensor, not bf16 values.
     3. With gradient checkpointing, make the embedding output require grad: with frozen embeddings nothing before
        the first checkpointed block needs grad, and checkpointing would then drop the whole backward.
     """
     for param in model.parameters():
         param.requires_grad_(False)
     for param in model.parameters():
-        if param.dtype in (torch.float16, torch.bfloat16):
+        if param.dtype in (torch.float16, torch.bfloat16) and type(param).__name__ != "Params4bit":
             param.data = param.data.float()
     if gradient_checkpointing:
         model.enable_input_require_grads()
