@@ -42,7 +42,7 @@ from nanodpo.scale.checkpoint import (
     update_best,
 )
 from nanodpo.scale.faults import GracefulStop, stop_early
-from nanodpo.sft_data import load_sft_data, set_eos_token, use_end_of_turn_as_eos
+from nanodpo.sft_data import load_sft_data, use_end_of_turn_as_eos
 from nanodpo.tracking import MetricMeans, make_tracker, train_record
 
 
@@ -61,9 +61,7 @@ def main(argv: list[str] | None = None) -> None:
     # 2. Tokenizer and data: every row normalised, checked and tokenized (with its loss mask) before the model loads.
     #    With --packing the examples are packed into rows of max_length tokens, each still isolated (packing.py).
     #    The model is saved with the EOS it learned to end its turns with (sft_data.py: "End of turn and EOS").
-    tokenizer = load_tokenizer(cfg)
-    if cfg.eos_token:
-        set_eos_token(tokenizer, cfg.eos_token)
+    tokenizer = load_tokenizer(cfg)  # with --eos_token, if given
     train_docs = load_sft_data(cfg, tokenizer, split="train")
     eval_docs = load_sft_data(cfg, tokenizer, split="eval")
     new_eos = bool(cfg.eos_token) or use_end_of_turn_as_eos(tokenizer, train_docs)

@@ -23,7 +23,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAn
 from transformers.integrations import is_deepspeed_zero3_enabled
 
 from nanodpo.errors import UserError, require_extra, say_once
-from nanodpo.sft_data import resolve_chat_template
+from nanodpo.sft_data import resolve_chat_template, set_eos_token
 
 # ----------------------------------------------------------------------------------------------------------------
 # The preset `nanodpo-tiny`: the offline demo's model (nanodpo/demo/), with the tokenizer nanodpo ships.
@@ -250,8 +250,8 @@ def pretrained_location(name: str) -> tuple[str, dict]:
 
 
 def load_tokenizer(cfg):
-    """The tokenizer of --tokenizer (or --model), with --chat_template applied. A missing pad token falls back to EOS,
-    as TRL does."""
+    """The tokenizer of --tokenizer (or --model), with --chat_template and SFT's --eos_token applied. A missing pad
+    token falls back to EOS — to the new one under --eos_token, as TRL's SFTTrainer does."""
     name = cfg.tokenizer or cfg.model
     if name in PRESETS:  # a preset's tokenizer ships with nanodpo
         name = str(PRESETS[name][1])
@@ -263,6 +263,8 @@ def load_tokenizer(cfg):
     if cfg.chat_template:
         # Set on the tokenizer itself, so every stage renders with it and it is saved with the model.
         tokenizer.chat_template = resolve_chat_template(tokenizer, cfg.chat_template)
+    if getattr(cfg, "eos_token", None):
+        set_eos_token(tokenizer, cfg.eos_token)
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise UserError(f"the tokenizer of '{name}' has neither a pad token nor an EOS token")

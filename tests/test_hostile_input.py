@@ -173,6 +173,11 @@ def test_tokenizer_without_pad_token_pads_with_eos(tmp_path):
 
     tokenizer = load_tokenizer(parse_config(DPOConfig, ["--model", str(model_dir)]))
     assert tokenizer.pad_token == tokenizer.eos_token
+    # SFT's --eos_token first, then the fallback: the pad is the new EOS, as TRL's SFTTrainer sets them.
+    from nanodpo.config import SFTConfig
+
+    tokenizer = load_tokenizer(parse_config(SFTConfig, ["--model", str(model_dir), "--eos_token", "<|im_start|>"]))
+    assert tokenizer.eos_token == tokenizer.pad_token == "<|im_start|>"
 
 
 def test_paths_in_configs_are_not_expanded_beyond_home(tmp_path, monkeypatch):
